@@ -1,0 +1,17 @@
+"""Shared test setup: 8 fake CPU devices (set before jax is imported) and session-scoped fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PDJAX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set PDJAX_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
