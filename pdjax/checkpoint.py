@@ -89,11 +89,11 @@ def save(path: str | Path, params, meta: dict[str, Any], state=None, keep: int =
     tmp = path / f".{name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    ckpt = _checkpointer()
-    ckpt.save(tmp / "params", _to_numpy(params))
-    if state is not None:
-        ckpt.save(tmp / "state", _to_numpy(state))
-    ckpt.wait_until_finished()
+    with _checkpointer() as ckpt:
+        ckpt.save(tmp / "params", _to_numpy(params))
+        if state is not None:
+            ckpt.save(tmp / "state", _to_numpy(state))
+        ckpt.wait_until_finished()
     os.replace(tmp, path / name)
     pointer = {"format": FORMAT, "version": VERSION, "current": name, "meta": meta}
     ptr_tmp = path / f".{POINTER}.partial"
@@ -113,7 +113,8 @@ def _restore_tree(folder: Path, target=None):
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing; the checkpoint is incomplete")
     try:
-        return _checkpointer().restore(folder, target) if target is not None else _checkpointer().restore(folder)
+        with _checkpointer() as ckpt:
+            return ckpt.restore(folder, target) if target is not None else ckpt.restore(folder)
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder} could not be read ({msg}); the checkpoint is truncated or damaged") from None
@@ -132,8 +133,7 @@ def restore(path: str | Path, target=None, with_state: bool = False):
     ptr = read_pointer(path)
     folder = path / ptr["current"]
     if target is not None:
-        saved = _restore_tree(folder / "params")
-        check_tree_shapes(saved, target, str(path))
+        check_tree_shapes(_saved_shapes(folder / "params"), target, str(path))
         params = _restore_tree(folder / "params", target)
     else:
         params = _restore_tree(folder / "params")
@@ -142,6 +142,21 @@ def restore(path: str | Path, target=None, with_state: bool = False):
         return params, meta
     state = _restore_tree(folder / "state") if (folder / "state").is_dir() else None
     return params, meta, state
+
+
+def _saved_shapes(folder: Path):
+    """Shapes of a saved tree from orbax metadata (no array data is read)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing; the checkpoint is incomplete")
+    try:
+        with _checkpointer() as ckpt:
+            meta = ckpt.metadata(folder)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder} could not be read ({msg}); the checkpoint is truncated or damaged") from None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return tree
 
 
 def check_tree_shapes(tree, expected, source: str) -> None:

@@ -187,7 +187,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
 PRESETS: dict[str, UNetConfig] = {
     "ddpm-cifar10-32": UNetConfig(),
     "digits-16": UNetConfig(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1, norm_num_groups=8,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from pdjax.errors import CheckpointError, ConfigError
@@ -90,7 +91,7 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: UNetConfig, source: 
     params: dict = {}
     for key, (path, spec) in expected.items():
         value = np.asarray(state[key])
-        if not np.issubdtype(value.dtype, np.floating):
+        if not jnp.issubdtype(value.dtype, jnp.floating):
             raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected floating point")
         value = _to_flax(value.astype(np.float32), path[-1], len(spec.shape))
         if tuple(value.shape) != tuple(spec.shape):
@@ -146,6 +147,9 @@ def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{binf} could not be loaded safely ({first})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{binf} does not hold a state dict")
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{binf}: key {bad[0]!r} holds a {type(state[bad[0]]).__name__}, not a tensor")
         return {k: v.detach().float().numpy() for k, v in state.items()}
     raise CheckpointError(f"{model_dir} has no weights: expected {WEIGHT_FILES[0]} (or {WEIGHT_FILES[1]})")
 

@@ -1,0 +1,181 @@
+"""The ``pdjax`` command: parses arguments and calls one library function per subcommand.
+
+User mistakes (a :class:`~pdjax.errors.PdjaxError`) print one line ``error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pdjax.errors import PdjaxError
+
+DEFAULT_TRAIN_OUT = "runs/digits-ddpm"
+
+
+def _key(seed: int):
+    import jax
+
+    return jax.random.key(seed)
+
+
+def _load_trigger(path: str | None, shape):
+    if path is None:
+        return None
+    from pdjax.images import load_image
+
+    return load_image(path, size=shape[0], channels=shape[2])
+
+
+def cmd_convert(args) -> int:
+    from pdjax import checkpoint
+    from pdjax.model import load
+
+    if checkpoint.is_checkpoint(args.src):
+        raise PdjaxError(f"{args.src} is already a pdjax checkpoint; use `pdjax export` to write diffusers format")
+    if Path(args.dst).exists() and any(Path(args.dst).iterdir()) and not args.force:
+        raise PdjaxError(f"{args.dst} exists and is not empty; pass --force to add a new version to it")
+    model = load(args.src)
+    path = model.save(args.dst)
+    print(f"converted {args.src} -> {path} ({model.num_params:,} parameters, schedule {model.schedule_config.kind})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pdjax.model import load
+
+    model = load(args.src)
+    path = model.export_diffusers(args.dst)
+    print(f"exported {args.src} -> {path} (diffusers UNet2DModel + scheduler_config.json)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import jax
+
+    from pdjax.data import load_dataset
+    from pdjax.generate import generate
+    from pdjax.images import save_grid
+    from pdjax.model import load, new_model
+    from pdjax.models.config import PRESETS
+    from pdjax.train import TrainConfig, train
+
+    if args.init:
+        model = load(args.init)
+        size, channels = model.config.sample_size, model.config.in_channels
+    else:
+        if args.preset not in PRESETS:
+            from pdjax.errors import UnknownNameError
+
+            raise UnknownNameError("model preset", args.preset, PRESETS)
+        import dataclasses
+
+        cfg = dataclasses.replace(PRESETS[args.preset], sample_size=args.size, in_channels=args.channels,
+                                  out_channels=args.channels)
+        model = new_model(cfg, jax.random.fold_in(_key(args.seed), 1))
+        size, channels = args.size, args.channels
+    data = load_dataset(args.data, size, channels)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
+                      seed=args.seed, steps_per_call=args.steps_per_call, checkpoint_every=args.checkpoint_every)
+    print(f"training {model.num_params:,}-parameter UNet on {args.data} ({len(data)} images, {size}x{size}x{channels}) "
+          f"for {cfg.steps} steps -> {args.out}", flush=True)
+    result = train(model, data, cfg, out=args.out, meta={"data": args.data, "seed": args.seed}, progress=not args.quiet)
+    last = result.losses[-100:].mean() if len(result.losses) else float("nan")
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s (resumed from step {result.resumed_from}); "
+          f"final loss {last:.4f}; checkpoint {Path(args.out).absolute()}")
+    if args.samples:
+        grid = Path(args.grid or Path(args.out) / "samples.png")
+        images = generate(result.model, jax.random.fold_in(_key(args.seed), 2), args.samples,
+                          sampler=args.sampler, num_steps=args.sample_steps)
+        save_grid(images, grid)
+        print(f"wrote {args.samples} samples ({args.sampler}) to {grid.absolute()}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from pdjax.generate import generate
+    from pdjax.images import save_grid
+    from pdjax.model import load
+
+    model = load(args.model)
+    trigger = _load_trigger(args.trigger, model.image_shape)
+    images = generate(model, _key(args.seed), args.n, trigger=trigger, sampler=args.sampler, num_steps=args.steps)
+    save_grid(images, args.out)
+    if args.npy:
+        np.save(args.npy, images)
+    print(f"wrote {args.n} samples to {Path(args.out).absolute()}" + (f" (trigger {args.trigger})" if trigger is not None else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdjax", description="Audit diffusion models for backdoors (JAX).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="diffusers UNet2DModel folder -> pdjax checkpoint")
+    c.add_argument("src", help="diffusers model folder (config.json + weights) or pipeline folder with unet/")
+    c.add_argument("dst", help="pdjax checkpoint folder to write")
+    c.add_argument("--force", action="store_true", help="write into a non-empty DST")
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("export", help="pdjax checkpoint (or diffusers folder) -> diffusers folder")
+    e.add_argument("src")
+    e.add_argument("dst")
+    e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("train", help="train a clean DDPM (default: small UNet on the bundled digits)")
+    t.add_argument("--data", default="digits", help="'digits' (bundled), 'cifar10:FOLDER', or an image folder")
+    t.add_argument("--preset", default="digits-16", help="architecture preset for a new model")
+    t.add_argument("--init", help="fine-tune this checkpoint / diffusers folder instead of a new model")
+    t.add_argument("--size", type=int, default=16)
+    t.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps-per-call", type=int, default=0, help="0: 1 on CPU, 10 on GPU/TPU")
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--out", default=DEFAULT_TRAIN_OUT, help="checkpoint folder (resumed if it exists)")
+    t.add_argument("--samples", type=int, default=36, help="samples to draw after training (0: none)")
+    t.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    t.add_argument("--sample-steps", type=int, default=100, help="DDIM steps when --sampler ddim")
+    t.add_argument("--grid", help="sample grid PNG (default OUT/samples.png)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples (optionally with a trigger added to the start noise)")
+    s.add_argument("model", help="pdjax checkpoint or diffusers folder")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--out", default="samples.png", help="grid PNG to write")
+    s.add_argument("--npy", help="also save the samples [N, H, W, C] as .npy")
+    s.add_argument("--trigger", help="trigger image (PNG/JPEG) or .npy tensor [H, W, C] in [-1, 1] added to x_T")
+    s.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    s.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except PdjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume where a checkpoint exists", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Clean DDPM training with optax, and the generic resumable training loop the attacks reuse.
+
+The loop is a jitted multi-step program (``steps_per_call`` optimiser steps per call, laid out by
+:mod:`pdjax.loops`) driven from Python for progress bars and checkpoints. Step ``i`` draws its batch,
+timesteps and noise from ``fold_in(key, i)``, so an interrupted run resumed from its last checkpoint
+reaches bitwise the same params as an uninterrupted one (same device, same ``steps_per_call``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.serialization
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pdjax import checkpoint, loops
+from pdjax.diffusion.schedule import Schedule, q_sample
+from pdjax.errors import CheckpointError, ConfigError
+from pdjax.model import Model
+
+# loss_fn(params, key, data) -> scalar loss; data is the whole device-resident dataset [N, H, W, C].
+LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and loop settings (defaults: the BadDiffusion reference optimiser, shortened)."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    steps_per_call: int = 0      # 0: loops.default_steps_per_call() (1 on CPU, 10 on GPU/TPU)
+    checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if self.steps_per_call == 0:
+            object.__setattr__(self, "steps_per_call", loops.default_steps_per_call())
+        for name in ("steps", "batch_size", "steps_per_call", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # [] int32, optimiser steps done
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    key: jax.Array           # [2] uint32 raw key data: base key of the run
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run returns: the trained model (EMA params) and its loss curve."""
+
+    model: Model
+    losses: np.ndarray       # [steps_run] mean loss per optimiser step
+    steps: int               # total optimiser steps in the final state
+    seconds: float
+    resumed_from: int = 0
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Adam with linear warm-up then cosine decay, after global-norm gradient clipping."""
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1))
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
+
+
+def ddpm_loss(eps_fn, schedule: Schedule, batch_size: int) -> LossFn:
+    """Clean DDPM objective: E ||eps - eps_hat(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 (SPEC 1)."""
+
+    def loss(params, key, data):
+        k_idx, k_t, k_eps = jax.random.split(key, 3)
+        x0 = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
+        t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_timesteps)
+        noise = jax.random.normal(k_eps, x0.shape)
+        return jnp.mean((eps_fn(params, q_sample(schedule, x0, t, noise), t) - noise) ** 2)
+
+    return loss
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=optimizer.init(params), key=jax.random.key_data(jax.random.key(seed)))
+
+
+def make_multi_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float, n: int,
+                    strategy: str | None = None):
+    """A jitted ``(state, data) -> (state, losses[n])`` doing n optimiser steps (params are arguments)."""
+    strategy = strategy or loops.default_strategy()
+
+    def one(state: TrainState, data, i):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), i)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, key, data)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = jnp.minimum(ema_decay, (1.0 + i) / (10.0 + i))  # EMA warm-up as diffusers' EMAModel
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), loss
+
+    @jax.jit
+    def multi(state: TrainState, data):
+        return loops.repeat(lambda s, i: one(s, data, i), state, n, start=state.step, strategy=strategy)
+
+    return multi
+
+
+def _state_to_numpy(state: TrainState) -> dict:
+    return jax.tree_util.tree_map(np.asarray, flax.serialization.to_state_dict(state))
+
+
+def fit(model: Model, loss_fn: LossFn, data, cfg: TrainConfig, out: str | Path | None = None,
+        meta: dict | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train ``model.params`` on ``loss_fn``; checkpoint to ``out`` and resume from it if present.
+
+    Args:
+      model: starting model (its params are the initial params unless ``out`` holds a resumable state).
+      loss_fn: ``loss(params, key, data) -> scalar``.
+      data: dataset [N, H, W, C] in [-1, 1], kept on the device.
+      cfg: optimiser/loop settings; ``cfg.steps`` is the total number of optimiser steps.
+      out: checkpoint folder (written every ``checkpoint_every`` steps and at the end); resumed if it holds
+        a training state of the same run.
+      meta: provenance merged into the saved model's metadata.
+      stop_after: stop after this many steps in this call (to simulate an interruption in tests).
+    Returns a TrainResult whose model carries the EMA params.
+    """
+    optimizer = make_optimizer(cfg)
+    state = init_state(model.params, optimizer, cfg.seed)
+    resumed = 0
+    if out is not None and checkpoint.is_checkpoint(out):
+        _, saved_meta, saved = checkpoint.restore(out, with_state=True)
+        if saved is not None:
+            run = saved_meta.get("provenance", {}).get("train")
+            if run != dataclasses.asdict(cfg):
+                raise CheckpointError(f"{out} holds a run with other settings; use a new --out folder or the same settings")
+            state = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(state, saved))
+            resumed = int(state.step)
+    chunk = cfg.steps_per_call
+    every = max(chunk, cfg.checkpoint_every // chunk * chunk)
+    data = jnp.asarray(data)
+    multi = make_multi_step(loss_fn, optimizer, cfg.ema_decay, chunk)
+    tail = make_multi_step(loss_fn, optimizer, cfg.ema_decay, cfg.steps % chunk) if cfg.steps % chunk else None
+    provenance = {**model.meta, **(meta or {}), "train": dataclasses.asdict(cfg)}
+
+    def save(st: TrainState):
+        if out is None:
+            return
+        done = model.replace(params=st.ema_params, meta={**provenance, "steps": int(st.step)})
+        done.save(out, state=_state_to_numpy(st))
+
+    losses, t0 = [], time.perf_counter()
+    bar = _progress(cfg.steps, resumed, progress)
+    step = resumed
+    limit = cfg.steps if stop_after is None else min(cfg.steps, resumed + stop_after)
+    while step < limit:
+        fn = multi if step + chunk <= cfg.steps else tail
+        state, chunk_losses = fn(state, data)
+        chunk_losses = np.asarray(chunk_losses)
+        losses.append(chunk_losses)
+        step = int(state.step)
+        bar.update(len(chunk_losses))
+        bar.set_postfix(loss=f"{chunk_losses.mean():.4f}")
+        if step % every == 0 or step == cfg.steps:
+            save(state)
+    bar.close()
+    trained = model.replace(params=state.ema_params, meta={**provenance, "steps": step})
+    return TrainResult(trained, np.concatenate(losses) if losses else np.zeros(0), step,
+                       time.perf_counter() - t0, resumed)
+
+
+def train(model: Model, data, cfg: TrainConfig = TrainConfig(), out: str | Path | None = None,
+          meta: dict | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Clean DDPM training of ``model`` on ``data`` [N, H, W, C] in [-1, 1] (see :func:`fit`)."""
+    _check_data(model, data)
+    loss = ddpm_loss(model.eps, model.schedule, cfg.batch_size)
+    return fit(model, loss, data, cfg, out=out, meta=meta, progress=progress, stop_after=stop_after)
+
+
+def _check_data(model: Model, data) -> None:
+    want = model.image_shape
+    if data.ndim != 4 or tuple(data.shape[1:]) != want:
+        raise ConfigError(f"data has shape {tuple(data.shape)}, the model needs [N, {want[0]}, {want[1]}, {want[2]}]; "
+                          "set --size/--channels to match the model")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
