@@ -119,6 +119,12 @@ class _CrashAfterParams:
     def wait_until_finished(self):
         self.real.wait_until_finished()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()
+
 
 def test_interrupted_save_after_params_write_keeps_previous(saved, monkeypatch):
     real = checkpoint._checkpointer
