@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
 
     from pdjax.data import load_dataset
     from pdjax.generate import generate
-    from pdjax.images import save_grid
+    from pdjax.images import display_scale, save_grid
     from pdjax.model import load, new_model
     from pdjax.models.config import PRESETS
     from pdjax.train import TrainConfig, train
@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
         grid = Path(args.grid or Path(args.out) / "samples.png")
         images = generate(result.model, jax.random.fold_in(_key(args.seed), 2), args.samples,
                           sampler=args.sampler, num_steps=args.sample_steps)
-        save_grid(images, grid)
+        save_grid(images, grid, scale=display_scale(images.shape[1]))
         print(f"wrote {args.samples} samples ({args.sampler}) to {grid.absolute()}")
     return 0
 
@@ -99,13 +99,13 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from pdjax.generate import generate
-    from pdjax.images import save_grid
+    from pdjax.images import display_scale, save_grid
     from pdjax.model import load
 
     model = load(args.model)
     trigger = _load_trigger(args.trigger, model.image_shape)
     images = generate(model, _key(args.seed), args.n, trigger=trigger, sampler=args.sampler, num_steps=args.steps)
-    save_grid(images, args.out)
+    save_grid(images, args.out, scale=display_scale(images.shape[1]))
     if args.npy:
         np.save(args.npy, images)
     print(f"wrote {args.n} samples to {Path(args.out).absolute()}" + (f" (trigger {args.trigger})" if trigger is not None else ""))

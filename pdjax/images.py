@@ -132,9 +132,21 @@ def save_image(x, path) -> None:
     _write_png(to_uint8(x), path)
 
 
-def save_grid(x, path, nrow: int | None = None, pad: int = 1) -> None:
-    """Save a batch ``[N, H, W, C]`` in [-1, 1] as one PNG grid (layout and white padding: :func:`grid`)."""
-    _write_png(grid(x, nrow=nrow, pad=pad), path)
+def save_grid(x, path, nrow: int | None = None, pad: int = 1, scale: int = 1) -> None:
+    """Save a batch ``[N, H, W, C]`` in [-1, 1] as one PNG grid (layout and white padding: :func:`grid`).
+
+    ``scale`` > 1 enlarges the whole grid by nearest-neighbour pixel repetition, so small images stay
+    readable in a viewer (see :func:`display_scale`).
+    """
+    g = grid(x, nrow=nrow, pad=pad)
+    if scale > 1:
+        g = np.repeat(np.repeat(g, scale, axis=0), scale, axis=1)
+    _write_png(g, path)
+
+
+def display_scale(image_size: int, target: int = 64) -> int:
+    """Integer enlargement that shows an ``image_size``-pixel image at about ``target`` pixels (>= 1)."""
+    return max(1, target // max(1, int(image_size)))
 
 
 def load_image(path, size=None, channels: int | None = None) -> np.ndarray:
