@@ -112,6 +112,99 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _attack_spec_args(args) -> dict:
+    return {k: getattr(args, k) for k in ("kind", "trigger", "target", "poison_rate", "psi", "solver", "gamma", "mode")
+            if getattr(args, k, None) is not None}
+
+
+def cmd_attack(args) -> int:
+    import dataclasses
+
+    import jax
+
+    from pdjax.backdoor.attacks import AttackSpec
+    from pdjax.backdoor.train import attack
+    from pdjax.data import load_dataset, load_digits_with_labels
+    from pdjax.model import load, new_model
+    from pdjax.models.config import PRESETS
+    from pdjax.train import TrainConfig
+
+    if args.model == "scratch":
+        if args.preset not in PRESETS:
+            from pdjax.errors import UnknownNameError
+
+            raise UnknownNameError("model preset", args.preset, PRESETS)
+        cfg = dataclasses.replace(PRESETS[args.preset], sample_size=args.size, in_channels=args.channels,
+                                  out_channels=args.channels)
+        model = new_model(cfg, jax.random.fold_in(_key(args.seed), 1))
+    else:
+        model = load(args.model)
+    size, channels = model.config.sample_size, model.config.in_channels
+    labels = None
+    if args.data == "digits":
+        data, labels = load_digits_with_labels(size, channels)
+    else:
+        data = load_dataset(args.data, size, channels)
+    spec_args = _attack_spec_args(args)
+    spec_args.setdefault("trigger", f"BOX_{max(3, round(14 * size / 32))}")  # BOX_14 at 32x32, scaled
+    spec = AttackSpec(**spec_args)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+                      steps_per_call=args.steps_per_call, checkpoint_every=args.checkpoint_every)
+    print(f"{spec.kind} backdoor ({spec.trigger} -> {spec.target}, poison rate {spec.poison_rate}) on "
+          f"{args.model}: {cfg.steps} steps -> {args.out}", flush=True)
+    result = attack(model, data, spec, cfg, out=args.out, labels=labels,
+                    meta={"data": args.data, "seed": args.seed, "base": args.model}, progress=not args.quiet)
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s (resumed from step {result.resumed_from}); "
+          f"checkpoint {Path(args.out).absolute()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pdjax.backdoor.train import evaluate, spec_from_model
+    from pdjax.data import load_digits_with_labels
+    from pdjax.images import display_scale, save_grid
+    from pdjax.model import load
+
+    model = load(args.model)
+    overrides = _attack_spec_args(args)
+    if "trigger" not in overrides and "attack" not in model.meta:
+        raise PdjaxError(f"{args.model} records no attack; pass --trigger and --target")
+    spec = spec_from_model(model, **overrides)
+    data = labels = None
+    if spec.target.startswith("class:"):
+        data, labels = load_digits_with_labels(model.config.sample_size, model.config.in_channels)
+    res, clean, trig = evaluate(model, spec, _key(args.seed), n=args.n, seed=args.seed, labels=labels, data=data)
+    print(f"{'generations':<12} {'MSE':>8} {'ASR':>6} {'SSIM':>6}   (n={args.n}, seed={args.seed}, "
+          f"ASR threshold {res.triggered['threshold']})")
+    for name, m in (("clean", res.clean), ("triggered", res.triggered)):
+        print(f"{name:<12} {m['mse']:>8.4f} {m['asr']:>6.2f} {m['ssim']:>6.3f}")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"model": str(args.model), **res.to_dict()}, indent=2))
+    except OSError as e:
+        raise PdjaxError(f"cannot write {out} ({e.strerror}); choose a writable --out") from None
+    scale = display_scale(model.config.sample_size)
+    save_grid(clean[:64], out / "clean.png", scale=scale)
+    save_grid(trig[:64], out / "triggered.png", scale=scale)
+    print(f"wrote {out / 'metrics.json'}, clean.png, triggered.png")
+    return 0
+
+
+def _add_attack_options(p, required: bool) -> None:
+    p.add_argument("--attack", dest="kind", default="baddiffusion" if required else None,
+                   help="baddiffusion | trojdiff | villan")
+    p.add_argument("--trigger", help="library name (BOX_14, STOP_SIGN_14, GLASSES, blend, patch, ...) or PNG/.npy "
+                   "path" + (" (default BOX_n, n = 14 * size / 32)" if required else ""))
+    p.add_argument("--target", default="CORNER" if required else None,
+                   help="library name (CORNER, HAT, SHOE, CAT, X), PNG/.npy path, or class:K (TrojDiff d2d)")
+    p.add_argument("--poison-rate", type=float, default=0.1 if required else None)
+    p.add_argument("--psi", type=float, help="VillanDiffusion psi (default 1)")
+    p.add_argument("--solver", choices=("sde", "ode"), help="VillanDiffusion sampler family (default sde)")
+    p.add_argument("--gamma", type=float, help="TrojDiff noise scale (blend 0.6, patch 0.1)")
+    p.add_argument("--mode", choices=("d2i", "in-d2d", "out-d2d"), help="TrojDiff mode (default d2i)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdjax", description="Audit diffusion models for backdoors (JAX).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -158,6 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=100, help="DDIM steps")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    a = sub.add_parser("attack", help="backdoor a model (fine-tune a checkpoint, or 'scratch')")
+    a.add_argument("model", help="pdjax checkpoint / diffusers folder to fine-tune, or 'scratch'")
+    _add_attack_options(a, required=True)
+    a.add_argument("--data", default="digits")
+    a.add_argument("--preset", default="digits-16", help="architecture when MODEL is 'scratch'")
+    a.add_argument("--size", type=int, default=16)
+    a.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    a.add_argument("--steps", type=int, default=1500)
+    a.add_argument("--batch", type=int, default=32)
+    a.add_argument("--lr", type=float, default=2e-4)
+    a.add_argument("--warmup", type=int, default=100)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps-per-call", type=int, default=0, help="0: 1 on CPU, 10 on GPU/TPU")
+    a.add_argument("--checkpoint-every", type=int, default=250)
+    a.add_argument("--out", required=True, help="checkpoint folder (resumed if it exists)")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=cmd_attack)
+
+    v = sub.add_parser("evaluate", help="attack metrics (MSE, ASR, SSIM) of clean and triggered generations")
+    v.add_argument("model")
+    _add_attack_options(v, required=False)
+    v.add_argument("--n", type=int, default=64)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default="evaluation", help="folder for metrics.json and sample grids")
+    v.set_defaults(func=cmd_evaluate)
     return p
 
 

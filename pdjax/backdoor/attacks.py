@@ -181,10 +181,11 @@ class AttackArrays:
     trigger: np.ndarray
     mask: np.ndarray
     target: np.ndarray
+    patch: bool = False
 
     def troj_mu_scale(self, spec: AttackSpec):
-        """(mu, noise_scale) of TrojDiff: blend uses gamma everywhere; a patch trigger only inside its mask."""
-        if spec.gamma >= 0.5 or self.mask.mean() > 0.5:  # blend
+        """(mu, noise_scale) of TrojDiff: a blend trigger uses gamma everywhere, a patch trigger only inside its mask."""
+        if not self.patch:
             return (1.0 - spec.gamma) * self.trigger, np.float32(spec.gamma)
         return self.mask * (1.0 - spec.gamma) * self.trigger, 1.0 - self.mask + self.mask * spec.gamma
 
