@@ -12,7 +12,6 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
 from pdjax.data import load_digits
 from pdjax.model import new_model

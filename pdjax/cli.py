@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,23 @@ def _load_trigger(path: str | None, shape):
     from pdjax.images import load_image
 
     return load_image(path, size=shape[0], channels=shape[2])
+
+
+def _new_model(args):
+    """A freshly initialised model of preset ``--preset`` at ``--size`` / ``--channels``."""
+    import dataclasses
+
+    import jax
+
+    from pdjax.errors import UnknownNameError
+    from pdjax.model import new_model
+    from pdjax.models.config import PRESETS
+
+    if args.preset not in PRESETS:
+        raise UnknownNameError("model preset", args.preset, PRESETS)
+    cfg = dataclasses.replace(PRESETS[args.preset], sample_size=args.size, in_channels=args.channels,
+                              out_channels=args.channels)
+    return new_model(cfg, jax.random.fold_in(_key(args.seed), 1))
 
 
 def cmd_convert(args) -> int:
@@ -59,23 +75,14 @@ def cmd_train(args) -> int:
     from pdjax.data import load_dataset
     from pdjax.generate import generate
     from pdjax.images import display_scale, save_grid
-    from pdjax.model import load, new_model
-    from pdjax.models.config import PRESETS
+    from pdjax.model import load
     from pdjax.train import TrainConfig, train
 
     if args.init:
         model = load(args.init)
         size, channels = model.config.sample_size, model.config.in_channels
     else:
-        if args.preset not in PRESETS:
-            from pdjax.errors import UnknownNameError
-
-            raise UnknownNameError("model preset", args.preset, PRESETS)
-        import dataclasses
-
-        cfg = dataclasses.replace(PRESETS[args.preset], sample_size=args.size, in_channels=args.channels,
-                                  out_channels=args.channels)
-        model = new_model(cfg, jax.random.fold_in(_key(args.seed), 1))
+        model = _new_model(args)
         size, channels = args.size, args.channels
     data = load_dataset(args.data, size, channels)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
@@ -118,25 +125,14 @@ def _attack_spec_args(args) -> dict:
 
 
 def cmd_attack(args) -> int:
-    import dataclasses
-
-    import jax
-
     from pdjax.backdoor.attacks import AttackSpec
     from pdjax.backdoor.train import attack
     from pdjax.data import load_dataset, load_digits_with_labels
-    from pdjax.model import load, new_model
-    from pdjax.models.config import PRESETS
+    from pdjax.model import load
     from pdjax.train import TrainConfig
 
     if args.model == "scratch":
-        if args.preset not in PRESETS:
-            from pdjax.errors import UnknownNameError
-
-            raise UnknownNameError("model preset", args.preset, PRESETS)
-        cfg = dataclasses.replace(PRESETS[args.preset], sample_size=args.size, in_channels=args.channels,
-                                  out_channels=args.channels)
-        model = new_model(cfg, jax.random.fold_in(_key(args.seed), 1))
+        model = _new_model(args)
     else:
         model = load(args.model)
     size, channels = model.config.sample_size, model.config.in_channels

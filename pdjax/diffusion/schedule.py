@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdjax.configs import from_dict_strict
 from pdjax.errors import ConfigError
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -239,11 +240,7 @@ class ScheduleConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScheduleConfig":
         """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ConfigError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = sorted(set(d) - names)
-        if extra:
-            raise ConfigError(f"unknown ScheduleConfig key(s) {', '.join(extra)}; valid: {', '.join(sorted(names))}")
-        return cls(**dict(d))
+        return from_dict_strict(cls, d, "ScheduleConfig")
 
 
 def check_variance_type(variance_type: str) -> None:

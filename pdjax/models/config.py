@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pdjax.configs import from_dict_strict
 from pdjax.errors import CheckpointError, ConfigError
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
@@ -162,11 +163,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"unknown pdjax UNet config key(s): {', '.join(unknown)}")
-        return cls(**d)
+        return from_dict_strict(cls, d, "pdjax UNet config")
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
