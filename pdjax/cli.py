@@ -52,7 +52,10 @@ def cmd_convert(args) -> int:
 
     if checkpoint.is_checkpoint(args.src):
         raise PdjaxError(f"{args.src} is already a pdjax checkpoint; use `pdjax export` to write diffusers format")
-    if Path(args.dst).exists() and any(Path(args.dst).iterdir()) and not args.force:
+    dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        raise PdjaxError(f"{dst} is a file; pass a folder path for the checkpoint")
+    if dst.is_dir() and any(dst.iterdir()) and not args.force:
         raise PdjaxError(f"{args.dst} exists and is not empty; pass --force to add a new version to it")
     model = load(args.src)
     path = model.save(args.dst)
@@ -81,10 +84,11 @@ def cmd_train(args) -> int:
     if args.init:
         model = load(args.init)
         size, channels = model.config.sample_size, model.config.in_channels
+        data = load_dataset(args.data, size, channels)
     else:
+        data = load_dataset(args.data, args.size, args.channels)  # fail fast on a bad --data, before compiling
         model = _new_model(args)
         size, channels = args.size, args.channels
-    data = load_dataset(args.data, size, channels)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
                       seed=args.seed, steps_per_call=args.steps_per_call, checkpoint_every=args.checkpoint_every)
     print(f"training {model.num_params:,}-parameter UNet on {args.data} ({len(data)} images, {size}x{size}x{channels}) "

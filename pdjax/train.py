@@ -149,6 +149,10 @@ def fit(model: Model, loss_fn: LossFn, data, cfg: TrainConfig, out: str | Path |
             run = saved_meta.get("provenance", {}).get("train")
             if run != dataclasses.asdict(cfg):
                 raise CheckpointError(f"{out} holds a run with other settings; use a new --out folder or the same settings")
+            if (saved_meta.get("model"), saved_meta.get("schedule")) != (model.config.to_dict(),
+                                                                        model.schedule_config.to_dict()):
+                raise CheckpointError(f"{out} holds a run of another model architecture or schedule; "
+                                      "use a new --out folder")
             state = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(state, saved))
             resumed = int(state.step)
     chunk = cfg.steps_per_call

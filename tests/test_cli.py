@@ -207,7 +207,6 @@ def test_sample_unwritable_out(trained, tmp_path, capsys):
                       "--out", tmp_path / "file" / "x.png", match="cannot write image")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cmd_convert calls iterdir() on a DST that is a file (NotADirectoryError)")
 def test_convert_into_a_file(trained, tmp_path, capsys):
     diff = tmp_path / "diffusers"
     assert run_cli(capsys, "export", trained[0], diff)[0] == 0
@@ -215,7 +214,6 @@ def test_convert_into_a_file(trained, tmp_path, capsys):
     assert_user_error(capsys, "convert", diff, tmp_path / "file", match="file")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: save_diffusers lets OSError escape (traceback) for an unwritable DST")
 def test_export_unwritable_dst(trained, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert_user_error(capsys, "export", trained[0], tmp_path / "file" / "sub", match="file")

@@ -138,8 +138,6 @@ def test_resume_with_other_settings_raises(runs, model, data):
     assert checkpoint.read_pointer(runs["full_out"]) == before  # nothing was written
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fit() resumes a saved state without checking the model "
-                                       "architecture (a 3-channel model 'resumes' a 1-channel run)")
 def test_resume_with_other_architecture_raises(runs, data):
     cfg3 = dataclasses.replace(CFG, in_channels=3, out_channels=3)
     model3 = Model(cfg3, random_params(cfg3, 0))

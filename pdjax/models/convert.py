@@ -181,9 +181,12 @@ def save_diffusers(path: str | Path, cfg: UNetConfig, params, scheduler_config: 
     from safetensors.numpy import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2))
-    save_file(params_to_state_dict(params), str(path / WEIGHT_FILES[0]))
-    if scheduler_config is not None:
-        (path / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2))
+        save_file(params_to_state_dict(params), str(path / WEIGHT_FILES[0]))
+        if scheduler_config is not None:
+            (path / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    except OSError as e:
+        raise CheckpointError(f"cannot write diffusers folder {path} ({e.strerror or e}); choose a writable path") from None
     return path

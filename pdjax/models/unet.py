@@ -15,6 +15,7 @@ Details that matter for numerical equivalence with diffusers (DESIGN.md habit 7)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -229,10 +230,15 @@ def _eps_fn_cached(cfg: UNetConfig, dtype_name: str) -> EpsFn:
 
 def init_params(cfg: UNetConfig, key: jax.Array) -> dict:
     """Fresh params for ``cfg`` (jitted init: an eager Linen init is slow on CPU)."""
-    module = UNet2D(cfg)
     x = jnp.zeros((1, cfg.sample_size, cfg.sample_size, cfg.in_channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    return jax.jit(module.init)(key, x, t)["params"]
+    return _jit_init(cfg)(key, x, t)["params"]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_init(cfg: UNetConfig):
+    """One compiled init per config (compiling a UNet init takes tens of seconds on 2 CPU cores)."""
+    return jax.jit(UNet2D(cfg).init)
 
 
 def param_shapes(cfg: UNetConfig) -> dict:
