@@ -26,6 +26,12 @@ def _load_trigger(path: str | None, shape):
         return None
     from pdjax.images import load_image
 
+    if str(path).lower().endswith(".npy"):  # a tensor is taken as is: it must already have the model's shape
+        g = load_image(path)
+        if tuple(g.shape) != tuple(shape):
+            raise PdjaxError(f"trigger {path} has shape {tuple(g.shape)}, the model needs {tuple(shape)}; "
+                             "save the tensor at the model's size or pass a PNG to have it resized")
+        return g
     return load_image(path, size=shape[0], channels=shape[2])
 
 

@@ -193,7 +193,7 @@ def test_train_missing_data_folder(trained, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("shape", [(8, 8, 2), (2, 8, 8, 1)])
+@pytest.mark.parametrize("shape", [(8, 8, 2), (2, 8, 8, 1), (16, 16, 1)])
 def test_sample_trigger_of_wrong_shape(trained, tmp_path, capsys, shape):
     np.save(tmp_path / "bad.npy", np.zeros(shape, np.float32))
     assert_user_error(capsys, "sample", trained[0], "--n", "4", "--sampler", "ddim", "--steps", "2",
