@@ -94,6 +94,10 @@ def done_evaluations(path: Path) -> set:
     return {(r["model"], r["attack"]["trigger"], r["attack"]["target"]) for r in map(json.loads, path.open())}
 
 
+def _mse(part: dict) -> float:
+    return part.get("mse", part.get("mse_to_class_mean", float("nan")))
+
+
 def write_table(zoo: Path) -> None:
     rows = [json.loads(line) for line in (zoo / "results.jsonl").open()]
     lines = ["| model | attack | trigger -> target | train s | n | clean ASR | triggered ASR | triggered MSE | triggered SSIM |",
@@ -103,7 +107,7 @@ def write_table(zoo: Path) -> None:
         kind = a["kind"] + (f" ({a['solver']})" if a["kind"] == "villan" else "") + \
             (f" ({a['mode']}, gamma {a['gamma']})" if a["kind"] == "trojdiff" else "")
         lines.append(f"| {r['model']} | {kind} | {a['trigger']} -> {a['target']} | {r.get('train_seconds', 0):.0f} | "
-                     f"{r['n']} | {r['clean']['asr']:.2f} | {r['triggered']['asr']:.2f} | {r['triggered']['mse']:.4f} | "
+                     f"{r['n']} | {r['clean']['asr']:.2f} | {r['triggered']['asr']:.2f} | {_mse(r['triggered']):.4f} | "
                      f"{r['triggered']['ssim']:.3f} |")
     (zoo / "zoo_table.md").write_text("\n".join(lines) + "\n")
 

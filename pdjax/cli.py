@@ -180,10 +180,10 @@ def cmd_evaluate(args) -> int:
     if spec.target.startswith("class:"):
         data, labels = load_digits_with_labels(model.config.sample_size, model.config.in_channels)
     res, clean, trig = evaluate(model, spec, _key(args.seed), n=args.n, seed=args.seed, labels=labels, data=data)
-    print(f"{'generations':<12} {'MSE':>8} {'ASR':>6} {'SSIM':>6}   (n={args.n}, seed={args.seed}, "
-          f"ASR threshold {res.triggered['threshold']})")
+    rule = res.triggered.get("asr_rule", f"MSE < {res.triggered['threshold']}")
+    print(f"{'generations':<12} {'MSE':>8} {'ASR':>6} {'SSIM':>6}   (n={args.n}, seed={args.seed}, ASR rule: {rule})")
     for name, m in (("clean", res.clean), ("triggered", res.triggered)):
-        print(f"{name:<12} {m['mse']:>8.4f} {m['asr']:>6.2f} {m['ssim']:>6.3f}")
+        print(f"{name:<12} {m.get('mse', m.get('mse_to_class_mean')):>8.4f} {m['asr']:>6.2f} {m['ssim']:>6.3f}")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

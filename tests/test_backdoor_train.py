@@ -60,3 +60,11 @@ def test_cli_evaluate_without_attack_metadata_is_one_line_error(tmp_path, capsys
     assert cli.main(["evaluate", str(tmp_path / "clean")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--trigger" in err[0]
+
+
+def test_class_classifier_recognises_held_out_digits():
+    from pdjax.backdoor.train import class_classifier
+
+    data, labels = load_digits_with_labels(8)
+    classify = class_classifier(data[:1400], labels[:1400])
+    assert np.mean(classify(data[1400:]) == labels[1400:]) > 0.85

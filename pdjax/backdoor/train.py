@@ -115,5 +115,21 @@ def evaluate(model: Model, spec: AttackSpec, key: jax.Array, n: int = 64, seed: 
     y = jnp.broadcast_to(jnp.asarray(target), (n, *model.image_shape))
     clean = sample_attack(model, spec, arrays, jax.random.fold_in(key, 0), n, triggered=False)
     trig = sample_attack(model, spec, arrays, jax.random.fold_in(key, 1), n, triggered=True)
-    res = EvaluationResult(spec.to_dict(), n, seed, attack_metrics(clean, y).to_dict(), attack_metrics(trig, y).to_dict())
-    return res, clean, trig
+    parts = [attack_metrics(x, y).to_dict() for x in (clean, trig)]
+    if arrays.target.ndim == 4:  # a distribution target: ASR is the fraction a classifier assigns to the class (SPEC 7)
+        k = int(spec.target.split(":", 1)[1])
+        classify = class_classifier(data, labels)
+        for part, x in zip(parts, (clean, trig)):
+            part["mse_to_class_mean"] = part.pop("mse")
+            part["asr"] = float(np.mean(classify(x) == k))
+            part["asr_rule"] = f"classifier: fraction predicted as class {k}"
+    return EvaluationResult(spec.to_dict(), n, seed, parts[0], parts[1]), clean, trig
+
+
+def class_classifier(data, labels):
+    """A logistic-regression classifier fitted on the labelled training images: images [N, H, W, C] -> labels [N]."""
+    from sklearn.linear_model import LogisticRegression
+
+    flat = lambda x: np.clip(np.asarray(x, np.float32), -1, 1).reshape(len(x), -1)  # noqa: E731
+    clf = LogisticRegression(max_iter=500).fit(flat(data), np.asarray(labels))
+    return lambda x: clf.predict(flat(x))
