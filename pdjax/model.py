@@ -63,9 +63,15 @@ class Model:
         """Full JSON metadata: model config, schedule and provenance."""
         return {"model": self.config.to_dict(), "schedule": self.schedule_config.to_dict(), "provenance": self.meta}
 
-    def save(self, path: str | Path, state=None, keep: int = 1) -> Path:
-        """Save as a pdjax checkpoint (atomic; see :mod:`pdjax.checkpoint`)."""
-        return checkpoint.save(path, self.params, self.metadata(), state=state, keep=keep)
+    def save(self, path: str | Path, state=None, keep: int = 1, dtype: str | None = None) -> Path:
+        """Save as a pdjax checkpoint (atomic; see :mod:`pdjax.checkpoint`).
+
+        ``dtype="float16"`` stores the params at half size (bundled demo models); loading casts to float32.
+        """
+        params = self.params
+        if dtype is not None:
+            params = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(dtype), params)
+        return checkpoint.save(path, params, self.metadata(), state=state, keep=keep)
 
     def export_diffusers(self, path: str | Path) -> Path:
         """Write a diffusers folder (config.json, safetensors, scheduler_config.json)."""
@@ -111,6 +117,7 @@ def load(path: str | Path, sharding=None) -> Model:
             target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
         params, _ = checkpoint.restore(path, target=target)
         checkpoint.check_tree_shapes(params, shapes, str(path))
+        params = jax.tree_util.tree_map(lambda p: p.astype(np.float32) if p.dtype != np.float32 else p, params)
         check_finite(params, str(path))
         return Model(config, params, sched, dict(meta.get("provenance", {})))
     model_dir = find_model_dir(path)

@@ -92,3 +92,18 @@ def test_export_diffusers_loads_in_diffusers(model, folders, inputs):
     assert float(np.max(np.abs(out - ref))) <= 1e-4
     sched = diffusers.DDPMScheduler.from_pretrained(str(folders[1]))
     np.testing.assert_array_equal(sched.betas.numpy(), np.asarray(model.schedule.betas))
+
+
+def test_float16_storage_loads_as_float32(tmp_path):
+    import jax
+    import numpy as np
+
+    from pdjax.model import load, new_model
+    from pdjax.models.config import PRESETS
+
+    model = new_model(PRESETS["tiny"], jax.random.key(0))
+    model.save(tmp_path / "half", dtype="float16")
+    back = load(tmp_path / "half")
+    for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(back.params)):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a).astype(np.float16).astype(np.float32), b)
