@@ -147,8 +147,9 @@ def pasted(x: jax.Array, g: jax.Array, mask: jax.Array) -> jax.Array:
 
 def baddiffusion_pair(schedule: Schedule, y, r, t, eps):
     """BadDiffusion poisoned input and target at t [B]: returns (x_t, eps + rho_t r)."""
-    sa = _take(np.sqrt(_f64(schedule)[2]), t)
-    x_t = sa * y + (1.0 - sa) * r + _take(np.sqrt(1.0 - _f64(schedule)[2]), t) * eps
+    abar = _f64(schedule)[2]
+    sa = _take(np.sqrt(abar), t)
+    x_t = sa * y + (1.0 - sa) * r + _take(np.sqrt(1.0 - abar), t) * eps
     return x_t, eps + _take(rho(schedule), t) * r
 
 
