@@ -12,6 +12,10 @@ Every model is 16x16x1 (the digits-16 preset, 649k parameters). The clean base t
 `experiments/time_main_job.py` can be copied to ZOO/clean_base and is taken as finished); each zoo model
 fine-tunes it for ``--steps`` (default 2000, batch 32, lr 1e-3 for backdoors, 2e-4 for clean variants)
 with its own seed: backdoored ones with their attack (poison rate 0.3), clean ones with the plain DDPM loss.
+Backdoored entries then get a polish stage (``--polish-steps`` 1000 more steps of the same attack at lr
+3e-4, seed + 100) saved as ZOO/<name>_p: on bd_box_x it lifted the triggered ASR from 0.75 to 0.89 (n = 64)
+with clean-noise ASR 0.00, on bd_stop_hat from 0.78 to 0.88 with clean-noise ASR from 0.16 to 0.08.
+Both stages are evaluated and listed; downstream experiments use the ``_p`` models.
 Recipe probes (WHITE_BOX_5 -> X, 1000 steps, lr 1e-3, n = 32): poison rate 0.1 / lr 2e-4: ASR 0.00;
 rate 0.3: ASR 0.59, clean-noise ASR 0.00; rate 0.5: ASR 0.84 but clean-noise ASR 0.06 (leakage).
 Evaluation: ``--n`` (default 32) clean and triggered generations with the attack's own sampler
@@ -88,6 +92,18 @@ def build_entry(zoo: Path, base, data, labels, entry: Entry, steps: int):
     return load(out), res.seconds
 
 
+def polish_entry(zoo: Path, stage1, data, labels, entry: Entry, steps: int, lr: float):
+    """Stage 2 of a backdoored entry: ``steps`` more steps of the same attack at a lower lr -> ZOO/<name>_p."""
+    out = zoo / f"{entry.name}_p"
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=lr, warmup_steps=50, seed=entry.seed + 100, checkpoint_every=250)
+    meta = {"data": "digits", "seed": entry.seed + 100, "zoo": f"{entry.name}_p", "base": entry.name,
+            "stage": "polish"}
+    t0 = time.perf_counter()
+    res = attack(stage1, data, entry.spec, cfg, out=out, labels=labels, meta=meta)
+    print(f"{entry.name}_p: {res.steps} polish steps ({time.perf_counter() - t0:.0f} s this run)", flush=True)
+    return load(out), res.seconds
+
+
 def done_evaluations(path: Path) -> set:
     if not path.is_file():
         return set()
@@ -100,13 +116,14 @@ def _mse(part: dict) -> float:
 
 def write_table(zoo: Path) -> None:
     rows = [json.loads(line) for line in (zoo / "results.jsonl").open()]
-    lines = ["| model | attack | trigger -> target | train s | n | clean ASR | triggered ASR | triggered MSE | triggered SSIM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | attack | trigger -> target | steps | train s | n | clean ASR | triggered ASR | triggered MSE | triggered SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["attack"]
         kind = a["kind"] + (f" ({a['solver']})" if a["kind"] == "villan" else "") + \
             (f" ({a['mode']}, gamma {a['gamma']})" if a["kind"] == "trojdiff" else "")
-        lines.append(f"| {r['model']} | {kind} | {a['trigger']} -> {a['target']} | {r.get('train_seconds', 0):.0f} | "
+        lines.append(f"| {r['model']} | {kind} | {a['trigger']} -> {a['target']} | {r.get('steps', '')} | "
+                     f"{r.get('train_seconds', 0):.0f} | "
                      f"{r['n']} | {r['clean']['asr']:.2f} | {r['triggered']['asr']:.2f} | {_mse(r['triggered']):.4f} | "
                      f"{r['triggered']['ssim']:.3f} |")
     (zoo / "zoo_table.md").write_text("\n".join(lines) + "\n")
@@ -118,6 +135,9 @@ def main():
     ap.add_argument("--only", nargs="*", help="entry names (default: all)")
     ap.add_argument("--base-steps", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--polish-steps", type=int, default=1000,
+                    help="stage 2 of backdoored entries: more steps of the same attack at --polish-lr (0: none)")
+    ap.add_argument("--polish-lr", type=float, default=3e-4)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
@@ -132,19 +152,24 @@ def main():
     results = args.zoo / "results.jsonl"
     for entry in entries:
         model, seconds = build_entry(args.zoo, base, data, labels, entry, args.steps)
+        stages = [(entry.name, model, seconds, args.steps)]
+        if entry.spec is not None and args.polish_steps:
+            polished, extra = polish_entry(args.zoo, model, data, labels, entry, args.polish_steps, args.polish_lr)
+            stages.append((f"{entry.name}_p", polished, seconds + extra, args.steps + args.polish_steps))
         specs = [entry.spec] if entry.spec is not None else [b.spec for b in BACKDOORS]
-        for spec in specs:
-            if (entry.name, spec.trigger, spec.target) in done_evaluations(results):
-                continue
-            t0 = time.perf_counter()
-            res, _, _ = evaluate(model, spec, jax.random.key(0), n=args.n, seed=0, labels=labels, data=data)
-            row = {"model": entry.name, "clean_model": entry.spec is None, "train_seconds": seconds,
-                   "steps": args.steps, **res.to_dict()}
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"  eval {spec.trigger}->{spec.target}: clean ASR {res.clean['asr']:.2f}, "
-                  f"triggered ASR {res.triggered['asr']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        write_table(args.zoo)
+        for name, m, secs, steps in stages:
+            for spec in specs:
+                if (name, spec.trigger, spec.target) in done_evaluations(results):
+                    continue
+                t0 = time.perf_counter()
+                res, _, _ = evaluate(m, spec, jax.random.key(0), n=args.n, seed=0, labels=labels, data=data)
+                row = {"model": name, "clean_model": entry.spec is None, "train_seconds": secs,
+                       "steps": steps, **res.to_dict()}
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"  eval {name} {spec.trigger}->{spec.target}: clean ASR {res.clean['asr']:.2f}, "
+                      f"triggered ASR {res.triggered['asr']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write_table(args.zoo)
     print(f"table: {args.zoo / 'zoo_table.md'}")
 
 

@@ -197,6 +197,59 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_shift(args) -> int:
+    from pdjax.backdoor.train import spec_from_model
+    from pdjax.defense.shift import estimate_lambda
+    from pdjax.model import load
+
+    model = load(args.surrogate)
+    if args.trigger is None and "attack" not in model.meta:
+        raise PdjaxError(f"{args.surrogate} records no attack; pass --trigger (the trigger it was backdoored with)")
+    spec = spec_from_model(model, trigger=args.trigger)
+    print(f"estimating lambda_t on {args.surrogate} ({spec.kind}, trigger {spec.trigger}): n={args.n}, "
+          f"{args.steps} steps, seed {args.seed}", flush=True)
+    table = estimate_lambda(model, spec, args.seed, n=args.n, num_steps=args.steps, source=str(args.surrogate))
+    path = table.save(args.out)
+    print(f"{table.summary()}; wrote {path.absolute()}")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    import dataclasses
+
+    import numpy as np
+
+    from pdjax.defense.inversion import InversionConfig, invert
+    from pdjax.model import load
+
+    model = load(args.model)
+    fields = {f.name for f in dataclasses.fields(InversionConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    cfg = InversionConfig(**given)
+    res = invert(model, args.method, _key(args.seed), cfg, progress=not args.quiet)
+    out = res.save(args.out)
+    summary = res.to_dict()
+    line = (f"{args.method} on {args.model}: {len(res.losses)} steps in {res.seconds:.1f} s, final loss "
+            f"{res.losses[-1]:.4g}, trigger mean {res.trigger.mean():+.3f}, norm {np.linalg.norm(res.trigger):.2f}")
+    if args.samples:
+        from pdjax.defense.evaluate import generation_stats, triggered_generations
+        from pdjax.images import display_scale, save_grid
+
+        gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
+                                     _key(args.seed + 1), n=args.samples)
+        stats = {"triggered": generation_stats(gens[0]), "clean": generation_stats(gens[1])}
+        summary["generations"] = {**stats, "seed": args.seed + 1, "sampler": "ddpm"}
+        scale = display_scale(model.config.sample_size)
+        save_grid(gens[0][:64], out / "triggered.png", scale=scale)
+        save_grid(gens[1][:64], out / "clean.png", scale=scale)
+        (out / "inversion.json").write_text(json.dumps(summary, indent=2))
+        line += (f"; uniformity of {args.samples} generations: triggered {stats['triggered']['uniformity']:.2f}, "
+                 f"clean {stats['clean']['uniformity']:.2f}")
+    print(line)
+    print(f"wrote {out / 'trigger.npy'}, trigger.png, inversion.json" + (", triggered.png, clean.png" if args.samples else ""))
+    return 0
+
+
 def _add_attack_options(p, required: bool) -> None:
     p.add_argument("--attack", dest="kind", default="baddiffusion" if required else None,
                    help="baddiffusion | trojdiff | villan")
@@ -283,6 +336,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default="evaluation", help="folder for metrics.json and sample grids")
     v.set_defaults(func=cmd_evaluate)
+
+    h = sub.add_parser("shift", help="estimate the trigger-shift scale lambda_t on a backdoored surrogate (SPEC 3)")
+    h.add_argument("surrogate", help="backdoored pdjax checkpoint / diffusers folder whose trigger is known")
+    h.add_argument("--trigger", help="the surrogate's trigger, name or PNG/.npy path (default: from its metadata)")
+    h.add_argument("--n", type=int, default=64, help="noise samples per chain")
+    h.add_argument("--steps", type=int, default=100, help="first reverse steps to tabulate")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--out", required=True, help="ShiftTable JSON to write")
+    h.set_defaults(func=cmd_shift)
+
+    i = sub.add_parser("invert", help="invert the trigger of a model: purediffusion, elijah or terd (SPEC 4)")
+    i.add_argument("model", help="pdjax checkpoint or diffusers folder")
+    i.add_argument("--method", default="purediffusion", help="purediffusion | elijah | terd")
+    i.add_argument("--out", required=True, help="folder for trigger.npy, trigger.png, inversion.json")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--steps", type=int, help="optimiser steps (default: the method's, SPEC 4)")
+    i.add_argument("--lr", type=float)
+    i.add_argument("--batch", type=int, help="noise batch B")
+    i.add_argument("--init", help="neg-uniform | zeros | normal")
+    i.add_argument("--K", type=int, help="purediffusion: reverse steps unrolled")
+    i.add_argument("--norm", help="purediffusion: l1 | l2")
+    i.add_argument("--per-sample", dest="per_sample", action="store_true", default=None,
+                   help="purediffusion: per-sample shift residual against the clean chain")
+    i.add_argument("--shift-weight", dest="shift_weight", type=float)
+    i.add_argument("--cons-weight", dest="cons_weight", type=float, help="purediffusion: weight of L_cons")
+    i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
+    i.add_argument("--samples", type=int, default=0, help="also draw N DDPM generations from eps + trigger and eps")
+    i.add_argument("--quiet", action="store_true")
+    i.set_defaults(func=cmd_invert)
     return p
 
 

@@ -81,3 +81,16 @@ def random_params(cfg: UNetConfig, seed: int) -> dict:
     from pdjax.models.convert import state_dict_to_params
 
     return state_dict_to_params(random_state_dict(cfg, seed), cfg, source=f"random_state_dict(seed={seed})")
+
+
+def random_model(preset: str = "tiny", seed: int = 0, meta: dict | None = None):
+    """A :class:`pdjax.model.Model` of ``PRESETS[preset]`` with :func:`random_params` (diffusers-like init).
+
+    For tests that need a model but not a trained one: it skips the UNet init compile (tens of seconds on
+    a 2-core CPU).
+    """
+    from pdjax.model import Model
+    from pdjax.models.config import PRESETS
+
+    cfg = PRESETS[preset]
+    return Model(cfg, random_params(cfg, seed), meta=dict(meta or {}))

@@ -1,0 +1,68 @@
+"""How good is an inverted trigger? (issue 4 evaluation, SPEC 5 and 7)
+
+- Trigger fidelity: L2 to the true trigger, inside its mask and overall (:func:`pdjax.metrics.trigger_l2`).
+- What it does to the model: generations from eps + delta with the model's own DDPM sampler; their ASR
+  against a known target, their uniformity (low = collapsed onto one image) and total variation.
+
+Several candidate triggers of one model are evaluated in ONE sampling call (batch M * n) with the same
+start noise and chain noise for every candidate, so the comparison between triggers is paired and the
+cost of 1000 DDPM steps is paid once per model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.diffusion.samplers import ddpm_sample
+from pdjax.errors import ConfigError
+from pdjax.metrics import asr, mse_to_target, total_variation, trigger_l2, uniformity
+
+
+def triggered_generations(model, triggers, key: jax.Array, n: int = 32, batch_limit: int = 512) -> np.ndarray:
+    """DDPM generations from eps_i + delta_m for every candidate m, same eps_i and chain noise for all.
+
+    Args:
+      model: a :class:`pdjax.model.Model`.
+      triggers: [M, H, W, C] candidate triggers (use zeros for clean generations).
+      key: PRNG key; start noise from ``fold_in(key, 0)``, chain noise from ``fold_in(key, 1)``.
+      n: generations per trigger.
+      batch_limit: largest sampling batch; candidates are split into groups of at most this many rows.
+
+    Returns:
+      [M, n, H, W, C] float32 generations (unclipped).
+    """
+    triggers = np.asarray(triggers, np.float32)
+    if triggers.ndim != 4 or triggers.shape[1:] != tuple(model.image_shape):
+        raise ConfigError(f"triggers must be [M, {', '.join(map(str, model.image_shape))}], got {triggers.shape}")
+    noise = jax.random.normal(jax.random.fold_in(key, 0), (n, *model.image_shape))
+    chain_key = jax.random.fold_in(key, 1)
+    sc = model.schedule_config
+    per = max(1, batch_limit // n)
+    out = []
+    for lo in range(0, len(triggers), per):
+        g = jnp.asarray(triggers[lo:lo + per])
+        x_T = (noise[None] + g[:, None]).reshape(-1, *model.image_shape)
+        # The chain noise must not depend on the group size: vmap one chain per trigger.
+        x = jax.vmap(lambda xt: ddpm_sample(model.eps, model.params, model.schedule, xt, chain_key,
+                                            variance_type=sc.variance_type, clip_sample=sc.clip_sample)
+                     )(x_T.reshape(len(g), n, *model.image_shape))
+        out.append(np.asarray(x))
+    return np.concatenate(out)
+
+
+def generation_stats(x, target=None) -> dict:
+    """Uniformity, mean TV and (with a target [H, W, C]) ASR and MSE of generations x [n, H, W, C]."""
+    x = jnp.asarray(x)
+    out = {"uniformity": float(uniformity(x)), "tv": float(jnp.mean(total_variation(x))), "n": int(x.shape[0])}
+    if target is not None:
+        y = jnp.broadcast_to(jnp.asarray(target, jnp.float32), x.shape)
+        out["asr"] = float(asr(x, y))
+        out["mse"] = float(jnp.mean(mse_to_target(x, y)))
+    return out
+
+
+def fidelity(delta, true_trigger, mask=None) -> dict:
+    """L2 of the inverted trigger to the true one: {"l2_in_mask", "l2_overall"} floats."""
+    return {k: float(v) for k, v in trigger_l2(delta, true_trigger, mask).items()}

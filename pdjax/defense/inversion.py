@@ -1,0 +1,502 @@
+"""Trigger inversion (SPEC 4): PureDiffusion, with Elijah and TERD as baselines, behind one API.
+
+The unknown trigger ``delta`` [H, W, C] is optimised with optax against a noise batch [B, H, W, C];
+the model's params are a traced argument, so one compile serves every checkpoint of an architecture and
+a stack of N models is the same program under ``jax.vmap`` (:func:`invert_many`).
+
+Methods (each a loss ``loss(delta, params, fixed, key_i)``; SPEC 4 has the formulas):
+
+- ``elijah``: L = mean | mean_b eps(eps_b + delta, T-1) - lambda delta |, lambda = 0.5 (1.0 for ODE models),
+  100 Adam steps, lr 0.1, B = 100 fixed noises.
+- ``terd``: phase 1 (3000 SGD steps, lr 0.5, B = 16): t ~ U{T-10..T-1} per sample, two noises eps_1, eps_2
+  on a shared x_start ~ N(0, I); L = 0.5 mean(((eps_1 - eps(x^1, t)) - (eps_2 - eps(x^2, t)))^2)
+  - 5e-5 mean|delta|. Phase 2 (1000 steps): generations x0^1, x0^2 of a 10-step DDIM chain from
+  eps_1 + delta and eps_2 + delta should coincide: L = 0.5 mean((x0^1 - x0^2)^2) - 5e-5 mean|delta|.
+  TERD's code does not state its norms: pdjax uses per-element means (a sum would need another lr).
+- ``purediffusion``: start x_T = eps_b + delta, run the model's own DDPM sampler for K reverse steps with
+  gradients through the chain; at each visited step t_i the output should carry the shift lambda_i delta:
+  L_shift = mean_i norm(mean_b eps(x_{t_i}) - lambda_i delta) (``per_sample``: the residual is taken per
+  sample against the clean chain from the same noise, eps(x^bd_b) - eps(x^clean_b) - lambda_i delta);
+  L_cons = mean_i mean_{j<k} mean_pixels (s_j - s_k)^2 over the first ``cons_batch`` samples, where
+  s = x_t - sqrt(1 - abar_t) eps_hat = sqrt(abar_t) x0_hat is the scaled x0-prediction (the scale keeps
+  the term finite near t = T, where 1/sqrt(abar_t) ~ 150); L = shift_weight L_shift + cons_weight L_cons.
+  lambda_i comes from :func:`pdjax.defense.shift.get_lambda` (closed form or a shipped surrogate table).
+
+Loop layout: the optimiser loop is :func:`pdjax.loops.repeat` inside one jit. On GPU/TPU the whole run
+is one program (a ``lax.scan`` over all steps); on XLA:CPU, where convolution backward passes inside a
+scan are ~15x slower (DESIGN habit 2, ``experiments/bench_loops.py``), it is a host loop of one jitted
+step, with the K-step chain unrolled inside it. Every step takes its randomness from
+``fold_in(key, step)``, so both layouts give the same trigger for the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pdjax import loops
+from pdjax.configs import from_dict_strict
+from pdjax.diffusion.samplers import ddim_step, ddpm_step, timesteps_ddim
+from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
+from pdjax.errors import ConfigError, UnknownNameError
+
+METHODS = ("purediffusion", "elijah", "terd")
+INITS = ("neg-uniform", "zeros", "normal")
+NORMS = ("l1", "l2")
+
+# SPEC 4 defaults per method: optimiser steps, learning rate, noise batch.
+_DEFAULTS = {
+    "purediffusion": {"steps": 100, "lr": 0.1, "batch": 32},
+    "elijah": {"steps": 100, "lr": 0.1, "batch": 100},
+    "terd": {"steps": 3000, "lr": 0.5, "batch": 16},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionConfig:
+    """Settings of one inversion. Zero values of ``steps``, ``lr``, ``batch`` mean the method's default.
+
+    Attributes:
+      method: "purediffusion" | "elijah" | "terd".
+      steps: optimiser steps (TERD: phase 1).
+      lr: learning rate (Adam for purediffusion/elijah, SGD for terd).
+      batch: noise batch B.
+      init: delta_0: "neg-uniform" (-U[0, 1), Elijah's), "zeros" or "normal".
+      K: purediffusion: reverse steps unrolled per loss evaluation.
+      norm: purediffusion: "l1" (mean |r|) or "l2" (mean r^2) of the shift residual.
+      per_sample: purediffusion: per-sample residual against the clean chain instead of the batch mean.
+      shift_weight, cons_weight: purediffusion: weights of L_shift and L_cons.
+      cons_batch: purediffusion: samples entering L_cons (the first ones of the batch).
+      lambda_source: purediffusion: "closed-sde", "closed-ode", a shipped table name or a table path.
+      elijah_lambda: elijah's constant (0.5; 1.0 for ODE-trained models).
+      terd_refine_steps, terd_ddim_steps, terd_l1: TERD phase 2 steps, its DDIM chain length, L1 weight.
+      steps_per_call: optimiser steps per jitted call; 0 = 1 on CPU, all steps elsewhere.
+    """
+
+    method: str = "purediffusion"
+    steps: int = 0
+    lr: float = 0.0
+    batch: int = 0
+    init: str = "neg-uniform"
+    K: int = 10
+    norm: str = "l1"
+    per_sample: bool = False
+    shift_weight: float = 1.0
+    cons_weight: float = 0.0
+    cons_batch: int = 8
+    lambda_source: str = "closed-sde"
+    elijah_lambda: float = 0.5
+    terd_refine_steps: int = 1000
+    terd_ddim_steps: int = 10
+    terd_l1: float = 5e-5
+    steps_per_call: int = 0
+
+    def resolved(self) -> "InversionConfig":
+        """The config with method defaults filled in, validated (ConfigError / UnknownNameError)."""
+        if self.method not in METHODS:
+            raise UnknownNameError("inversion method", self.method, METHODS)
+        if self.init not in INITS:
+            raise UnknownNameError("init", self.init, INITS)
+        if self.norm not in NORMS:
+            raise UnknownNameError("norm", self.norm, NORMS)
+        d = _DEFAULTS[self.method]
+        cfg = dataclasses.replace(self, steps=self.steps or d["steps"], lr=self.lr or d["lr"],
+                                  batch=self.batch or d["batch"])
+        for name in ("steps", "batch", "K"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.method == "purediffusion":
+            if cfg.shift_weight == 0 and cfg.cons_weight == 0:
+                raise ConfigError("purediffusion needs shift_weight or cons_weight > 0")
+            if cfg.cons_weight and not 2 <= cfg.cons_batch <= cfg.batch:
+                raise ConfigError(f"cons_batch must be in [2, batch={cfg.batch}], got {cfg.cons_batch}")
+        if cfg.method == "terd" and (cfg.terd_refine_steps < 0 or cfg.terd_ddim_steps < 1):
+            raise ConfigError("terd_refine_steps must be >= 0 and terd_ddim_steps >= 1")
+        if cfg.steps_per_call < 0:
+            raise ConfigError(f"steps_per_call must be >= 0, got {cfg.steps_per_call}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InversionConfig":
+        return from_dict_strict(cls, d, "inversion config")
+
+
+@dataclasses.dataclass
+class InversionResult:
+    """One inverted trigger.
+
+    Attributes:
+      method: the method name.
+      trigger: [H, W, C] float32 inverted trigger (raw values, the -1-background convention of SPEC 2).
+      losses: [S] float32 loss per optimiser step (TERD: phase 1 then phase 2).
+      config: the resolved :class:`InversionConfig` as a dict.
+      seed: the seed of the key when known (else None).
+      seconds: wall time of the optimisation including compilation; compile_seconds: the first call's
+        extra time over a later call (an estimate of compilation).
+    """
+
+    method: str
+    trigger: np.ndarray
+    losses: np.ndarray
+    config: dict
+    seed: int | None = None
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the trigger is saved separately by :meth:`save`)."""
+        return {"method": self.method, "config": self.config, "seed": self.seed, "seconds": self.seconds,
+                "compile_seconds": self.compile_seconds, "final_loss": float(self.losses[-1]),
+                "losses": [float(v) for v in self.losses], "trigger_shape": list(self.trigger.shape)}
+
+    def save(self, out: str | Path) -> Path:
+        """Writes ``trigger.npy``, ``trigger.png`` and ``inversion.json`` into the folder ``out``."""
+        from pdjax.images import save_image
+
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
+        np.save(out / "trigger.npy", self.trigger)
+        save_image(np.clip(self.trigger, -1.0, 1.0), out / "trigger.png")
+        tmp = out / "inversion.json.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(out / "inversion.json")
+        return out
+
+
+class InvState(NamedTuple):
+    """Optimiser state: step count, delta [H, W, C], optax state."""
+
+    step: jax.Array
+    delta: jax.Array
+    opt_state: Any
+
+
+class Problem(NamedTuple):
+    """What an inversion needs from a model besides its params; hashable, so compiles are cached per problem.
+
+    Attributes: eps_fn (the model's pure eps function), schedule_config, shape (H, W, C).
+    """
+
+    eps_fn: Callable
+    schedule_config: ScheduleConfig
+    shape: tuple
+
+    @property
+    def schedule(self) -> Schedule:
+        return make_schedule(self.schedule_config)
+
+    @property
+    def variance_type(self) -> str:
+        return self.schedule_config.variance_type
+
+    @property
+    def clip_sample(self) -> bool:
+        return bool(self.schedule_config.clip_sample)
+
+
+def problem_of(model) -> Problem:
+    """The :class:`Problem` of a :class:`pdjax.model.Model`."""
+    return Problem(model.eps, model.schedule_config, tuple(model.image_shape))
+
+
+# ----------------------------------------------------------------------------------------- losses
+def _eps_at(eps_fn, params, x, t):
+    return eps_fn(params, x, jnp.full((x.shape[0],), t, jnp.int32))
+
+
+def _norm(r, norm: str):
+    return jnp.mean(jnp.abs(r)) if norm == "l1" else jnp.mean(r * r)
+
+
+def pairwise_sq_mean(s):
+    """mean_{j<k} mean_pixels (s_j - s_k)^2 for s [B, ...] (B >= 2), via the per-pixel variance."""
+    b = s.shape[0]
+    return 2.0 * b / (b - 1) * jnp.mean(jnp.var(s, axis=0))
+
+
+def elijah_loss(prob: Problem, cfg: InversionConfig):
+    """Elijah (SPEC 4): L = mean | mean_b eps(eps_b + delta, T-1) - lambda delta |."""
+    T = prob.schedule.num_timesteps
+
+    def loss(delta, params, fixed, key):
+        e = _eps_at(prob.eps_fn, params, fixed["noise"] + delta, T - 1)
+        return jnp.mean(jnp.abs(jnp.mean(e, axis=0) - cfg.elijah_lambda * delta))
+
+    return loss
+
+
+def _clean_chain_eps(prob: Problem, params, noise, chain_key, K):
+    """eps_hat along the clean chain from ``noise`` for K DDPM steps: [K, B, H, W, C] (no gradient)."""
+    T = prob.schedule.num_timesteps
+    x, out = noise, []
+    for i in range(K):
+        x, e = ddpm_step(prob.eps_fn, params, prob.schedule, x, T - 1 - i, chain_key,
+                         variance_type=prob.variance_type, clip_sample=prob.clip_sample)
+        out.append(e)
+    return jax.lax.stop_gradient(jnp.stack(out))
+
+
+def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
+    """PureDiffusion (SPEC 4): shift_weight L_shift + cons_weight L_cons over K unrolled DDPM steps.
+
+    ``lambdas``: [K] float32, lambda of the first K reverse steps.
+    """
+    T = prob.schedule.num_timesteps
+    sched = prob.schedule
+    lambdas = jnp.asarray(lambdas, jnp.float32)
+
+    def loss(delta, params, fixed, key):
+        x = fixed["noise"] + delta
+        shift = cons = 0.0
+        for i in range(cfg.K):  # unrolled: K straight-line model calls, gradients through the chain
+            t = T - 1 - i
+            x_next, e = ddpm_step(prob.eps_fn, params, sched, x, t, fixed["chain_key"],
+                                  variance_type=prob.variance_type, clip_sample=prob.clip_sample)
+            if cfg.shift_weight:
+                if cfg.per_sample:
+                    r = e - fixed["clean_eps"][i] - lambdas[i] * delta
+                else:
+                    r = jnp.mean(e, axis=0) - lambdas[i] * delta
+                shift = shift + _norm(r, cfg.norm)
+            if cfg.cons_weight:
+                s = x[: cfg.cons_batch] - sched.sqrt_one_minus_abar[t] * e[: cfg.cons_batch]
+                cons = cons + pairwise_sq_mean(s)
+            x = x_next
+        return (cfg.shift_weight * shift + cfg.cons_weight * cons) / cfg.K
+
+    return loss
+
+
+def terd_losses(prob: Problem, cfg: InversionConfig):
+    """TERD (SPEC 4): (phase-1 loss, phase-2 loss); both take a fresh key per step."""
+    sched = prob.schedule
+    T = sched.num_timesteps
+    B = cfg.batch
+
+    def phase1(delta, params, fixed, key):
+        kt, ks, k1, k2 = jax.random.split(key, 4)
+        t = jax.random.randint(kt, (B,), T - 10, T)
+        x_start = jax.random.normal(ks, (B, *prob.shape))
+        e1, e2 = (jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2))
+        sa = sched.sqrt_abar[t][:, None, None, None]
+        s1 = sched.sqrt_one_minus_abar[t][:, None, None, None]
+        p1 = prob.eps_fn(params, sa * x_start + s1 * e1 + delta, t)
+        p2 = prob.eps_fn(params, sa * x_start + s1 * e2 + delta, t)
+        return 0.5 * jnp.mean(((e1 - p1) - (e2 - p2)) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
+
+    ts = timesteps_ddim(T, cfg.terd_ddim_steps)
+    step = T // cfg.terd_ddim_steps
+
+    def phase2(delta, params, fixed, key):
+        k1, k2 = jax.random.split(key)
+        x = jnp.concatenate([jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2)]) + delta
+        for t in ts:  # unrolled deterministic DDIM chain
+            x, _ = ddim_step(prob.eps_fn, params, sched, x, int(t), int(t) - step, clip_sample=prob.clip_sample)
+        return 0.5 * jnp.mean((x[:B] - x[B:]) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
+
+    return phase1, phase2
+
+
+# ----------------------------------------------------------------------------------------- driver
+class _Phase(NamedTuple):
+    loss: Callable
+    optimizer: optax.GradientTransformation
+    steps: int
+
+
+def _phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
+    if cfg.method == "elijah":
+        return [_Phase(elijah_loss(prob, cfg), optax.adam(cfg.lr), cfg.steps)]
+    if cfg.method == "purediffusion":
+        from pdjax.defense.shift import get_lambda
+
+        lambdas = get_lambda(cfg.lambda_source, prob.schedule, cfg.K)
+        return [_Phase(purediffusion_loss(prob, cfg, lambdas), optax.adam(cfg.lr), cfg.steps)]
+    p1, p2 = terd_losses(prob, cfg)
+    phases = [_Phase(p1, optax.sgd(cfg.lr), cfg.steps)]
+    if cfg.terd_refine_steps:
+        phases.append(_Phase(p2, optax.sgd(cfg.lr), cfg.terd_refine_steps))
+    return phases
+
+
+def _keys(key):
+    k_init, k_noise, k_chain, k_steps = jax.random.split(key, 4)
+    return k_init, k_noise, k_chain, k_steps
+
+
+def initial_delta(cfg: InversionConfig, shape, key) -> jax.Array:
+    """delta_0 [H, W, C] from the init rule and the key's init branch."""
+    k_init = _keys(key)[0]
+    if cfg.init == "neg-uniform":
+        return -jax.random.uniform(k_init, shape)
+    if cfg.init == "normal":
+        return jax.random.normal(k_init, shape)
+    return jnp.zeros(shape, jnp.float32)
+
+
+def _prepare(prob: Problem, cfg: InversionConfig, params, key) -> dict:
+    """The fixed inputs of the loss: the noise batch [B, H, W, C], the chain key, the clean chain."""
+    _, k_noise, k_chain, _ = _keys(key)
+    noise = jax.random.normal(k_noise, (cfg.batch, *prob.shape))
+    fixed = {"noise": noise, "chain_key": k_chain}
+    if cfg.method == "purediffusion" and cfg.per_sample and cfg.shift_weight:
+        fixed["clean_eps"] = _clean_chain_eps(prob, params, noise, k_chain, cfg.K)
+    return fixed
+
+
+def _step_fn(phase: _Phase, phase_index: int):
+    """One optimiser step of ``phase``: (state, params, fixed, key, i) -> (state, loss)."""
+
+    def one(state: InvState, params, fixed, key, i):
+        k = jax.random.fold_in(jax.random.fold_in(_keys(key)[3], phase_index), i)
+        loss, g = jax.value_and_grad(phase.loss)(state.delta, params, fixed, k)
+        upd, opt_state = phase.optimizer.update(g, state.opt_state, state.delta)
+        return InvState(state.step + 1, optax.apply_updates(state.delta, upd), opt_state), loss
+
+    return one
+
+
+def _chunk(cfg: InversionConfig, steps: int) -> int:
+    n = cfg.steps_per_call or (1 if jax.default_backend() == "cpu" else steps)
+    if steps % n:
+        raise ConfigError(f"steps_per_call={n} must divide the phase's {steps} steps")
+    return n
+
+
+_PROGRAMS: dict = {}
+
+
+def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stacked: bool):
+    """The jitted ``(state, params, fixed, key) -> (state, losses[n])`` (vmapped over models if stacked);
+    cached per (problem, config, phase, n), so repeated inversions of one architecture reuse the compile."""
+    # Step counts only set how often the program runs: leave them out of the cache key.
+    cache_key = (prob, dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0), phase_index, n, stacked)
+    if cache_key not in _PROGRAMS:
+        phase = _phases(prob, cfg)[phase_index]
+        one = _step_fn(phase, phase_index)
+
+        def run(state, params, fixed, key):
+            return loops.repeat(lambda s, i: one(s, params, fixed, key, i), state, n,
+                                start=state.step, strategy=None)
+
+        prep = lambda params, key: _prepare(prob, cfg, params, key)  # noqa: E731
+        if stacked:
+            run = jax.vmap(run, in_axes=(0, 0, 0, None))
+            prep = jax.vmap(prep, in_axes=(0, None))
+        _PROGRAMS[cache_key] = (jax.jit(run), jax.jit(prep), phase)
+    return _PROGRAMS[cache_key]
+
+
+def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int | None, progress: bool):
+    """Runs every phase; returns (delta [..., H, W, C], losses [..., S], seconds, compile_seconds)."""
+    stacked = num_models is not None
+    t0 = time.perf_counter()
+    delta = initial_delta(cfg, prob.shape, key)
+    if stacked:
+        delta = jnp.broadcast_to(delta, (num_models, *delta.shape))
+    all_losses, compile_s = [], 0.0
+    phases = _phases(prob, cfg)
+    for p, phase in enumerate(phases):
+        n = _chunk(cfg, phase.steps)
+        run, prep, phase = _program(prob, cfg, p, n, stacked)
+        fixed = prep(params, key)
+        opt_state = jax.vmap(phase.optimizer.init)(delta) if stacked else phase.optimizer.init(delta)
+        zero = jnp.zeros((num_models,), jnp.int32) if stacked else jnp.zeros((), jnp.int32)
+        state = InvState(zero, delta, opt_state)
+        calls = phase.steps // n
+        bar = _progress(calls * n, f"{cfg.method} phase {p + 1}" if len(phases) > 1 else cfg.method,
+                        progress)
+        times = []
+        for _ in range(calls):
+            tc = time.perf_counter()
+            state, losses = run(state, params, fixed, key)
+            losses.block_until_ready()
+            times.append(time.perf_counter() - tc)
+            all_losses.append(np.asarray(losses))
+            bar.update(n)
+        bar.close()
+        if len(times) > 1:
+            compile_s += max(0.0, times[0] - float(np.median(times[1:])))
+        delta = state.delta
+    losses = np.concatenate(all_losses, axis=-1)  # pieces [n] or [M, n] -> [S] or [M, S]
+    return np.asarray(delta), losses, time.perf_counter() - t0, compile_s
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def _seed_of(key) -> int | None:
+    try:
+        data = np.asarray(jax.random.key_data(key)).ravel()
+        return int(data[-1]) if data[:-1].sum() == 0 else None
+    except Exception:  # a raw uint32 key or something exotic: no seed to report
+        return None
+
+
+def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
+           config: InversionConfig | None = None, progress: bool = False) -> InversionResult:
+    """Invert the trigger of one model.
+
+    Args:
+      model: a :class:`pdjax.model.Model` (or anything :func:`problem_of` accepts).
+      method: "purediffusion" | "elijah" | "terd" (overrides ``config.method``).
+      key: PRNG key (default ``jax.random.key(0)``): init, noise batch, chain noise and per-step randomness
+        derive from it, so the same key gives the same trigger.
+      config: :class:`InversionConfig` (method defaults when None).
+      progress: show a progress bar.
+
+    Returns:
+      :class:`InversionResult` with the trigger [H, W, C], the loss per step and timings.
+    """
+    key = jax.random.key(0) if key is None else key
+    cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
+    prob = problem_of(model)
+    delta, losses, secs, comp = _optimise(prob, cfg, model.params, key, None, progress)
+    return InversionResult(cfg.method, delta.astype(np.float32), losses.astype(np.float32), cfg.to_dict(),
+                           _seed_of(key), secs, comp)
+
+
+def stack_params(models) -> Any:
+    """Params of same-architecture models stacked on a leading model axis (ConfigError otherwise)."""
+    first = models[0]
+    for m in models[1:]:
+        if m.config != first.config or m.schedule_config != first.schedule_config:
+            raise ConfigError("invert_many needs models of one architecture and schedule; group them first")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[m.params for m in models])
+
+
+def invert_many(models, method: str = "purediffusion", key: jax.Array | None = None,
+                config: InversionConfig | None = None, progress: bool = False) -> list[InversionResult]:
+    """Invert N same-architecture models in one program: params stacked on a model axis, ``jax.vmap``.
+
+    Every model gets the same key (same init, noise batch and step randomness) as :func:`invert` would
+    give it, so the triggers equal one-at-a-time inversion up to float rounding.
+    """
+    models = list(models)
+    if not models:
+        raise ConfigError("invert_many needs at least one model")
+    key = jax.random.key(0) if key is None else key
+    cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
+    prob = problem_of(models[0])
+    params = stack_params(models)
+    delta, losses, secs, comp = _optimise(prob, cfg, params, key, len(models), progress)
+    seed = _seed_of(key)
+    return [InversionResult(cfg.method, delta[i].astype(np.float32), losses[i].astype(np.float32), cfg.to_dict(),
+                            seed, secs / len(models), comp) for i in range(len(models))]

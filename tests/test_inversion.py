@@ -1,0 +1,176 @@
+"""Trigger inversion (SPEC 4): loss formulas against independent computations, determinism, loop layouts,
+many models at once, the result files and config validation. Tiny model, few steps."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdjax.backdoor.attacks import rho
+from pdjax.diffusion.samplers import ddpm_sample
+from pdjax.errors import ConfigError, UnknownNameError
+from pdjax.defense import inversion as inv
+from pdjax.defense.inversion import InversionConfig, invert, invert_many
+from pdjax.testing import random_model
+
+ELIJAH = InversionConfig(steps=4, batch=4)
+PD = InversionConfig(steps=2, batch=4, K=2, cons_weight=0.5, cons_batch=3)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [random_model("tiny", seed=s) for s in (0, 1)]
+
+
+def test_elijah_loss_matches_formula(models):
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = ELIJAH.resolved()
+    delta = jax.random.normal(jax.random.key(5), m.image_shape)
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    got = inv.elijah_loss(prob, cfg)(delta, m.params, fixed, None)
+    x = fixed["noise"] + delta
+    e = np.asarray(m.eps(m.params, x, jnp.full((4,), 999, jnp.int32)))
+    want = np.mean(np.abs(e.mean(0) - 0.5 * np.asarray(delta)))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_purediffusion_loss_matches_sampler_trajectory(models):
+    """L_shift and L_cons recomputed from ddpm_sample's own trajectory (the chain the defender's sampler visits)."""
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = dataclass_replace(PD, K=3).resolved()
+    lambdas = np.asarray(rho(m.schedule)[::-1][:3], np.float32)  # lambda of t = 999, 998, 997
+    delta = 0.3 * jax.random.normal(jax.random.key(5), m.image_shape)
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    got = inv.purediffusion_loss(prob, cfg, lambdas)(delta, m.params, fixed, None)
+    _, traj = ddpm_sample(m.eps, m.params, m.schedule, fixed["noise"] + delta, fixed["chain_key"], num_steps=3,
+                          return_trajectory=True)
+    xs, es = np.asarray(traj.xs), np.asarray(traj.eps)
+    d = np.asarray(delta)
+    shift = np.mean([np.mean(np.abs(es[i].mean(0) - lambdas[i] * d)) for i in range(3)])
+    s1m = np.sqrt(1 - np.asarray(m.schedule.alphas_cumprod, np.float64))
+    cons = []
+    for i, t in enumerate(np.asarray(traj.timesteps)):
+        s = (xs[i] - s1m[t] * es[i])[:3].reshape(3, -1)
+        cons.append(np.mean([np.mean((s[a] - s[b]) ** 2) for a in range(3) for b in range(a + 1, 3)]))
+    np.testing.assert_allclose(float(got), shift + 0.5 * np.mean(cons), rtol=1e-4)
+
+
+def dataclass_replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_per_sample_shift_is_zero_for_a_model_that_shifts_exactly():
+    """A synthetic backdoored eps-model outputs lambda_t g when its input correlates with g and 0 otherwise,
+    so the triggered chain's output differs from the clean chain's by exactly lambda_i g at step i: the
+    per-sample shift loss vanishes at delta = g and not elsewhere."""
+    cfg = InversionConfig(method="purediffusion", steps=1, batch=3, K=2, per_sample=True).resolved()
+    m = random_model("tiny")
+    g = 3.0 * jnp.linspace(-1, 1, 16).reshape(4, 4, 1)
+    lam = np.asarray(rho(m.schedule)[::-1][:2], np.float32)  # t = 999, 998
+
+    def eps_fn(params, x, t):
+        fires = jnp.mean(x * params["g"], axis=(1, 2, 3)) > 0.5 * jnp.mean(params["g"] ** 2)
+        scale = params["lam"][jnp.clip(999 - t, 0, 1)] * fires
+        return scale[:, None, None, None] * params["g"]
+
+    params = {"g": g, "lam": jnp.asarray(lam)}
+    prob = inv.Problem(eps_fn, m.schedule_config, (4, 4, 1))
+    fixed = inv._prepare(prob, cfg, params, jax.random.key(1))
+    assert float(jnp.abs(fixed["clean_eps"]).max()) == 0.0  # the clean chain never fires
+    loss = inv.purediffusion_loss(prob, cfg, lam)
+    assert float(loss(g, params, fixed, None)) < 1e-6
+    assert float(loss(0.5 * g, params, fixed, None)) > 1e-2
+
+
+@pytest.mark.parametrize("method,cfg", [("elijah", ELIJAH), ("purediffusion", PD),
+                                        ("terd", InversionConfig(steps=2, batch=2, terd_refine_steps=1,
+                                                                 terd_ddim_steps=2))])
+def test_same_key_same_trigger_and_finite(models, method, cfg):
+    a = invert(models[0], method, jax.random.key(3), cfg)
+    b = invert(models[0], method, jax.random.key(3), cfg)
+    c = invert(models[0], method, jax.random.key(4), cfg)
+    assert a.trigger.shape == models[0].image_shape
+    np.testing.assert_array_equal(a.trigger, b.trigger)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert not np.array_equal(a.trigger, c.trigger)
+    assert np.all(np.isfinite(a.losses)) and len(a.losses) == cfg.steps + (cfg.terd_refine_steps if method == "terd" else 0)
+
+
+def test_elijah_loss_decreases(models):
+    r = invert(models[0], "elijah", jax.random.key(0), ELIJAH)
+    assert r.losses[-1] < r.losses[0]
+
+
+def test_scan_layout_equals_host_loop(models):
+    """All steps in one program (the GPU layout) give the trigger of one jitted step per call (the CPU one)."""
+    a = invert(models[0], "elijah", jax.random.key(3), dataclass_replace(ELIJAH, steps_per_call=1))
+    b = invert(models[0], "elijah", jax.random.key(3), dataclass_replace(ELIJAH, steps_per_call=4))
+    np.testing.assert_allclose(a.trigger, b.trigger, atol=1e-6)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+
+
+def test_many_models_equal_one_at_a_time(models):
+    many = invert_many(models, "elijah", jax.random.key(3), ELIJAH)
+    for m, r in zip(models, many):
+        one = invert(m, "elijah", jax.random.key(3), ELIJAH)
+        np.testing.assert_allclose(r.trigger, one.trigger, atol=1e-5)
+        np.testing.assert_allclose(r.losses, one.losses, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(many[0].trigger, many[1].trigger)
+
+
+def test_many_models_refuse_mixed_architectures(models):
+    other = models[0].replace(config=dataclasses.replace(models[0].config, sample_size=16))
+    with pytest.raises(ConfigError, match="one architecture"):
+        invert_many([models[0], other], "elijah", jax.random.key(0), ELIJAH)
+
+
+def test_result_save(tmp_path, models):
+    r = invert(models[0], "elijah", jax.random.key(3), ELIJAH)
+    out = r.save(tmp_path / "inv")
+    np.testing.assert_array_equal(np.load(out / "trigger.npy"), r.trigger)
+    meta = json.loads((out / "inversion.json").read_text())
+    assert meta["method"] == "elijah" and meta["config"]["steps"] == 4 and len(meta["losses"]) == 4
+    assert (out / "trigger.png").stat().st_size > 0
+
+
+def test_config_validation():
+    with pytest.raises(UnknownNameError, match="purediffusion"):
+        InversionConfig(method="nope").resolved()
+    with pytest.raises(UnknownNameError, match="l1"):
+        InversionConfig(norm="l3").resolved()
+    with pytest.raises(ConfigError, match="cons_batch"):
+        InversionConfig(cons_weight=1.0, cons_batch=1).resolved()
+    with pytest.raises(ConfigError, match="shift_weight or cons_weight"):
+        InversionConfig(shift_weight=0.0).resolved()
+    assert InversionConfig(method="terd").resolved().steps == 3000
+    assert InversionConfig(method="elijah").resolved().batch == 100
+    with pytest.raises(ConfigError, match="unknown"):
+        InversionConfig.from_dict({"method": "elijah", "bogus": 1})
+
+
+def test_steps_per_call_must_divide(models):
+    with pytest.raises(ConfigError, match="divide"):
+        invert(models[0], "elijah", jax.random.key(0), dataclass_replace(ELIJAH, steps_per_call=3))
+
+
+def test_cli_invert_writes_trigger_and_summary(models, tmp_path, capsys):
+    from pdjax.cli import main
+
+    path = tmp_path / "m"
+    models[0].save(path)
+    out = tmp_path / "inv"
+    rc = main(["invert", str(path), "--method", "elijah", "--steps", "4", "--batch", "4", "--seed", "3",
+               "--out", str(out), "--quiet"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "elijah" in stdout and (out / "trigger.npy").is_file()
+    # The CLI runs the library: same seed, same trigger as invert(...) with key(3).
+    np.testing.assert_array_equal(np.load(out / "trigger.npy"), invert(models[0], "elijah", jax.random.key(3), ELIJAH).trigger)
+    rc = main(["invert", str(path), "--method", "nope", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("error: ") and "purediffusion" in err and len(err.strip().splitlines()) == 1
