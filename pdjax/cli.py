@@ -250,6 +250,58 @@ def cmd_invert(args) -> int:
     return 0
 
 
+def _scan_config(args):
+    import dataclasses
+
+    from pdjax.defense.detection import SCAN_INVERSION
+
+    changes = {k: v for k, v in (("method", args.method), ("steps", args.steps)) if v is not None}
+    return dataclasses.replace(SCAN_INVERSION, **changes)
+
+
+def cmd_scan(args) -> int:
+    from pdjax.audit import scan
+
+    verdicts = scan(args.models, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
+                    n=args.samples, progress=not args.quiet)
+    flagged = sum(v.backdoored for v in verdicts)
+    print(f"{flagged} of {len(verdicts)} model(s) flagged as backdoored; wrote {Path(args.out) / 'scan.json'} "
+          f"and {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    import jax
+
+    from pdjax.audit import audit
+
+    if args.distributed:
+        jax.distributed.initialize()
+    entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
+                    n=args.samples, stack=args.stack, progress=not args.quiet)
+    flagged = sum(e["backdoored"] for e in entries)
+    print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from pdjax.audit import calibrate_models
+
+    calibrate_models(args.clean or [], args.backdoored or [], args.out, seed=args.seed, config=_scan_config(args),
+                     n=args.samples, feature=args.feature, progress=not args.quiet)
+    return 0
+
+
+def _add_scan_options(p) -> None:
+    from pdjax.defense.detection import SCAN_SAMPLES
+
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", help="inversion method (default purediffusion)")
+    p.add_argument("--steps", type=int, help="inversion steps (default: the scan's 40)")
+    p.add_argument("--samples", type=int, default=SCAN_SAMPLES, help="generations per model and start")
+    p.add_argument("--quiet", action="store_true")
+
+
 def _add_attack_options(p, required: bool) -> None:
     p.add_argument("--attack", dest="kind", default="baddiffusion" if required else None,
                    help="baddiffusion | trojdiff | villan")
@@ -365,6 +417,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", type=int, default=0, help="also draw N DDPM generations from eps + trigger and eps")
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(func=cmd_invert)
+
+    sc = sub.add_parser("scan", help="is this model backdoored? verdict, trigger, evidence, HTML report "
+                                     "(no MODEL: the bundled demo models)")
+    sc.add_argument("models", nargs="*", help="pdjax checkpoints or diffusers folders (default: bundled demo models)")
+    sc.add_argument("--out", default="scan-report", help="folder for scan.json, report.html and evidence images")
+    sc.add_argument("--detector", help="detector JSON from `pdjax calibrate` (default: the shipped one)")
+    _add_scan_options(sc)
+    sc.set_defaults(func=cmd_scan)
+
+    au = sub.add_parser("audit", help="audit many models: grouped, stacked, sharded over devices, resumable JSONL")
+    au.add_argument("sources", nargs="+", help="folders of models, model folders, or text files listing paths")
+    au.add_argument("--out", required=True, help="folder for audit.jsonl, evidence/ and report.html")
+    au.add_argument("--detector", help="detector JSON (default: the shipped one)")
+    au.add_argument("--stack", type=int, default=0, help="models per program (default: the device count)")
+    au.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    _add_scan_options(au)
+    au.set_defaults(func=cmd_audit)
+
+    ca = sub.add_parser("calibrate", help="fit the detection threshold on your own labelled reference models")
+    ca.add_argument("--clean", nargs="+", help="clean reference models")
+    ca.add_argument("--backdoored", nargs="+", help="backdoored reference models")
+    ca.add_argument("--out", required=True, help="detector JSON to write (pass it to scan --detector)")
+    ca.add_argument("--feature", default="log_uni_ratio", help="detection feature (default log_uni_ratio)")
+    _add_scan_options(ca)
+    ca.set_defaults(func=cmd_calibrate)
     return p
 
 

@@ -83,14 +83,15 @@ def random_params(cfg: UNetConfig, seed: int) -> dict:
     return state_dict_to_params(random_state_dict(cfg, seed), cfg, source=f"random_state_dict(seed={seed})")
 
 
-def random_model(preset: str = "tiny", seed: int = 0, meta: dict | None = None):
+def random_model(preset: str = "tiny", seed: int = 0, meta: dict | None = None, timesteps: int = 1000):
     """A :class:`pdjax.model.Model` of ``PRESETS[preset]`` with :func:`random_params` (diffusers-like init).
 
     For tests that need a model but not a trained one: it skips the UNet init compile (tens of seconds on
-    a 2-core CPU).
+    a 2-core CPU). ``timesteps`` < 1000 gives a shorter linear schedule, so full sampling chains are cheap.
     """
+    from pdjax.diffusion.schedule import ScheduleConfig
     from pdjax.model import Model
     from pdjax.models.config import PRESETS
 
     cfg = PRESETS[preset]
-    return Model(cfg, random_params(cfg, seed), meta=dict(meta or {}))
+    return Model(cfg, random_params(cfg, seed), ScheduleConfig(num_train_timesteps=timesteps), meta=dict(meta or {}))

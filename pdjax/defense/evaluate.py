@@ -36,20 +36,56 @@ def triggered_generations(model, triggers, key: jax.Array, n: int = 32, batch_li
     triggers = np.asarray(triggers, np.float32)
     if triggers.ndim != 4 or triggers.shape[1:] != tuple(model.image_shape):
         raise ConfigError(f"triggers must be [M, {', '.join(map(str, model.image_shape))}], got {triggers.shape}")
-    noise = jax.random.normal(jax.random.fold_in(key, 0), (n, *model.image_shape))
-    chain_key = jax.random.fold_in(key, 1)
     sc = model.schedule_config
     per = max(1, batch_limit // n)
     out = []
     for lo in range(0, len(triggers), per):
-        g = jnp.asarray(triggers[lo:lo + per])
-        x_T = (noise[None] + g[:, None]).reshape(-1, *model.image_shape)
-        # The chain noise must not depend on the group size: vmap one chain per trigger.
-        x = jax.vmap(lambda xt: ddpm_sample(model.eps, model.params, model.schedule, xt, chain_key,
-                                            variance_type=sc.variance_type, clip_sample=sc.clip_sample)
-                     )(x_T.reshape(len(g), n, *model.image_shape))
-        out.append(np.asarray(x))
+        out.append(np.asarray(_generations(model.eps, model.schedule, sc.variance_type, bool(sc.clip_sample),
+                                           model.params, jnp.asarray(triggers[lo:lo + per]), key, n)))
     return np.concatenate(out)
+
+
+def _generations(eps_fn, schedule, variance_type, clip_sample, params, triggers, key, n):
+    """[T, n, H, W, C]: DDPM chains from noise + triggers[j], the start noise ``normal(fold_in(key, 0))``
+    and the chain key ``fold_in(key, 1)`` shared by every trigger (so no result depends on the grouping)."""
+    noise = jax.random.normal(jax.random.fold_in(key, 0), (n, *triggers.shape[1:]))
+    chain_key = jax.random.fold_in(key, 1)
+    x_T = noise[None] + triggers[:, None]
+    return jax.vmap(lambda xt: ddpm_sample(eps_fn, params, schedule, xt, chain_key, variance_type=variance_type,
+                                           clip_sample=clip_sample))(x_T)
+
+
+_STACKED: dict = {}
+
+
+def stacked_generations(model, params, triggers, keys, n: int = 32, mesh=None) -> np.ndarray:
+    """:func:`triggered_generations` for a stack of same-architecture models in one program.
+
+    Args:
+      model: any model of the architecture (its eps function and schedule are used, not its params).
+      params: params stacked on a leading model axis [M, ...].
+      triggers: [M, T, H, W, C] candidate triggers per model.
+      keys: [M] typed keys; model i's result equals ``triggered_generations(model_i, triggers[i], keys[i], n)``.
+      mesh: optional mesh with axis "models": the model axis is split across its devices (``shard_map``).
+
+    Returns:
+      [M, T, n, H, W, C] generations.
+    """
+    sc = model.schedule_config
+    ck = (model.eps, sc, n, mesh)
+    if ck not in _STACKED:
+        schedule = model.schedule
+        fn = jax.vmap(lambda p, g, k: _generations(model.eps, schedule, sc.variance_type, bool(sc.clip_sample),
+                                                   p, g, k, n))
+        if mesh is not None:
+            from jax.sharding import PartitionSpec as P
+
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=P("models"), out_specs=P("models"))
+        _STACKED[ck] = jax.jit(fn)
+    from pdjax.defense.inversion import shard_models
+
+    args = shard_models((params, jnp.asarray(triggers, jnp.float32), keys), mesh)
+    return np.asarray(_STACKED[ck](*args))
 
 
 def generation_stats(x, target=None) -> dict:

@@ -378,13 +378,20 @@ def _chunk(cfg: InversionConfig, steps: int) -> int:
 
 
 _PROGRAMS: dict = {}
+MODEL_AXIS = "models"
 
 
-def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stacked: bool):
-    """The jitted ``(state, params, fixed, key) -> (state, losses[n])`` (vmapped over models if stacked);
-    cached per (problem, config, phase, n), so repeated inversions of one architecture reuse the compile."""
+def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stacked: bool, mesh=None):
+    """The jitted ``(state, params, fixed, key) -> (state, losses[n])`` and ``(params, key) -> fixed``.
+
+    Stacked: vmapped over a leading model axis of every argument (keys included, one per model); with a
+    ``mesh`` the vmapped program runs under ``jax.shard_map``, each device taking its slice of the model
+    axis (the model count must be a multiple of the mesh size). Cached per (problem, config, phase, n,
+    layout), so repeated inversions of one architecture reuse the compile.
+    """
     # Step counts only set how often the program runs: leave them out of the cache key.
-    cache_key = (prob, dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0), phase_index, n, stacked)
+    norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0)
+    cache_key = (prob, norm_cfg, phase_index, n, stacked, mesh)
     if cache_key not in _PROGRAMS:
         phase = _phases(prob, cfg)[phase_index]
         one = _step_fn(phase, phase_index)
@@ -395,31 +402,50 @@ def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stac
 
         prep = lambda params, key: _prepare(prob, cfg, params, key)  # noqa: E731
         if stacked:
-            run = jax.vmap(run, in_axes=(0, 0, 0, None))
-            prep = jax.vmap(prep, in_axes=(0, None))
+            run, prep = jax.vmap(run), jax.vmap(prep)
+            if mesh is not None:
+                from jax.sharding import PartitionSpec as P
+
+                spec = P(MODEL_AXIS)
+                run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec)
+                prep = jax.shard_map(prep, mesh=mesh, in_specs=spec, out_specs=spec)
         _PROGRAMS[cache_key] = (jax.jit(run), jax.jit(prep), phase)
     return _PROGRAMS[cache_key]
 
 
-def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int | None, progress: bool):
-    """Runs every phase; returns (delta [..., H, W, C], losses [..., S], seconds, compile_seconds)."""
+def shard_models(tree, mesh):
+    """Place every array of ``tree`` with its leading (model) axis split over ``mesh``'s "models" axis."""
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return jax.device_put(tree, NamedSharding(mesh, P(MODEL_AXIS)))
+
+
+def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int | None, progress: bool,
+              mesh=None):
+    """Runs every phase; returns (delta [..., H, W, C], losses [..., S], seconds, compile_seconds).
+
+    Stacked (``num_models`` given): ``params`` and ``key`` carry a leading model axis.
+    """
     stacked = num_models is not None
     t0 = time.perf_counter()
-    delta = initial_delta(cfg, prob.shape, key)
     if stacked:
-        delta = jnp.broadcast_to(delta, (num_models, *delta.shape))
+        delta = jax.vmap(lambda k: initial_delta(cfg, prob.shape, k))(key)
+    else:
+        delta = initial_delta(cfg, prob.shape, key)
     all_losses, compile_s = [], 0.0
     phases = _phases(prob, cfg)
     for p, phase in enumerate(phases):
         n = _chunk(cfg, phase.steps)
-        run, prep, phase = _program(prob, cfg, p, n, stacked)
+        run, prep, phase = _program(prob, cfg, p, n, stacked, mesh)
+        params, key = shard_models((params, key), mesh)
         fixed = prep(params, key)
         opt_state = jax.vmap(phase.optimizer.init)(delta) if stacked else phase.optimizer.init(delta)
         zero = jnp.zeros((num_models,), jnp.int32) if stacked else jnp.zeros((), jnp.int32)
-        state = InvState(zero, delta, opt_state)
+        state = shard_models(InvState(zero, delta, opt_state), mesh)
         calls = phase.steps // n
-        bar = _progress(calls * n, f"{cfg.method} phase {p + 1}" if len(phases) > 1 else cfg.method,
-                        progress)
+        bar = _progress(calls * n, f"{cfg.method} phase {p + 1}" if len(phases) > 1 else cfg.method, progress)
         times = []
         for _ in range(calls):
             tc = time.perf_counter()
@@ -483,20 +509,32 @@ def stack_params(models) -> Any:
 
 
 def invert_many(models, method: str = "purediffusion", key: jax.Array | None = None,
-                config: InversionConfig | None = None, progress: bool = False) -> list[InversionResult]:
+                config: InversionConfig | None = None, progress: bool = False, keys=None,
+                mesh=None) -> list[InversionResult]:
     """Invert N same-architecture models in one program: params stacked on a model axis, ``jax.vmap``.
 
-    Every model gets the same key (same init, noise batch and step randomness) as :func:`invert` would
-    give it, so the triggers equal one-at-a-time inversion up to float rounding.
+    Args:
+      models: same-architecture :class:`pdjax.model.Model` objects.
+      key: one key for every model (default ``key(0)``): each model gets the trigger :func:`invert` would
+        give it with this key, up to float rounding.
+      keys: alternatively, one key per model ([N] typed keys), as :func:`invert` with ``keys[i]``.
+      mesh: optional ``jax.sharding.Mesh`` with axis ``"models"``; the program runs under ``shard_map``
+        with the model axis split across its devices (N must be a multiple of the mesh size).
     """
     models = list(models)
     if not models:
         raise ConfigError("invert_many needs at least one model")
-    key = jax.random.key(0) if key is None else key
+    if keys is None:
+        key = jax.random.key(0) if key is None else key
+        keys = jnp.stack([key] * len(models))
+    if len(keys) != len(models):
+        raise ConfigError(f"invert_many got {len(keys)} keys for {len(models)} models")
+    if mesh is not None and len(models) % mesh.size:
+        raise ConfigError(f"{len(models)} models do not split evenly over {mesh.size} devices; pad the stack")
     cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
     prob = problem_of(models[0])
     params = stack_params(models)
-    delta, losses, secs, comp = _optimise(prob, cfg, params, key, len(models), progress)
-    seed = _seed_of(key)
+    delta, losses, secs, comp = _optimise(prob, cfg, params, keys, len(models), progress, mesh)
+    seeds = [_seed_of(k) for k in keys]
     return [InversionResult(cfg.method, delta[i].astype(np.float32), losses[i].astype(np.float32), cfg.to_dict(),
-                            seed, secs / len(models), comp) for i in range(len(models))]
+                            seeds[i], secs / len(models), comp) for i in range(len(models))]

@@ -1,0 +1,270 @@
+"""``pdjax scan`` and ``pdjax audit``: check checkpoints for backdoors; JSON, JSONL and an HTML report.
+
+For each model: invert a trigger, generate from it and from clean noise, featurise, decide with the
+calibrated detector (:mod:`pdjax.defense.detection`). With no model given, the demo models bundled in
+``pdjax/assets/demo`` are scanned (one clean, the others backdoored; their labels are in its index.json
+and are shown next to the verdict, never used by it).
+
+Outputs in ``out``: ``scan.json`` (settings + one entry per model), ``<model>/trigger.npy`` and
+``trigger.png``, ``<model>/triggered.png`` and ``clean.png``, and ``report.html``. The PRNG key of model i
+is ``fold_in(key(seed), i)``, so a model's verdict does not depend on the device layout.
+
+``pdjax audit`` is the batch form for many models: models are grouped by architecture, stacked
+(``--stack`` per program, padded to a multiple of the device count), inverted and scored in one jitted
+program per stack, split across all devices with ``jax.shard_map`` over a ``("models",)`` mesh; results
+stream to ``audit.jsonl`` (one line per model, flushed), and a restarted audit skips every model already
+there. A model's key is ``fold_in(key(seed), crc32(its path))``, so its verdict does not depend on the
+order, the grouping or the number of devices. On several hosts call ``jax.distributed.initialize()``
+first (``--distributed``): the mesh then spans every process's devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.defense.detection import SCAN_INVERSION, SCAN_SAMPLES, Detector, ModelVerdict, scan_model
+from pdjax.defense.inversion import InversionConfig
+from pdjax.errors import ConfigError
+
+
+def demo_dir() -> Path:
+    """The folder of the bundled demo models."""
+    return Path(str(resources.files("pdjax").joinpath("assets/demo")))
+
+
+def demo_models() -> list[tuple[Path, dict]]:
+    """[(path, index entry)] of the bundled demo models (label "clean"/"backdoored", attack)."""
+    d = demo_dir()
+    index = json.loads((d / "index.json").read_text())
+    return [(d / name, info) for name, info in index.items()]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def _writable(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pdjax-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+    return out
+
+
+def save_verdict_files(v: ModelVerdict, folder: Path, size: int) -> None:
+    """trigger.npy / trigger.png / triggered.png / clean.png of one verdict."""
+    from pdjax.images import display_scale, save_grid, save_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "trigger.npy", v.trigger)
+    save_image(np.clip(v.trigger, -1, 1), folder / "trigger.png")
+    scale = display_scale(size)
+    save_grid(v.triggered, folder / "triggered.png", scale=scale)
+    save_grid(v.clean, folder / "clean.png", scale=scale)
+
+
+def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str | None = None,
+         config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = True,
+         echo=print) -> list[ModelVerdict]:
+    """Scan ``models`` (paths; None or [] = the bundled demo models); write outputs into ``out``.
+
+    Returns the verdicts in input order. ``echo`` receives one line per model as it finishes.
+    """
+    from pdjax.model import load
+
+    out = _writable(Path(out))
+    det = Detector.load(detector)
+    if models:
+        items = [(Path(m), {}) for m in models]
+    else:
+        items = demo_models()
+    verdicts, entries = [], []
+    key = jax.random.key(seed)
+    t_start = time.perf_counter()
+    for i, (path, info) in enumerate(items):
+        model = load(path)
+        name = path.name if not models else str(path)
+        v = scan_model(model, name, jax.random.fold_in(key, i), det, config, n, progress=progress)
+        save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
+                           model.config.sample_size)
+        entry = v.to_dict()
+        if info:
+            entry["demo_label"] = info.get("label")
+        entries.append(entry)
+        verdicts.append(v)
+        label = f" [demo label: {info['label']}]" if info else ""
+        echo(f"{name}: {entry['verdict'].upper()} (score {v.score:+.2f}; {v.reason}; {v.seconds:.0f} s){label}")
+    settings = {"seed": seed, "inversion": config.resolved().to_dict(), "samples": n,
+                "detector": det.to_dict(), "backend": jax.default_backend(),
+                "pdjax_version": _version(), "seconds": time.perf_counter() - t_start}
+    (out / "scan.json").write_text(json.dumps({"settings": settings, "models": entries}, indent=2))
+    _report(verdicts, out / "report.html", settings)
+    return verdicts
+
+
+def collect_models(sources: list[str]) -> list[Path]:
+    """Model folders from ``sources``: folders holding models (searched one level deep), model folders
+    themselves (``pdjax.json`` or a diffusers ``config.json``), or text files listing one path per line."""
+    def is_model(p: Path) -> bool:
+        return (p / "pdjax.json").is_file() or (p / "config.json").is_file()
+
+    found: list[Path] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_file():
+            lines = [ln.strip() for ln in p.read_text().splitlines()]
+            found += [Path(ln) for ln in lines if ln and not ln.startswith("#")]
+        elif is_model(p):
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.is_dir() and is_model(q))
+        else:
+            raise ConfigError(f"{src} is neither a model folder, a folder of models nor a list file")
+    if not found:
+        raise ConfigError(f"no models found in {', '.join(map(str, sources))}")
+    seen, unique = set(), []
+    for p in found:
+        if str(p) not in seen:
+            seen.add(str(p))
+            unique.append(p)
+    return unique
+
+
+def model_key(seed: int, path) -> jax.Array:
+    """The audit key of one model: fold_in(key(seed), crc32(path)) (independent of order and layout)."""
+    import zlib
+
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(path).encode()) & 0x7FFFFFFF)
+
+
+def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | None = None,
+          config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, stack: int = 0,
+          progress: bool = True, echo=print) -> list[dict]:
+    """Audit many models (see the module docstring); returns the JSONL entries of this run."""
+    from pdjax.defense.detection import scan_stack
+    from pdjax.model import load
+
+    out = _writable(Path(out))
+    det = Detector.load(detector)
+    paths = collect_models(sources)
+    results = out / "audit.jsonl"
+    done, kept = set(), []
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["model"])
+                kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by a kill: that model is redone
+        tmp = results.with_suffix(".jsonl.tmp")  # drop cut lines before appending (atomic)
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, results)
+    todo = [p for p in paths if str(p) not in done]
+    echo(f"{len(paths)} model(s), {len(paths) - len(todo)} already audited in {results}, {len(todo)} to go")
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("models",)) if len(devices) > 1 else None
+    per = stack or len(devices)
+    per = -(-per // len(devices)) * len(devices)  # a multiple of the device count
+    groups: dict = {}
+    for p in todo:
+        m = load(p)
+        groups.setdefault((m.config, m.schedule_config), []).append((p, m))
+    entries = []
+    for members in groups.values():
+        for lo in range(0, len(members), per):
+            chunk = members[lo:lo + per]
+            padded = chunk + [chunk[-1]] * (per - len(chunk))  # pad: the copies' results are dropped
+            keys = jnp.stack([model_key(seed, p) for p, _ in padded])
+            verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
+                                  mesh=mesh, progress=progress)[:len(chunk)]
+            with results.open("a") as f:
+                for (p, m), v in zip(chunk, verdicts):
+                    folder = out / "evidence" / _safe(f"{zlib_name(p)}")
+                    save_verdict_files(v, folder, m.config.sample_size)
+                    np.savez_compressed(folder / "generations.npz", triggered=v.triggered, clean=v.clean,
+                                        losses=v.losses, likely_target=v.likely_target)
+                    entry = {**v.to_dict(), "evidence": str(folder.relative_to(out)), "seed": seed}
+                    f.write(json.dumps(entry) + "\n")
+                    f.flush()
+                    entries.append(entry)
+                    echo(f"{p}: {entry['verdict'].upper()} (score {v.score:+.2f}; {v.reason})")
+    _audit_report(out, det)
+    return entries
+
+
+def zlib_name(p: Path) -> str:
+    """An evidence folder name for a model path: its name plus a short hash of the full path."""
+    import zlib
+
+    return f"{p.name}-{zlib.crc32(str(p).encode()):08x}"
+
+
+def _audit_report(out: Path, det: Detector) -> None:
+    """report.html over every model in audit.jsonl, rebuilt from the saved evidence."""
+    rows = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines() if line.strip()]
+    verdicts = []
+    for r in rows:
+        folder = out / r["evidence"]
+        if not (folder / "generations.npz").is_file():
+            continue
+        g = np.load(folder / "generations.npz")
+        verdicts.append(ModelVerdict(r["model"], r["backdoored"], r["score"], r["reason"], r["features"],
+                                     np.load(folder / "trigger.npy"), g["likely_target"], g["triggered"],
+                                     g["clean"], g["losses"], r["method"], r["seconds"], r["detector"]))
+    _report(verdicts, out / "report.html", {"audit": str(out / "audit.jsonl"), "models": len(rows),
+                                            "detector": det.to_dict()})
+
+
+def _report(verdicts, path: Path, settings: dict) -> None:
+    from pdjax.report import write_report
+
+    write_report(verdicts, path, settings)
+
+
+def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, seed: int = 0,
+                     config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, feature: str = "log_uni_ratio",
+                     progress: bool = True, echo=print) -> Detector:
+    """Fit a detector on labelled reference models (SPEC 5) and save it to ``out`` (JSON).
+
+    Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
+    count; model i uses ``fold_in(key(seed), i)``); the features and labels are stored in the file's meta.
+    """
+    from pdjax.defense.detection import calibrate
+    from pdjax.model import load
+
+    if not clean or not backdoored:
+        raise ConfigError("calibration needs at least one --clean and one --backdoored reference model")
+    paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
+    key = jax.random.key(seed)
+    feats, labels = [], []
+    placeholder = Detector()  # scan_model needs a rule; its verdict is ignored here
+    for i, (p, label) in enumerate(paths):
+        v = scan_model(load(p), str(p), jax.random.fold_in(key, i), placeholder, config, n, progress=progress)
+        feats.append(v.features)
+        labels.append(label)
+        echo(f"{p}: {'backdoored' if label else 'clean'} reference, {feature} = {v.features[feature]:.4g}")
+    det = calibrate(feats, labels, feature, meta={
+        "reference_models": [str(p) for p, _ in paths], "seed": seed, "samples": n,
+        "inversion": config.resolved().to_dict(), "features": feats, "pdjax_version": _version()})
+    det.save(out)
+    echo(f"detector: {feature} threshold {det.threshold:.4g} (sign {det.sign:+d}), "
+         f"training accuracy {det.meta['train_accuracy']:.2f} on {len(paths)} models -> {out}")
+    return det
+
+
+def _version() -> str:
+    from pdjax import __version__
+
+    return __version__

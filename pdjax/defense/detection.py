@@ -1,0 +1,254 @@
+"""Backdoor detection (SPEC 5): features from an inverted trigger and its generations, a calibrated rule.
+
+Pipeline for one model (:func:`scan_model`): invert a trigger (PureDiffusion by default), draw ``n``
+DDPM generations from eps_i + delta and from eps_i (same noise), and compute label-free features:
+
+- trigger: ``trigger_norm`` (L2), ``trigger_mean``, ``trigger_kl`` = KL(N(m, v) || N(0, 1)) of delta's
+  pixels (TERD's statistic);
+- generations: ``uni_trig`` / ``uni_clean`` (uniformity, SPEC 5: trimmed mean pairwise distance),
+  ``tv_trig`` / ``tv_clean`` (total variation), and ``log_uni_ratio`` = log(uni_trig / uni_clean): a
+  backdoored model's generations collapse onto its target (ratio << 1), a clean model's stay diverse;
+- ``final_loss`` of the inversion.
+
+The decision rule (:class:`Detector`) is a threshold on one feature, calibrated on labelled reference
+models (:func:`calibrate`: the midpoint of the widest gap between the classes, or the threshold of
+highest balanced accuracy when they overlap) and shipped as a small versioned JSON file
+(``pdjax/assets/detector.json``); ``pdjax calibrate`` refits it on a user's own reference models.
+The likely target is the per-pixel median of the triggered generations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pdjax.defense.evaluate import generation_stats, triggered_generations
+from pdjax.defense.inversion import InversionConfig, invert
+from pdjax.errors import ConfigError
+
+DETECTOR_FORMAT = "pdjax-detector"
+DETECTOR_VERSION = 1
+FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "trigger_norm", "trigger_mean",
+            "trigger_kl", "final_loss")
+
+# The scan's default inversion: PureDiffusion with its shipped defaults but fewer steps and a smaller
+# batch, so the bundled demo scan fits in minutes on a 2-core CPU (issue 5); audits may pass their own.
+SCAN_INVERSION = InversionConfig(method="purediffusion", steps=40, batch=16, K=5)
+SCAN_SAMPLES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+    """A one-feature threshold rule: backdoored when ``sign * (feature - threshold) > 0``.
+
+    Attributes:
+      feature: one of :data:`FEATURES`.
+      threshold: the decision threshold.
+      sign: +1 (larger = backdoored) or -1 (smaller = backdoored).
+      scale: spread of the reference feature values; the score is sign * (x - threshold) / scale.
+      meta: provenance: reference models, their labels and feature values, the inversion settings,
+        training accuracy, date.
+    """
+
+    feature: str = "log_uni_ratio"
+    threshold: float = math.log(0.3)
+    sign: int = -1
+    scale: float = 1.0
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def score(self, features: dict) -> float:
+        """Signed margin: > 0 means backdoored."""
+        if self.feature not in features:
+            raise ConfigError(f"detector needs feature {self.feature!r}, have {', '.join(sorted(features))}")
+        return float(self.sign * (features[self.feature] - self.threshold) / self.scale)
+
+    def decide(self, features: dict) -> bool:
+        return self.score(features) > 0
+
+    def to_dict(self) -> dict:
+        return {"format": DETECTOR_FORMAT, "version": DETECTOR_VERSION, **dataclasses.asdict(self)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "Detector":
+        """Load a detector file; ``None`` = the one shipped with pdjax."""
+        if path is None:
+            text = resources.files("pdjax").joinpath("assets/detector.json").read_text()
+            where = "the shipped detector"
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"detector file {p} not found; run `pdjax calibrate` or omit --detector")
+            text, where = p.read_text(), str(p)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not valid JSON ({e.msg}); recalibrate it with `pdjax calibrate`") from None
+        if d.get("format") != DETECTOR_FORMAT or d.get("version") != DETECTOR_VERSION:
+            raise ConfigError(f"{where} is not a pdjax detector of version {DETECTOR_VERSION}; recalibrate it")
+        if d.get("feature") not in FEATURES:
+            raise ConfigError(f"{where} uses unknown feature {d.get('feature')!r}; valid: {', '.join(FEATURES)}")
+        return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}))
+
+
+@dataclasses.dataclass
+class ModelVerdict:
+    """The scan of one model.
+
+    Attributes:
+      model: the model's path or name.
+      backdoored: the verdict.
+      score: the detector's signed margin (> 0 backdoored).
+      reason: one sentence saying why.
+      features: the feature values (:data:`FEATURES`).
+      trigger: [H, W, C] the inverted trigger.
+      likely_target: [H, W, C] per-pixel median of the triggered generations.
+      triggered: [n, H, W, C] generations from eps + trigger.
+      clean: [n, H, W, C] generations from eps (same noise).
+      losses: [S] the inversion loss curve.
+      method: the inversion method; seconds: wall time of this model's scan.
+      detector: the detector's feature, threshold and sign.
+    """
+
+    model: str
+    backdoored: bool
+    score: float
+    reason: str
+    features: dict
+    trigger: np.ndarray
+    likely_target: np.ndarray
+    triggered: np.ndarray
+    clean: np.ndarray
+    losses: np.ndarray
+    method: str
+    seconds: float
+    detector: dict
+
+    def to_dict(self) -> dict:
+        """JSON summary (arrays left out; the scan writes them as files)."""
+        return {"model": self.model, "verdict": "backdoored" if self.backdoored else "clean",
+                "backdoored": self.backdoored, "score": self.score, "reason": self.reason,
+                "features": self.features, "method": self.method, "seconds": self.seconds,
+                "detector": self.detector, "final_loss": float(self.losses[-1]) if len(self.losses) else None}
+
+
+def trigger_features(delta) -> dict:
+    """Label-free statistics of an inverted trigger [H, W, C]: L2 norm, mean, KL(N(m, v) || N(0, 1))."""
+    d = np.asarray(delta, np.float64).ravel()
+    m, v = float(d.mean()), float(d.var()) + 1e-12
+    kl = 0.5 * (v + m * m - 1.0 - math.log(v))
+    return {"trigger_norm": float(np.linalg.norm(d)), "trigger_mean": m, "trigger_kl": kl}
+
+
+def features_of(trigger, triggered, clean, final_loss: float) -> dict:
+    """All detection features (:data:`FEATURES`) from a trigger and its paired generations."""
+    st, sc = generation_stats(triggered), generation_stats(clean)
+    f = {"uni_trig": st["uniformity"], "uni_clean": sc["uniformity"], "tv_trig": st["tv"], "tv_clean": sc["tv"],
+         "final_loss": float(final_loss), **trigger_features(trigger)}
+    f["log_uni_ratio"] = math.log(max(f["uni_trig"], 1e-8) / max(f["uni_clean"], 1e-8))
+    return f
+
+
+def explain(det: Detector, features: dict, backdoored: bool) -> str:
+    """One sentence: which feature, its value, the threshold, and what it means."""
+    x = features[det.feature]
+    rel = ">" if x > det.threshold else "<="
+    if det.feature == "log_uni_ratio":
+        ratio, thr = math.exp(x), math.exp(det.threshold)
+        what = ("generations from the inverted trigger collapse onto one image" if backdoored
+                else "generations from the inverted trigger stay as diverse as clean ones")
+        return (f"{what}: uniformity {features['uni_trig']:.3g} vs {features['uni_clean']:.3g} from clean noise "
+                f"(ratio {ratio:.3g} {rel} threshold {thr:.3g})")
+    return f"{det.feature} = {x:.4g} {rel} threshold {det.threshold:.4g} ({'backdoored' if backdoored else 'clean'} side)"
+
+
+def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
+               config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False) -> ModelVerdict:
+    """Invert, generate, featurise and decide for one model (see the module docstring)."""
+    det = detector or Detector.load()
+    t0 = time.perf_counter()
+    res = invert(model, config.method, jax.random.fold_in(key, 0), config, progress=progress)
+    gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
+                                 jax.random.fold_in(key, 1), n=n)
+    feats = features_of(res.trigger, gens[0], gens[1], res.losses[-1])
+    verdict = det.decide(feats)
+    return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
+                        np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method,
+                        time.perf_counter() - t0, {"feature": det.feature, "threshold": det.threshold,
+                                                   "sign": det.sign})
+
+
+def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
+               n: int = SCAN_SAMPLES, mesh=None, progress: bool = False) -> list[ModelVerdict]:
+    """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
+    optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
+    keys[i], ...)`` up to float rounding. ``keys``: [N] typed keys."""
+    from pdjax.defense.evaluate import stacked_generations
+    from pdjax.defense.inversion import invert_many, stack_params
+
+    t0 = time.perf_counter()
+    inv_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    gen_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    results = invert_many(models, config.method, config=config, keys=inv_keys, mesh=mesh, progress=progress)
+    trig = np.stack([np.stack([r.trigger, np.zeros_like(r.trigger)]) for r in results])
+    gens = stacked_generations(models[0], stack_params(models), trig, gen_keys, n=n, mesh=mesh)
+    secs = (time.perf_counter() - t0) / len(models)
+    out = []
+    for name, r, g in zip(names, results, gens):
+        feats = features_of(r.trigger, g[0], g[1], r.losses[-1])
+        verdict = detector.decide(feats)
+        out.append(ModelVerdict(name, verdict, detector.score(feats), explain(detector, feats, verdict), feats,
+                                r.trigger, np.median(g[0], axis=0), g[0], g[1], r.losses, r.method, secs,
+                                {"feature": detector.feature, "threshold": detector.threshold,
+                                 "sign": detector.sign}))
+    return out
+
+
+def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_ratio",
+              meta: dict | None = None) -> Detector:
+    """Fit the threshold of ``feature`` on labelled reference models (True = backdoored).
+
+    The sign is the direction in which backdoored models lie (by class means). If the classes separate,
+    the threshold is the midpoint of the gap between them (max margin); otherwise the threshold with the
+    highest balanced accuracy. ``scale`` is the pooled standard deviation (1 if degenerate).
+    """
+    if feature not in FEATURES:
+        raise ConfigError(f"unknown detection feature {feature!r}; valid: {', '.join(FEATURES)}")
+    y = np.asarray(labels, bool)
+    if y.all() or not y.any():
+        raise ConfigError("calibration needs at least one clean and one backdoored reference model")
+    x = np.asarray([f[feature] for f in features], np.float64)
+    sign = 1 if x[y].mean() > x[~y].mean() else -1
+    s = sign * x  # larger = backdoored
+    lo_bd, hi_clean = s[y].min(), s[~y].max()
+    if lo_bd > hi_clean:
+        thr_s = 0.5 * (lo_bd + hi_clean)
+    else:
+        cands = np.unique(s)
+        mids = np.concatenate([[cands[0] - 1], 0.5 * (cands[1:] + cands[:-1])])
+        bal = [0.5 * ((s[y] > c).mean() + (s[~y] <= c).mean()) for c in mids]
+        thr_s = float(mids[int(np.argmax(bal))])
+    scale = float(np.sqrt(0.5 * (x[y].var() + x[~y].var()))) or 1.0
+    thr = float(sign * thr_s)
+    pred = sign * (x - thr) > 0
+    info = {**(meta or {}), "n_reference": int(len(y)), "n_backdoored": int(y.sum()),
+            "train_accuracy": float((pred == y).mean()),
+            "reference_values": [float(v) for v in x], "reference_labels": [bool(v) for v in y]}
+    return Detector(feature, thr, sign, scale, info)

@@ -1,0 +1,69 @@
+"""`pdjax audit`: many models in one sharded program, same verdicts as one at a time, resumable JSONL."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from pdjax.audit import audit, collect_models, model_key
+from pdjax.defense import detection as D
+from pdjax.errors import ConfigError
+from pdjax.testing import random_model
+
+TINY = dataclasses.replace(D.SCAN_INVERSION, steps=2, batch=4, K=1)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    models = root / "models"
+    for s in range(3):
+        random_model("tiny", seed=s, timesteps=50).save(models / f"m{s}")
+    det = D.Detector().save(root / "det.json")
+    return root, models, det
+
+
+def test_audit_matches_scan_model_and_resumes(zoo, tmp_path):
+    root, models, det = zoo
+    assert len(jax.devices()) == 8  # conftest: 8 fake CPU devices, so the stack is sharded 8 ways
+    out = tmp_path / "audit"
+    entries = audit([str(models)], out, seed=3, detector=str(det), config=TINY, n=4, progress=False,
+                    echo=lambda s: None)
+    assert sorted(e["model"] for e in entries) == sorted(str(p) for p in collect_models([str(models)]))
+    # Model by model, the stacked + sharded program gives scan_model's features with the same key.
+    from pdjax.model import load
+
+    for e in entries:
+        v = D.scan_model(load(e["model"]), e["model"], model_key(3, e["model"]), D.Detector(), TINY, n=4)
+        for k in ("log_uni_ratio", "trigger_norm", "uni_trig"):
+            np.testing.assert_allclose(e["features"][k], v.features[k], rtol=2e-3, atol=1e-5)
+        assert e["backdoored"] == v.backdoored
+    assert (out / "report.html").is_file()
+
+    # Kill simulation: keep the first line and half of the second; a restart redoes only the missing ones.
+    lines = (out / "audit.jsonl").read_text().splitlines()
+    (out / "audit.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    again = audit([str(models)], out, seed=3, detector=str(det), config=TINY, n=4, progress=False, echo=lambda s: None)
+    assert sorted(e["model"] for e in again) == sorted(json.loads(x)["model"] for x in lines[1:])
+    rows = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()[:1]] + again
+    by = {json.loads(x)["model"]: json.loads(x) for x in lines}
+    for r in rows:
+        np.testing.assert_allclose(r["score"], by[r["model"]]["score"], rtol=1e-4, atol=1e-6)
+    # Nothing left: a third run audits nothing.
+    assert audit([str(models)], out, seed=3, detector=str(det), config=TINY, n=4, progress=False,
+                 echo=lambda s: None) == []
+
+
+def test_collect_models_sources(zoo, tmp_path):
+    root, models, _ = zoo
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# models\n{models / 'm1'}\n\n{models / 'm0'}\n{models / 'm1'}\n")
+    assert collect_models([str(lst)]) == [models / "m1", models / "m0"]
+    assert collect_models([str(models / "m2")]) == [models / "m2"]
+    with pytest.raises(ConfigError, match="neither"):
+        collect_models([str(tmp_path / "nothing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no models"):
+        collect_models([str(tmp_path / "empty")])

@@ -1,0 +1,125 @@
+"""Detection (SPEC 5): features, the calibrated threshold rule, the detector file, and `pdjax scan`."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from pdjax.defense import detection as D
+from pdjax.defense.detection import Detector, calibrate
+from pdjax.errors import ConfigError
+from pdjax.testing import random_model
+
+TINY_SCAN = dataclasses.replace(D.SCAN_INVERSION, steps=2, batch=4, K=1)
+
+
+def test_trigger_features_kl_matches_closed_form():
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.3, 2.0, size=(8, 8, 1))
+    f = D.trigger_features(d)
+    m, v = d.mean(), d.var()
+    assert math.isclose(f["trigger_kl"], 0.5 * (v + m * m - 1 - math.log(v)), rel_tol=1e-9)
+    assert math.isclose(f["trigger_norm"], float(np.linalg.norm(d)), rel_tol=1e-9)
+    assert D.trigger_features(np.random.default_rng(1).normal(size=(64, 64, 1)))["trigger_kl"] < 0.01
+
+
+def test_features_see_a_collapse():
+    rng = np.random.default_rng(0)
+    target = rng.uniform(-1, 1, (8, 8, 1))
+    collapsed = target + 0.01 * rng.normal(size=(16, 8, 8, 1))
+    diverse = rng.uniform(-1, 1, (16, 8, 8, 1))
+    f = D.features_of(np.zeros((8, 8, 1)), collapsed, diverse, 0.1)
+    assert f["log_uni_ratio"] < math.log(0.05)
+    assert set(D.FEATURES) <= set(f)
+    det = Detector()
+    assert det.decide(f) and "collapse" in D.explain(det, f, True)
+
+
+def test_calibrate_separable_takes_the_midpoint_and_sign():
+    feats = [{"log_uni_ratio": v} for v in (-3.0, -2.5, -0.2, 0.1)]
+    det = calibrate(feats, [True, True, False, False])
+    assert det.sign == -1 and math.isclose(det.threshold, -1.35)
+    assert det.meta["train_accuracy"] == 1.0
+    assert [det.decide(f) for f in feats] == [True, True, False, False]
+    up = calibrate([{"trigger_kl": v} for v in (5.0, 0.1)], [True, False], feature="trigger_kl")
+    assert up.sign == 1 and up.decide({"trigger_kl": 4.0}) and not up.decide({"trigger_kl": 0.2})
+
+
+def test_calibrate_overlapping_maximises_balanced_accuracy():
+    x = [-3, -2, -1.5, -1.2, 0.0, 0.5]
+    y = [True, True, False, True, False, False]
+    det = calibrate([{"log_uni_ratio": v} for v in x], y)
+    pred = [det.decide({"log_uni_ratio": v}) for v in x]
+    assert sum(p == t for p, t in zip(pred, y)) == 5  # the best any threshold can do here
+
+
+def test_calibrate_needs_both_classes():
+    with pytest.raises(ConfigError, match="one clean and one backdoored"):
+        calibrate([{"log_uni_ratio": 0.0}], [True])
+    with pytest.raises(ConfigError, match="unknown detection feature"):
+        calibrate([{"x": 0.0}, {"x": 1.0}], [True, False], feature="x")
+
+
+def test_detector_file_roundtrip_and_errors(tmp_path):
+    det = Detector("trigger_kl", 1.5, 1, 2.0, {"note": "x"})
+    p = det.save(tmp_path / "d.json")
+    assert Detector.load(p) == det
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Detector.load(bad)
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ConfigError, match="version"):
+        Detector.load(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        Detector.load(tmp_path / "missing.json")
+
+
+def test_shipped_detector_is_calibrated():
+    det = Detector.load()
+    assert det.feature in D.FEATURES
+    meta = det.meta
+    assert meta["n_reference"] == len(meta["reference_labels"]) >= 2
+    assert any(meta["reference_labels"]) and not all(meta["reference_labels"])
+    # The shipped threshold separates the reference values it was fitted on as reported.
+    pred = [det.sign * (v - det.threshold) > 0 for v in meta["reference_values"]]
+    acc = np.mean([p == t for p, t in zip(pred, meta["reference_labels"])])
+    assert math.isclose(acc, meta["train_accuracy"])
+
+
+def test_scan_model_writes_a_consistent_verdict():
+    m = random_model("tiny", seed=0, timesteps=50)
+    v = D.scan_model(m, "tiny", jax.random.key(0), Detector(), TINY_SCAN, n=4)
+    assert v.trigger.shape == m.image_shape and v.triggered.shape == (4, *m.image_shape)
+    assert v.backdoored == (v.score > 0)
+    d = v.to_dict()
+    assert d["verdict"] in ("clean", "backdoored") and np.isfinite(d["score"])
+    json.dumps(d)
+
+
+def test_cli_scan_and_calibrate(tmp_path, capsys):
+    from pdjax.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    random_model("tiny", seed=0, timesteps=50).save(a)
+    random_model("tiny", seed=1, timesteps=50).save(b)
+    opts = ["--steps", "2", "--samples", "4", "--quiet"]
+    rc = main(["calibrate", "--clean", str(a), "--backdoored", str(b), "--out", str(tmp_path / "det.json"), *opts])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rc = main(["scan", str(a), str(b), "--out", str(tmp_path / "scan"), "--detector", str(tmp_path / "det.json"),
+               *opts])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert [m["model"] for m in res["models"]] == [str(a), str(b)]
+    assert (tmp_path / "scan" / "report.html").is_file()
+    # Calibrated on exactly these two models with the same seed and settings: the verdicts reproduce the labels.
+    assert [m["backdoored"] for m in res["models"]] == [False, True]
+    assert "flagged" in out
+    rc = main(["scan", str(tmp_path / "missing"), "--out", str(tmp_path / "s2"), *opts])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
