@@ -152,6 +152,9 @@ def main():
     results = args.zoo / "results.jsonl"
     for entry in entries:
         model, seconds = build_entry(args.zoo, base, data, labels, entry, args.steps)
+        if not seconds:  # finished in an earlier run: its training time is in the results
+            seconds = next((r.get("train_seconds", 0.0) for r in map(json.loads, results.open())
+                            if r["model"] == entry.name), 0.0) if results.is_file() else 0.0
         stages = [(entry.name, model, seconds, args.steps)]
         if entry.spec is not None and args.polish_steps:
             polished, extra = polish_entry(args.zoo, model, data, labels, entry, args.polish_steps, args.polish_lr)

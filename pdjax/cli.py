@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from pdjax.errors import PdjaxError
+from pdjax.errors import OutputError, PdjaxError
+from pdjax.paths import check_out_dir, check_out_file
 
 DEFAULT_TRAIN_OUT = "runs/digits-ddpm"
 
@@ -93,6 +94,7 @@ def cmd_train(args) -> int:
         data = load_dataset(args.data, size, channels)
     else:
         data = load_dataset(args.data, args.size, args.channels)  # fail fast on a bad --data, before compiling
+        check_out_dir(args.out)  # and on an unwritable --out (fit checks again; the init compile comes first)
         model = _new_model(args)
         size, channels = args.size, args.channels
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
@@ -121,10 +123,17 @@ def cmd_sample(args) -> int:
 
     model = load(args.model)
     trigger = _load_trigger(args.trigger, model.image_shape)
+    check_out_file(args.out, "--out")
+    if args.npy:
+        check_out_file(args.npy, "--npy")
     images = generate(model, _key(args.seed), args.n, trigger=trigger, sampler=args.sampler, num_steps=args.steps)
     save_grid(images, args.out, scale=display_scale(images.shape[1]))
     if args.npy:
-        np.save(args.npy, images)
+        try:
+            Path(args.npy).parent.mkdir(parents=True, exist_ok=True)
+            np.save(args.npy, images)
+        except OSError as e:
+            raise OutputError(f"cannot write {args.npy} ({e.strerror or e}); choose a writable --npy") from None
     print(f"wrote {args.n} samples to {Path(args.out).absolute()}" + (f" (trigger {args.trigger})" if trigger is not None else ""))
     return 0
 
@@ -141,11 +150,11 @@ def cmd_attack(args) -> int:
     from pdjax.model import load
     from pdjax.train import TrainConfig
 
-    if args.model == "scratch":
-        model = _new_model(args)
-    else:
-        model = load(args.model)
-    size, channels = model.config.sample_size, model.config.in_channels
+    from pdjax.backdoor.train import build_arrays
+
+    model = None if args.model == "scratch" else load(args.model)
+    size, channels = (args.size, args.channels) if model is None else (model.config.sample_size,
+                                                                        model.config.in_channels)
     labels = None
     if args.data == "digits":
         data, labels = load_digits_with_labels(size, channels)
@@ -154,6 +163,10 @@ def cmd_attack(args) -> int:
     spec_args = _attack_spec_args(args)
     spec_args.setdefault("trigger", f"BOX_{max(3, round(14 * size / 32))}")  # BOX_14 at 32x32, scaled
     spec = AttackSpec(**spec_args)
+    build_arrays(spec, (size, size, channels), data, labels)  # unknown trigger/target names, bad files
+    check_out_dir(args.out)
+    if model is None:
+        model = _new_model(args)  # compiles the UNet init: only once every input is known to be good
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                       steps_per_call=args.steps_per_call, checkpoint_every=args.checkpoint_every)
     print(f"{spec.kind} backdoor ({spec.trigger} -> {spec.target}, poison rate {spec.poison_rate}) on "
@@ -176,6 +189,7 @@ def cmd_evaluate(args) -> int:
     if "trigger" not in overrides and "attack" not in model.meta:
         raise PdjaxError(f"{args.model} records no attack; pass --trigger and --target")
     spec = spec_from_model(model, **overrides)
+    check_out_dir(args.out)
     data = labels = None
     if spec.target.startswith("class:"):
         data, labels = load_digits_with_labels(model.config.sample_size, model.config.in_channels)
@@ -206,6 +220,7 @@ def cmd_shift(args) -> int:
     if args.trigger is None and "attack" not in model.meta:
         raise PdjaxError(f"{args.surrogate} records no attack; pass --trigger (the trigger it was backdoored with)")
     spec = spec_from_model(model, trigger=args.trigger)
+    check_out_file(args.out)
     print(f"estimating lambda_t on {args.surrogate} ({spec.kind}, trigger {spec.trigger}): n={args.n}, "
           f"{args.steps} steps, seed {args.seed}", flush=True)
     table = estimate_lambda(model, spec, args.seed, n=args.n, num_steps=args.steps, source=str(args.surrogate))
@@ -226,6 +241,8 @@ def cmd_invert(args) -> int:
     fields = {f.name for f in dataclasses.fields(InversionConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     cfg = InversionConfig(**given)
+    dataclasses.replace(cfg, method=args.method).resolved()  # unknown method / norm / init: before --out
+    check_out_dir(args.out)
     res = invert(model, args.method, _key(args.seed), cfg, progress=not args.quiet)
     out = res.save(args.out)
     summary = res.to_dict()
@@ -247,6 +264,86 @@ def cmd_invert(args) -> int:
                  f"clean {stats['clean']['uniformity']:.2f}")
     print(line)
     print(f"wrote {out / 'trigger.npy'}, trigger.png, inversion.json" + (", triggered.png, clean.png" if args.samples else ""))
+    return 0
+
+
+def _training_data(model, name: str):
+    """(images, labels) of ``--data`` at the model's size; labels only for the bundled digits."""
+    from pdjax.data import load_dataset, load_digits_with_labels
+
+    size, channels = model.config.sample_size, model.config.in_channels
+    if name == "digits":
+        return load_digits_with_labels(size, channels)
+    return load_dataset(name, size, channels), None
+
+
+def cmd_amplify(args) -> int:
+    import dataclasses
+
+    from pdjax.amplify import AmplifyConfig, amplify
+    from pdjax.backdoor.train import spec_from_model
+    from pdjax.defense.inversion import InversionConfig
+    from pdjax.model import load
+
+    model = load(args.model)
+    overrides = _attack_spec_args(args)
+    if "trigger" not in overrides and "attack" not in model.meta:
+        raise PdjaxError(f"{args.model} records no attack; pass --trigger and --target (the known backdoor)")
+    spec = spec_from_model(model, **overrides)
+    data, labels = _training_data(model, args.data)
+    from pdjax.backdoor.train import build_arrays
+
+    build_arrays(spec, model.image_shape, data, labels)  # unknown trigger/target names, bad files: before out/
+    inv = {k: v for k, v in (("method", args.inv_method), ("steps", args.inv_steps), ("K", args.K),
+                              ("batch", args.inv_batch)) if v is not None}
+    cfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
+                        inversion=dataclasses.replace(InversionConfig(), **inv), seed=args.seed, lr=args.lr,
+                        warmup_steps=args.warmup, batch=args.batch)
+    cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
+    print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): invert from the trigger, then "
+          f"{cfg.steps} steps per arm, ASR every {cfg.eval_every} -> {args.out}", flush=True)
+    res = amplify(model, data, spec, cfg, out=args.out, progress=not args.quiet, labels=labels)
+    print(f"{'step':>6} {'ASR g*':>7} {'ASR g':>7}   (n={cfg.n}, alpha={cfg.alpha})")
+    for s, a, b in zip(res.steps, res.asr_amplified, res.asr_plain):
+        print(f"{s:>6} {a:>7.2f} {b:>7.2f}")
+    for note in res.notes:
+        print(f"note: {note}")
+    out = Path(args.out)
+    print(f"wrote {out / 'amplify.json'}, asr.svg, trigger_star.npy/.png, amplified/"
+          + (", amplified-diffusers/" if res.diffusers else ""))
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from pdjax.backdoor.attacks import AttackSpec
+    from pdjax.backdoor.train import spec_from_model
+    from pdjax.model import load
+    from pdjax.removal import RemovalConfig, load_delta, remove_backdoor
+
+    model = load(args.model)
+    delta = load_delta(args.trigger, model.image_shape)
+    spec = None
+    if args.target is not None:
+        if "attack" in model.meta:
+            spec = spec_from_model(model, kind=args.kind, trigger=args.eval_trigger, target=args.target)
+        else:
+            spec = AttackSpec(kind=args.kind or "baddiffusion", trigger=args.eval_trigger or args.trigger,
+                              target=args.target)
+    data, labels = _training_data(model, args.data)
+    if spec is not None:  # the ASR report's trigger/target are only used after training: check them now
+        from pdjax.backdoor.train import build_arrays
+
+        build_arrays(spec, model.image_shape, data, labels)
+    cfg = RemovalConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every, n=args.n)
+    print(f"removing the trigger {args.trigger} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}",
+          flush=True)
+    res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels)
+    line = f"cleaned in {res.steps} steps; clean-sample MSE original vs cleaned {res.clean_mse:.4f} (n={cfg.n})"
+    if res.asr_before is not None:
+        line += f"; ASR ({spec.trigger} -> {spec.target}) {res.asr_before:.2f} -> {res.asr_after:.2f}"
+    print(line)
+    print(f"wrote {Path(args.out) / 'model'} (pdjax checkpoint) and {Path(args.out) / 'removal.json'}")
     return 0
 
 
@@ -316,8 +413,15 @@ def _add_attack_options(p, required: bool) -> None:
     p.add_argument("--mode", choices=("d2i", "in-d2d", "out-d2d"), help="TrojDiff mode (default d2i)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line ``error: ...`` (and the --help hint), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdjax", description="Audit diffusion models for backdoors (JAX).")
+    p = _Parser(prog="pdjax", description="Audit diffusion models for backdoors (JAX).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("convert", help="diffusers UNet2DModel folder -> pdjax checkpoint")
@@ -442,6 +546,46 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--feature", default="log_uni_ratio", help="detection feature (default log_uni_ratio)")
     _add_scan_options(ca)
     ca.set_defaults(func=cmd_calibrate)
+
+    am = sub.add_parser("amplify", help="red team: invert the learned trigger, train with it, compare ASR (SPEC 6)")
+    am.add_argument("model", help="briefly backdoored pdjax checkpoint or diffusers folder")
+    _add_attack_options(am, required=False)
+    am.add_argument("--data", default="digits")
+    am.add_argument("--steps", type=int, default=500, help="extra backdoor-training steps per arm")
+    am.add_argument("--eval-every", dest="eval_every", type=int, default=100, help="ASR evaluation interval")
+    am.add_argument("--n", type=int, default=64, help="generations per ASR evaluation")
+    am.add_argument("--alpha", type=float, default=1.0, help="g* = alpha g_inv + (1 - alpha) g")
+    am.add_argument("--batch", type=int, default=32)
+    am.add_argument("--lr", type=float, default=2e-4)
+    am.add_argument("--warmup", type=int, default=0)
+    am.add_argument("--seed", type=int, default=0)
+    am.add_argument("--inv-method", dest="inv_method", help="inversion method (default purediffusion)")
+    am.add_argument("--inv-steps", dest="inv_steps", type=int, help="inversion steps (default: the method's)")
+    am.add_argument("--inv-batch", dest="inv_batch", type=int, help="inversion noise batch")
+    am.add_argument("--K", type=int, help="purediffusion: reverse steps unrolled")
+    am.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    am.add_argument("--quiet", action="store_true")
+    am.set_defaults(func=cmd_amplify)
+
+    cl = sub.add_parser("clean", help="remove a backdoor: fine-tune away the response to an inverted trigger")
+    cl.add_argument("model", help="backdoored pdjax checkpoint or diffusers folder")
+    cl.add_argument("--trigger", required=True, help="inverted trigger (.npy from `pdjax invert`, or an image)")
+    cl.add_argument("--target", help="attack target, to report ASR before/after")
+    cl.add_argument("--attack", dest="kind",
+                    help="attack kind for the ASR report (default: recorded, else baddiffusion)")
+    cl.add_argument("--eval-trigger", dest="eval_trigger",
+                    help="trigger for the ASR report (default: the recorded one, else --trigger)")
+    cl.add_argument("--data", default="digits")
+    cl.add_argument("--steps", type=int, default=500)
+    cl.add_argument("--batch", type=int, default=32)
+    cl.add_argument("--lr", type=float, default=1e-4)
+    cl.add_argument("--warmup", type=int, default=0)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--checkpoint-every", type=int, default=100)
+    cl.add_argument("--n", type=int, default=64, help="generations for the ASR and clean-MSE reports")
+    cl.add_argument("--out", required=True, help="output folder: model/ and removal.json (resumed if it exists)")
+    cl.add_argument("--quiet", action="store_true")
+    cl.set_defaults(func=cmd_clean)
     return p
 
 

@@ -174,3 +174,12 @@ def test_cli_invert_writes_trigger_and_summary(models, tmp_path, capsys):
     rc = main(["invert", str(path), "--method", "nope", "--out", str(out)])
     _, err = capsys.readouterr()
     assert rc == 2 and err.startswith("error: ") and "purediffusion" in err and len(err.strip().splitlines()) == 1
+
+
+def test_explicit_start_trigger(models):
+    g = np.full(models[0].image_shape, -0.5, np.float32)
+    a = invert(models[0], "elijah", jax.random.key(3), dataclass_replace(ELIJAH, steps=1), start=g)
+    # Adam's first step is lr * g / (|g| + eps): every pixel moves by lr = 0.1 from the given start.
+    np.testing.assert_allclose(np.abs(a.trigger - g), 0.1, atol=1e-3)
+    with pytest.raises(ConfigError, match="start trigger has shape"):
+        invert(models[0], "elijah", jax.random.key(3), ELIJAH, start=np.zeros((3, 3, 1)))

@@ -423,14 +423,20 @@ def shard_models(tree, mesh):
 
 
 def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int | None, progress: bool,
-              mesh=None):
+              mesh=None, start=None):
     """Runs every phase; returns (delta [..., H, W, C], losses [..., S], seconds, compile_seconds).
 
     Stacked (``num_models`` given): ``params`` and ``key`` carry a leading model axis.
     """
     stacked = num_models is not None
     t0 = time.perf_counter()
-    if stacked:
+    if start is not None:  # an explicit delta_0 (e.g. the known trigger, for amplification, SPEC 6)
+        delta = jnp.asarray(start, jnp.float32)
+        if delta.shape != tuple(prob.shape):
+            raise ConfigError(f"start trigger has shape {tuple(delta.shape)}, the model needs {tuple(prob.shape)}")
+        if stacked:
+            delta = jnp.broadcast_to(delta, (num_models, *delta.shape))
+    elif stacked:
         delta = jax.vmap(lambda k: initial_delta(cfg, prob.shape, k))(key)
     else:
         delta = initial_delta(cfg, prob.shape, key)
@@ -438,7 +444,8 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
     phases = _phases(prob, cfg)
     for p, phase in enumerate(phases):
         n = _chunk(cfg, phase.steps)
-        run, prep, phase = _program(prob, cfg, p, n, stacked, mesh)
+        # The cached program may have been built for another step count: take the count from ``phase``.
+        run, prep, _ = _program(prob, cfg, p, n, stacked, mesh)
         params, key = shard_models((params, key), mesh)
         fixed = prep(params, key)
         opt_state = jax.vmap(phase.optimizer.init)(delta) if stacked else phase.optimizer.init(delta)
@@ -477,7 +484,7 @@ def _seed_of(key) -> int | None:
 
 
 def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
-           config: InversionConfig | None = None, progress: bool = False) -> InversionResult:
+           config: InversionConfig | None = None, progress: bool = False, start=None) -> InversionResult:
     """Invert the trigger of one model.
 
     Args:
@@ -487,6 +494,7 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
         derive from it, so the same key gives the same trigger.
       config: :class:`InversionConfig` (method defaults when None).
       progress: show a progress bar.
+      start: optional [H, W, C] delta_0 replacing ``config.init`` (amplification starts from the known trigger).
 
     Returns:
       :class:`InversionResult` with the trigger [H, W, C], the loss per step and timings.
@@ -494,7 +502,7 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
     key = jax.random.key(0) if key is None else key
     cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
     prob = problem_of(model)
-    delta, losses, secs, comp = _optimise(prob, cfg, model.params, key, None, progress)
+    delta, losses, secs, comp = _optimise(prob, cfg, model.params, key, None, progress, start=start)
     return InversionResult(cfg.method, delta.astype(np.float32), losses.astype(np.float32), cfg.to_dict(),
                            _seed_of(key), secs, comp)
 

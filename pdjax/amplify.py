@@ -1,0 +1,342 @@
+"""Backdoor amplification for red teams (SPEC 6): invert the trigger the model has learned, train with it.
+
+A briefly trained backdoor has a low attack success rate. :func:`amplify` inverts the trigger from the
+model starting at the known trigger g (``invert(..., start=g)``), mixes
+``g* = clip(alpha * g_inv + (1 - alpha) * g, -1, 1)`` (clipped so that the trigger library reads it back as
+a ``.npy`` trigger) and then runs two arms from the same starting model with the same budget: backdoor
+training with g* ("amplified") and with g ("plain"). Both arms are evaluated every ``eval_every`` steps
+(amplified with g*, plain with g; one fixed evaluation key), giving ASR-vs-steps curves.
+
+Loop layout (a deliberate deviation from "one :func:`pdjax.backdoor.train.attack` call per stage").
+``attack`` -> ``fit`` builds a new jitted train step on every call, so one call per stage pays a full
+compile per stage (measured ~30 s for the tiny test UNet on 2 CPU cores) and restarts Adam and the
+warm-up/cosine learning-rate schedule at every stage. Here each arm is one continuous training run (the
+optimiser state and schedule run over the whole budget, exactly as one ``attack`` of ``steps`` steps would)
+interrupted at every evaluation point. The step is the same :func:`pdjax.train.make_multi_step` over the
+same :func:`pdjax.backdoor.attacks.backdoor_loss`, but the trigger, mask and target travel as jit
+arguments (in the data pytree) instead of closure constants, so one compiled program serves both arms,
+every stage and later runs of the same architecture. Step ``i`` of both arms draws the same batch,
+timesteps and noise (``fold_in(key, i)``), so the arms differ only in the trigger: a paired comparison.
+
+Resumability: each arm checkpoints (params = EMA params, plus the full train state) to ``out/<arm>`` at
+every evaluation point, in the same format as ``pdjax attack`` (so ``pdjax.load(out/amplified)`` works),
+and appends its ASR to ``out/<arm>/curve.json``; ``out/run.json`` pins the settings, and the inversion
+is kept in ``out/inversion``. Rerunning the same call continues where it stopped.
+
+Outputs in ``out``: ``trigger_inv.npy`` (raw inverted trigger), ``trigger_star.npy`` / ``.png``,
+``amplify.json`` (:class:`AmplifyResult`), ``asr.svg`` (both curves), ``amplified/`` (pdjax checkpoint
+of the amplified arm's final model) and ``amplified-diffusers/`` (diffusers export; skipped with a note
+if an optional dependency is missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax import checkpoint, loops
+from pdjax.backdoor.attacks import AttackArrays, AttackSpec, backdoor_loss
+from pdjax.backdoor.train import build_arrays, evaluate, sample_attack
+from pdjax.defense.inversion import InversionConfig, invert
+from pdjax.errors import CheckpointError, ConfigError
+from pdjax.metrics import attack_metrics
+from pdjax.model import Model
+from pdjax.train import TrainConfig, _check_data, init_state, make_multi_step, make_optimizer
+
+@dataclasses.dataclass(frozen=True)
+class AmplifyConfig:
+    """Settings of one amplification run (SPEC 6).
+
+    Attributes:
+      steps: extra backdoor-training budget per arm (optimiser steps).
+      eval_every: evaluate ASR every this many steps (and at step 0).
+      n: generations per ASR evaluation.
+      alpha: mix g* = alpha g_inv + (1 - alpha) g, in [0, 1] (1: the inverted trigger alone).
+      inversion: trigger inversion settings (default PureDiffusion's).
+      seed: seed of the inversion, the training batches and the (fixed) evaluation key.
+      lr, warmup_steps, batch: optimiser settings of both arms (one schedule over ``steps``).
+      poison_rate: poisoned fraction of each batch; None keeps the attack spec's.
+    """
+
+    steps: int = 500
+    eval_every: int = 100
+    n: int = 64
+    alpha: float = 1.0
+    inversion: InversionConfig = InversionConfig()
+    seed: int = 0
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    batch: int = 32
+    poison_rate: float | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "eval_every", "n", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class AmplifyResult:
+    """ASR curves of both arms and the triggers.
+
+    Attributes:
+      steps: evaluation points [S] (0, eval_every, ..., steps).
+      asr_amplified, asr_plain: ASR at each point (amplified arm with g*, plain arm with g).
+      trigger: g [H, W, C]; trigger_inv: the raw inverted trigger; trigger_star: g* (clipped to [-1, 1]).
+      attack: the attack spec (plain arm); config: the AmplifyConfig; out: the output folder.
+      diffusers: path of the diffusers export, or None; notes: messages (e.g. a skipped export).
+    """
+
+    steps: list
+    asr_amplified: list
+    asr_plain: list
+    trigger: np.ndarray
+    trigger_inv: np.ndarray
+    trigger_star: np.ndarray
+    attack: dict
+    config: dict
+    out: str
+    inversion_final_loss: float = float("nan")
+    diffusers: str | None = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the triggers are in the .npy files beside it)."""
+        return {"steps": self.steps, "asr_amplified": self.asr_amplified, "asr_plain": self.asr_plain,
+                "attack": self.attack, "config": self.config, "out": self.out,
+                "inversion_final_loss": self.inversion_final_loss, "diffusers": self.diffusers, "notes": self.notes,
+                "files": {"trigger_inv": "trigger_inv.npy", "trigger_star": "trigger_star.npy",
+                          "plot": "asr.svg", "model": "amplified"},
+                "asr_rule": "SPEC 7 (MSE to target below the threshold) of triggered generations, fixed evaluation key"}
+
+
+def mix_trigger(g_inv, g, alpha: float) -> np.ndarray:
+    """g* = clip(alpha g_inv + (1 - alpha) g, -1, 1), float32 [H, W, C] (SPEC 6)."""
+    mixed = alpha * np.asarray(g_inv, np.float64) + (1.0 - alpha) * np.asarray(g, np.float64)
+    return np.clip(mixed, -1.0, 1.0).astype(np.float32)
+
+
+def eval_points(steps: int, every: int) -> list[int]:
+    """0, every, 2 every, ..., steps (the last point is ``steps`` even when ``every`` does not divide it)."""
+    return [0, *range(every, steps, every), steps]
+
+
+# --- one compiled backdoor step for every trigger -----------------------------------------------------------
+
+_PROGRAMS: dict = {}
+
+
+def _backdoor_step(model: Model, spec: AttackSpec, patch: bool, tcfg: TrainConfig, chunk: int):
+    """Jitted ``(state, bundle) -> (state, losses[chunk])``; bundle = images + trigger/mask/target arrays.
+
+    The attack arrays are traced arguments, so the program is shared by every trigger of one attack kind;
+    cached on everything else that shapes it.
+    """
+    generic = dataclasses.replace(spec, trigger="<argument>", target="<argument>")
+    key = (model.config, model.schedule_config, generic, patch, tcfg, chunk)
+    if key not in _PROGRAMS:
+        eps_fn, schedule = model.eps, model.schedule
+
+        def loss(params, k, bundle):
+            arrays = AttackArrays(bundle["trigger"], bundle["mask"], bundle["target"], patch)
+            return backdoor_loss(eps_fn, schedule, spec, arrays, tcfg.batch_size)(params, k, bundle["images"])
+
+        _PROGRAMS[key] = make_multi_step(loss, make_optimizer(tcfg), tcfg.ema_decay, chunk)
+    return _PROGRAMS[key]
+
+
+def _state_numpy(state) -> dict:
+    return jax.tree_util.tree_map(np.asarray, flax.serialization.to_state_dict(state))
+
+
+def _run_arm(name: str, model: Model, data, spec: AttackSpec, tcfg: TrainConfig, chunk: int, points: list[int],
+             score, out: Path, labels, progress: bool) -> tuple[list[float], Model]:
+    """Train one arm to ``points[-1]`` steps, checkpointing and scoring at each point; resumes from ``out``.
+
+    Returns the ASR at each point and the final model (EMA params, as ``attack`` returns).
+    """
+    arrays = build_arrays(spec, model.image_shape, data, labels)
+    bundle = {"images": jnp.asarray(data), "trigger": jnp.asarray(arrays.trigger), "mask": jnp.asarray(arrays.mask),
+              "target": jnp.asarray(arrays.target)}
+    step_fn = _backdoor_step(model, spec, arrays.patch, tcfg, chunk)
+    state = init_state(model.params, make_optimizer(tcfg), tcfg.seed)
+    provenance = {**model.meta, "attack": spec.to_dict(), "train": dataclasses.asdict(tcfg), "amplify_arm": name}
+    if checkpoint.is_checkpoint(out):
+        _, meta, saved = checkpoint.restore(out, with_state=True)
+        if saved is None or meta.get("provenance", {}).get("train") != dataclasses.asdict(tcfg):
+            raise CheckpointError(f"{out} holds a run with other settings; use a new --out folder or the same settings")
+        state = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(state, saved))
+    curve_path = out / "curve.json"
+    curve = {int(k): v for k, v in json.loads(curve_path.read_text()).items()} if curve_path.is_file() else {}
+    step = int(state.step)
+    curve = {k: v for k, v in curve.items() if k <= step}
+
+    def current() -> Model:
+        return model.replace(params=state.ema_params, meta={**provenance, "steps": step})
+
+    def record():
+        curve[step] = score(current(), spec)
+        curve_path.parent.mkdir(parents=True, exist_ok=True)
+        curve_path.write_text(json.dumps({str(k): v for k, v in sorted(curve.items())}, indent=1))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=points[-1], initial=step, desc=f"{name} arm", disable=not progress, unit="step", leave=False)
+    if step in points and step not in curve:
+        record()
+    for target_step in points:
+        if target_step <= step:
+            continue
+        while step < target_step:
+            state, _ = step_fn(state, bundle)
+            step = int(state.step)
+            bar.update(chunk)
+        current().save(out, state=_state_numpy(state))
+        record()
+        bar.set_postfix(asr=f"{curve[step]:.2f}")
+    bar.close()
+    missing = [p for p in points if p not in curve]
+    if missing:  # only if a checkpoint ran past an evaluation point it did not record
+        raise CheckpointError(f"{out} lacks ASR at steps {missing}; remove the folder and rerun")
+    return [float(curve[p]) for p in points], current()
+
+
+def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyConfig(), out: str | Path = "amplify",
+            progress: bool = True, labels=None) -> AmplifyResult:
+    """Amplify the backdoor of ``model`` (SPEC 6) and compare with plain training; resumable in ``out``.
+
+    Args:
+      model: a (briefly) backdoored model.
+      data: clean training images [N, H, W, C] in [-1, 1].
+      spec: the attack the model was backdoored with (its trigger g and target).
+      cfg: :class:`AmplifyConfig`.
+      out: output folder (see the module docstring for its files).
+      labels: image labels, for class targets only.
+    Returns:
+      :class:`AmplifyResult`; also written to ``out/amplify.json`` and plotted in ``out/asr.svg``.
+    """
+    from pdjax.images import save_image
+
+    _check_data(model, data)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
+    if cfg.poison_rate is not None:
+        spec = dataclasses.replace(spec, poison_rate=cfg.poison_rate)
+    run = {"attack": spec.to_dict(), "config": cfg.to_dict(), "model": model.config.to_dict(),
+           "schedule": model.schedule_config.to_dict()}
+    run_path = out / "run.json"
+    if run_path.is_file() and json.loads(run_path.read_text()) != json.loads(json.dumps(run)):
+        raise CheckpointError(f"{out} holds an amplification run with other settings; use a new --out folder")
+    run_path.write_text(json.dumps(run, indent=2))
+
+    # (a) invert from the known trigger g (cached in out/inversion for resumption).
+    g = build_arrays(spec, model.image_shape, data, labels).trigger
+    inv_dir = out / "inversion"
+    if (inv_dir / "inversion.json").is_file() and (inv_dir / "trigger.npy").is_file():
+        g_inv = np.load(inv_dir / "trigger.npy")
+        inv_loss = float(json.loads((inv_dir / "inversion.json").read_text())["final_loss"])
+    else:
+        inv = invert(model, cfg.inversion.method, jax.random.key(cfg.seed), cfg.inversion, progress, start=g)
+        inv.save(inv_dir)
+        g_inv, inv_loss = inv.trigger, float(inv.losses[-1])
+    # (b) g*: the mix, clipped to [-1, 1] so the trigger library reads it back from trigger_star.npy.
+    g_star = mix_trigger(g_inv, g, cfg.alpha)
+    np.save(out / "trigger_inv.npy", np.asarray(g_inv, np.float32))
+    np.save(out / "trigger_star.npy", g_star)
+    save_image(g_star, out / "trigger_star.png")
+    spec_star = dataclasses.replace(spec, trigger=str((out / "trigger_star.npy").absolute()))
+
+    # (c) two arms, same start, same budget, same batches; ASR with each arm's own trigger, fixed key.
+    default_chunk = loops.default_steps_per_call()
+    chunk = math.gcd(math.gcd(cfg.eval_every, cfg.steps), default_chunk)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       seed=cfg.seed, steps_per_call=chunk, checkpoint_every=cfg.eval_every)
+    points = eval_points(cfg.steps, cfg.eval_every)
+    eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
+
+    def score(m: Model, s: AttackSpec) -> float:
+        """Triggered ASR as :func:`pdjax.backdoor.train.evaluate` reports it (same key), without its clean half."""
+        arrays = build_arrays(s, m.image_shape, data, labels)
+        if arrays.target.ndim != 3:  # a class target: evaluate's classifier rule
+            res, _, _ = evaluate(m, s, eval_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)
+            return float(res.triggered["asr"])
+        x = sample_attack(m, s, arrays, jax.random.fold_in(eval_key, 1), cfg.n, triggered=True)
+        return float(attack_metrics(x, arrays.target).asr)
+
+    asr_amp, amplified = _run_arm("amplified", model, data, spec_star, tcfg, chunk, points, score,
+                                  out / "amplified", labels, progress)
+    asr_plain, _ = _run_arm("plain", model, data, spec, tcfg, chunk, points, score, out / "plain", labels, progress)
+
+    # (d) result JSON and plot; (e) exports of the amplified model (its pdjax checkpoint is out/amplified).
+    result = AmplifyResult(points, asr_amp, asr_plain, np.asarray(g, np.float32), np.asarray(g_inv, np.float32),
+                           g_star, spec.to_dict(), cfg.to_dict(), str(out.absolute()), inv_loss)
+    try:
+        result.diffusers = str(amplified.export_diffusers(out / "amplified-diffusers"))
+    except ImportError as e:
+        result.notes.append(f"diffusers export skipped: {e}; install the optional dependency "
+                            f"(pip install safetensors) and run `pdjax export {out / 'amplified'} DST`")
+    (out / "amplify.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out / "asr.svg").write_text(asr_svg(points, {"amplified (g*)": asr_amp, "plain (g)": asr_plain}))
+    return result
+
+
+def asr_svg(steps, curves: dict[str, list], width: int = 480, height: int = 300) -> str:
+    """A small dependency-free SVG line plot of ASR (0..1) against training steps, one line per curve."""
+    left, right, top, bottom = 50, 20, 20, 45
+    pw, ph = width - left - right, height - top - bottom
+    x_max = max(max(steps), 1)
+
+    def xy(s, a):
+        return left + pw * s / x_max, top + ph * (1.0 - min(max(a, 0.0), 1.0))
+
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>']
+    for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = xy(0, a)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{a:g}</text>')
+    for s in sorted(set([0, x_max] + list(steps)))[:: max(1, len(steps) // 8)]:
+        x, _ = xy(s, 0.0)
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle">{s}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">backdoor training steps</text>')
+    parts.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">'
+                 'ASR</text>')
+    for i, (name, ys) in enumerate(curves.items()):
+        c = colours[i % len(colours)]
+        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, a) for s, a in zip(steps, ys)))
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
+        for s, a in zip(steps, ys):
+            x, y = xy(s, a)
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{c}"/>')
+        ly = top + 14 + 16 * i
+        parts.append(f'<line x1="{left + 10}" y1="{ly - 4}" x2="{left + 30}" y2="{ly - 4}" stroke="{c}" '
+                     'stroke-width="2"/>')
+        parts.append(f'<text x="{left + 35}" y="{ly}">{_escape(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+__all__ = ["AmplifyConfig", "AmplifyResult", "amplify", "asr_svg", "eval_points", "mix_trigger"]

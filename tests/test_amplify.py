@@ -1,0 +1,143 @@
+"""Amplification (SPEC 6) and backdoor removal on a tiny 8x8 model with a 50-step schedule.
+
+One module-scoped ``pdjax amplify`` run (2 steps per arm, ASR every step, n = 4) serves most checks; a
+second call of the library function on the same folder checks resumption (it trains nothing). The
+removal fine-tune end to end is marked slow (its train step is another ~30 s compile on 2 CPU cores).
+"""
+
+import json
+import xml.etree.ElementTree as ET
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdjax import checkpoint, cli
+from pdjax.amplify import AmplifyConfig, amplify, asr_svg, eval_points, mix_trigger
+from pdjax.backdoor.attacks import AttackSpec
+from pdjax.backdoor.train import build_arrays
+from pdjax.data import load_digits
+from pdjax.defense.inversion import InversionConfig
+from pdjax.errors import CheckpointError, ConfigError
+from pdjax.model import load
+from pdjax.removal import removal_loss
+from pdjax.testing import random_model
+
+SPEC = AttackSpec(trigger="BOX_3", target="CORNER", poison_rate=0.25)
+CFG = AmplifyConfig(steps=2, eval_every=1, n=4, alpha=0.5, inversion=InversionConfig(steps=2, K=1, batch=4),
+                    batch=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("amp") / "model"
+    random_model("tiny", seed=0, timesteps=50).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(model_dir):
+    out = model_dir.parent / "amplify"
+    rc = cli.main(["amplify", str(model_dir), "--trigger", "BOX_3", "--target", "CORNER", "--poison-rate", "0.25",
+                   "--steps", "2", "--eval-every", "1", "--n", "4", "--alpha", "0.5", "--batch", "4",
+                   "--inv-steps", "2", "--K", "1", "--inv-batch", "4", "--quiet", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_cli_amplify_writes_curves_triggers_plot_and_models(cli_run):
+    res = json.loads((cli_run / "amplify.json").read_text())
+    assert res["steps"] == [0, 1, 2]
+    assert len(res["asr_amplified"]) == len(res["asr_plain"]) == 3
+    assert all(0.0 <= a <= 1.0 for a in res["asr_amplified"] + res["asr_plain"])
+    for name in ("trigger_inv.npy", "trigger_star.npy", "trigger_star.png", "asr.svg", "run.json",
+                 "inversion/trigger.npy", "amplified/curve.json", "plain/curve.json"):
+        assert (cli_run / name).is_file(), name
+    assert ET.fromstring((cli_run / "asr.svg").read_text()).tag.endswith("svg")
+    meta = checkpoint.read_meta(cli_run / "amplified")["provenance"]
+    assert meta["steps"] == 2 and meta["attack"]["trigger"].endswith("trigger_star.npy")
+    assert checkpoint.read_meta(cli_run / "plain")["provenance"]["attack"]["trigger"] == "BOX_3"
+    assert load(cli_run / "amplified").image_shape == (8, 8, 1)
+    if res["diffusers"]:
+        assert (cli_run / "amplified-diffusers" / "config.json").is_file()
+    else:
+        assert any("diffusers export skipped" in n for n in res["notes"])
+
+
+def test_mixed_trigger_formula(cli_run):
+    g = build_arrays(SPEC, (8, 8, 1)).trigger
+    g_inv = np.load(cli_run / "trigger_inv.npy")
+    g_star = np.load(cli_run / "trigger_star.npy")
+    np.testing.assert_array_equal(g_inv, np.load(cli_run / "inversion" / "trigger.npy"))
+    assert not np.array_equal(g_inv, g)  # the inversion moved away from its start g
+    np.testing.assert_allclose(g_star, np.clip(0.5 * g_inv + 0.5 * g, -1, 1), atol=1e-6)
+    np.testing.assert_array_equal(mix_trigger(g_inv, g, 1.0), np.clip(g_inv, -1, 1))
+    np.testing.assert_array_equal(mix_trigger(g_inv, g, 0.0), g)
+    # the amplified arm trains and is evaluated with g* as read back by the trigger library
+    spec_star = AttackSpec(trigger=str(cli_run / "trigger_star.npy"), target="CORNER")
+    np.testing.assert_allclose(build_arrays(spec_star, (8, 8, 1)).trigger, g_star, atol=1e-3)
+
+
+def test_amplify_resumes_without_training_and_refuses_other_settings(cli_run, model_dir):
+    data = load_digits(8, 1)
+    model = load(model_dir)
+    saved = json.loads((cli_run / "amplify.json").read_text())
+    res = amplify(model, data, SPEC, CFG, out=cli_run, progress=False)
+    assert res.steps == saved["steps"]
+    assert res.asr_amplified == saved["asr_amplified"] and res.asr_plain == saved["asr_plain"]
+    assert res.trigger_star.shape == res.trigger_inv.shape == res.trigger.shape == (8, 8, 1)
+    with pytest.raises(CheckpointError, match="other settings"):
+        amplify(model, data, SPEC, AmplifyConfig(steps=3, eval_every=1, n=4), out=cli_run, progress=False)
+
+
+def test_config_validation_and_helpers(tmp_path):
+    with pytest.raises(ConfigError, match="alpha"):
+        AmplifyConfig(alpha=1.5)
+    with pytest.raises(ConfigError, match="eval_every"):
+        AmplifyConfig(eval_every=0)
+    assert eval_points(5, 2) == [0, 2, 4, 5] and eval_points(4, 2) == [0, 2, 4]
+    svg = asr_svg([0, 1, 2], {"a <g*>": [0.0, 0.5, 1.0], "b": [0.0, 0.0, 0.25]})
+    root = ET.fromstring(svg)
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 2
+
+
+def test_cli_amplify_without_trigger_is_one_line_error(model_dir, tmp_path, capsys):
+    assert cli.main(["amplify", str(model_dir), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--trigger" in err and err.count("\n") == 1
+
+
+def test_removal_loss_at_zero_trigger_is_the_ddpm_loss():
+    model = random_model("tiny", seed=0, timesteps=50)
+    data = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32))
+    key = jax.random.key(3)
+    B = 4
+    loss = removal_loss(model, np.zeros((8, 8, 1), np.float32), B)
+
+    @jax.jit  # one compile for every quantity compared here
+    def compare(params, data):
+        # independent computation of the DDPM term with ddpm_loss's key-splitting rule
+        k_idx, k_t, k_eps = jax.random.split(key, 3)
+        x0 = data[jax.random.randint(k_idx, (B,), 0, 64)]
+        t = jax.random.randint(k_t, (B,), 0, 50)
+        noise = jax.random.normal(k_eps, x0.shape)
+        sa = model.schedule.sqrt_abar[t][:, None, None, None]
+        x_t = sa * x0 + jnp.sqrt(1.0 - sa ** 2) * noise
+        expected = jnp.mean((model.eps(params, x_t, t) - noise) ** 2)
+        return loss(params, key, data), expected
+
+    value, expected = (float(v) for v in compare(model.params, data))
+    np.testing.assert_allclose(value, expected, rtol=1e-4)  # delta = 0, unchanged model: backdoor term is 0
+
+
+@pytest.mark.slow
+def test_cli_clean_end_to_end(model_dir, tmp_path):
+    trig = tmp_path / "inv.npy"
+    np.save(trig, np.full((8, 8, 1), 1.5, np.float32))  # raw inverted triggers may leave [-1, 1]
+    out = tmp_path / "clean"
+    assert cli.main(["clean", str(model_dir), "--trigger", str(trig), "--steps", "2", "--batch", "4", "--n", "4",
+                     "--target", "CORNER", "--eval-trigger", "BOX_3", "--quiet", "--out", str(out)]) == 0
+    res = json.loads((out / "removal.json").read_text())
+    assert res["steps"] == 2 and res["asr_before"] is not None and res["clean_mse"] >= 0 and 0 <= res["asr_after"] <= 1
+    assert checkpoint.read_meta(out / "model")["provenance"]["steps"] == 2
