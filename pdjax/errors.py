@@ -15,6 +15,10 @@ class ConfigError(PdjaxError):
     """An invalid or unsupported model / run configuration."""
 
 
+class OutputError(ConfigError):
+    """An output path (``--out``, ``--npy``, ...) that cannot be created or written."""
+
+
 class CheckpointError(PdjaxError):
     """A missing, truncated, mismatched or otherwise unreadable checkpoint."""
 
