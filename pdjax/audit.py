@@ -33,7 +33,7 @@ import numpy as np
 
 from pdjax.defense.detection import SCAN_INVERSION, SCAN_SAMPLES, Detector, ModelVerdict, scan_model
 from pdjax.defense.inversion import InversionConfig
-from pdjax.errors import ConfigError
+from pdjax.errors import ConfigError, OutputError
 
 
 def demo_dir() -> Path:
@@ -59,7 +59,7 @@ def _writable(out: Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+        raise OutputError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
     return out
 
 
@@ -84,17 +84,20 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
     """
     from pdjax.model import load
 
-    out = _writable(Path(out))
+    # Every input is checked before the first model is scanned (a bad second model must not cost the
+    # first one's scan) and before ``out`` is created.
     det = Detector.load(detector)
+    config.resolved()
     if models:
         items = [(Path(m), {}) for m in models]
     else:
         items = demo_models()
+    loaded = [load(path) for path, _ in items]
+    out = _writable(Path(out))
     verdicts, entries = [], []
     key = jax.random.key(seed)
     t_start = time.perf_counter()
-    for i, (path, info) in enumerate(items):
-        model = load(path)
+    for i, ((path, info), model) in enumerate(zip(items, loaded)):
         name = path.name if not models else str(path)
         v = scan_model(model, name, jax.random.fold_in(key, i), det, config, n, progress=progress)
         save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
@@ -124,14 +127,19 @@ def collect_models(sources: list[str]) -> list[Path]:
     for src in sources:
         p = Path(src)
         if p.is_file():
-            lines = [ln.strip() for ln in p.read_text().splitlines()]
+            try:
+                lines = [ln.strip() for ln in p.read_text().splitlines()]
+            except UnicodeDecodeError:
+                raise ConfigError(f"{src} is a file but not a text list of model paths; pass model folders "
+                                  "or a text file with one path per line") from None
             found += [Path(ln) for ln in lines if ln and not ln.startswith("#")]
         elif is_model(p):
             found.append(p)
         elif p.is_dir():
             found += sorted(q for q in p.iterdir() if q.is_dir() and is_model(q))
         else:
-            raise ConfigError(f"{src} is neither a model folder, a folder of models nor a list file")
+            raise ConfigError(f"{src} is neither a model folder, a folder of models nor a list file; pass "
+                              "pdjax checkpoints / diffusers folders, a folder holding them, or a text file of paths")
     if not found:
         raise ConfigError(f"no models found in {', '.join(map(str, sources))}")
     seen, unique = set(), []
@@ -156,30 +164,35 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
     from pdjax.defense.detection import scan_stack
     from pdjax.model import load
 
-    out = _writable(Path(out))
     det = Detector.load(detector)
+    config.resolved()
     paths = collect_models(sources)
-    results = out / "audit.jsonl"
-    done, kept = set(), []
+    results = Path(out) / "audit.jsonl"
+    done, kept, cut = set(), [], False
     if results.is_file():
-        for line in results.read_text().splitlines():
+        text = results.read_text()
+        lines = text.splitlines()
+        for line in lines:
             try:
                 done.add(json.loads(line)["model"])
                 kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by a kill: that model is redone
+        cut = len(kept) != len(lines) or not text.endswith("\n")
+    todo = [p for p in paths if str(p) not in done]
+    loaded = [(p, load(p)) for p in todo]  # every model is checked before out/ is touched
+    out = _writable(Path(out))
+    if cut:
         tmp = results.with_suffix(".jsonl.tmp")  # drop cut lines before appending (atomic)
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, results)
-    todo = [p for p in paths if str(p) not in done]
     echo(f"{len(paths)} model(s), {len(paths) - len(todo)} already audited in {results}, {len(todo)} to go")
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), ("models",)) if len(devices) > 1 else None
     per = stack or len(devices)
     per = -(-per // len(devices)) * len(devices)  # a multiple of the device count
     groups: dict = {}
-    for p in todo:
-        m = load(p)
+    for p, m in loaded:
         groups.setdefault((m.config, m.schedule_config), []).append((p, m))
     entries = []
     for members in groups.values():
@@ -241,17 +254,25 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
     count; model i uses ``fold_in(key(seed), i)``); the features and labels are stored in the file's meta.
     """
-    from pdjax.defense.detection import calibrate
+    from pdjax.defense.detection import FEATURES, calibrate
+    from pdjax.errors import UnknownNameError
     from pdjax.model import load
+    from pdjax.paths import check_out_file
 
+    # Every input is checked before the first (minutes-long) scan.
     if not clean or not backdoored:
         raise ConfigError("calibration needs at least one --clean and one --backdoored reference model")
+    if feature not in FEATURES:
+        raise UnknownNameError("detection feature", feature, FEATURES)
+    config.resolved()
+    check_out_file(out)
     paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
+    models = [load(p) for p, _ in paths]
     key = jax.random.key(seed)
     feats, labels = [], []
     placeholder = Detector()  # scan_model needs a rule; its verdict is ignored here
-    for i, (p, label) in enumerate(paths):
-        v = scan_model(load(p), str(p), jax.random.fold_in(key, i), placeholder, config, n, progress=progress)
+    for i, ((p, label), model) in enumerate(zip(paths, models)):
+        v = scan_model(model, str(p), jax.random.fold_in(key, i), placeholder, config, n, progress=progress)
         feats.append(v.features)
         labels.append(label)
         echo(f"{p}: {'backdoored' if label else 'clean'} reference, {feature} = {v.features[feature]:.4g}")

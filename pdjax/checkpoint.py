@@ -27,6 +27,7 @@ from pdjax.errors import CheckpointError
 
 FORMAT, VERSION = "pdjax", 1
 POINTER = "pdjax.json"
+_RESAVE = "re-save it, or convert the source model again"  # the fix named by every damaged-checkpoint error
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -56,9 +57,9 @@ def read_pointer(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(ptr.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{ptr} is not valid JSON; the checkpoint is damaged") from None
+        raise CheckpointError(f"{ptr} is not valid JSON; the checkpoint is damaged: {_RESAVE}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "current" not in data:
-        raise CheckpointError(f"{ptr} is not a pdjax checkpoint pointer")
+        raise CheckpointError(f"{ptr} is not a pdjax checkpoint pointer; the checkpoint is damaged: {_RESAVE}")
     if data.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer pdjax (format version {data['version']}); upgrade pdjax")
     return data
@@ -109,15 +110,46 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return read_pointer(path).get("meta", {})
 
 
+def _is_closed_loop_noise(unraisable) -> bool:
+    """True for the 'Event loop is closed' RuntimeError of a tensorstore read that finished after a failed restore."""
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _silence_aborted_reads() -> None:
+    """After a failed orbax restore, drop the late 'Event loop is closed' noise of its other reads.
+
+    orbax reads all arrays concurrently inside ``asyncio.run``; when one read fails (a truncated file) the
+    loop is closed while tensorstore still completes the other reads, and each completion reports
+    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``: dozens of tracebacks printed
+    after the one-line error, at a random later moment. The error itself is already reported as a
+    :class:`CheckpointError`; this wraps the current hook to drop exactly that message (nothing else).
+    """
+    import sys
+
+    hook = sys.unraisablehook
+    if getattr(hook, "_pdjax_drops_closed_loop", False):
+        return
+
+    def drop_closed_loop(unraisable):
+        if not _is_closed_loop_noise(unraisable):
+            hook(unraisable)
+
+    drop_closed_loop._pdjax_drops_closed_loop = True
+    sys.unraisablehook = drop_closed_loop
+
+
 def _restore_tree(folder: Path, target=None):
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is missing; the checkpoint is incomplete")
+        raise CheckpointError(f"{folder} is missing; the checkpoint is incomplete: {_RESAVE}")
     try:
         with _checkpointer() as ckpt:
             return ckpt.restore(folder, target) if target is not None else ckpt.restore(folder)
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{folder} could not be read ({msg}); the checkpoint is truncated or damaged") from None
+        _silence_aborted_reads()
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder} could not be read ({msg}); the checkpoint is truncated or damaged: "
+                              f"{_RESAVE}") from None
 
 
 def restore(path: str | Path, target=None, with_state: bool = False):
@@ -147,13 +179,15 @@ def restore(path: str | Path, target=None, with_state: bool = False):
 def _saved_shapes(folder: Path):
     """Shapes of a saved tree from orbax metadata (no array data is read)."""
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is missing; the checkpoint is incomplete")
+        raise CheckpointError(f"{folder} is missing; the checkpoint is incomplete: {_RESAVE}")
     try:
         with _checkpointer() as ckpt:
             meta = ckpt.metadata(folder)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{folder} could not be read ({msg}); the checkpoint is truncated or damaged") from None
+        _silence_aborted_reads()
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder} could not be read ({msg}); the checkpoint is truncated or damaged: "
+                              f"{_RESAVE}") from None
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     return tree
@@ -165,10 +199,13 @@ def check_tree_shapes(tree, expected, source: str) -> None:
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     for key in sorted(want):
         if key not in got:
-            raise CheckpointError(f"{source}: missing parameter {key}; the weights do not match the model config")
+            raise CheckpointError(f"{source}: missing parameter {key}; the weights do not match the model config "
+                                  f"(pdjax.json was edited or the save is damaged: {_RESAVE})")
     for key in sorted(got):
         if key not in want:
-            raise CheckpointError(f"{source}: unexpected parameter {key}; the weights do not match the model config")
+            raise CheckpointError(f"{source}: unexpected parameter {key}; the weights do not match the model config "
+                                  f"(pdjax.json was edited or the save is damaged: {_RESAVE})")
         if tuple(got[key].shape) != tuple(want[key].shape):
             raise CheckpointError(f"{source}: parameter {key} has shape {tuple(got[key].shape)}, "
-                                  f"expected {tuple(want[key].shape)}")
+                                  f"expected {tuple(want[key].shape)}; the weights do not match the model config "
+                                  f"({_RESAVE})")

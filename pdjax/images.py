@@ -164,16 +164,21 @@ def load_image(path, size=None, channels: int | None = None) -> np.ndarray:
         _check_channels(channels)
     if path.suffix.lower() == ".npy":
         try:
-            x = np.load(path, allow_pickle=False)
+            x = np.load(path, allow_pickle=False)  # never unpickle: a .npy of objects could run code
         except (OSError, ValueError) as e:
+            if "allow_pickle" in str(e):
+                raise DataError(f"{path} holds pickled Python objects (refused, nothing was executed); "
+                                "save a numeric array with numpy.save") from None
             raise DataError(f"cannot read {path} as a .npy array ({e}); save it with numpy.save") from None
         if x.ndim == 2:
             x = x[..., None]
         if x.ndim != 3 or x.shape[-1] not in (1, 3) or not np.issubdtype(x.dtype, np.number):
             raise DataError(f"{path} holds a {x.dtype} array of shape {x.shape}; expected [H, W] or [H, W, C] with C = 1 or 3")
         x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{path} contains NaN or Inf values; save a finite array in [-1, 1]")
         lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3):
+        if not (lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3):
             raise DataError(f"{path} has values in [{lo:g}, {hi:g}]; expected [-1, 1] (use x / 127.5 - 1 for uint8 pixels)")
         x = np.clip(x, -1.0, 1.0)
     else:

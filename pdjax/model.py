@@ -89,7 +89,7 @@ def check_finite(params, source: str) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise CheckpointError(f"{source}: parameter {jax.tree_util.keystr(path)} contains NaN or Inf; "
-                                  "the checkpoint is corrupt or diverged")
+                                  "the checkpoint is corrupt or training diverged; use an earlier checkpoint")
 
 
 def load(path: str | Path, sharding=None) -> Model:
@@ -101,7 +101,7 @@ def load(path: str | Path, sharding=None) -> Model:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist; pass a pdjax checkpoint folder or a diffusers model folder")
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path)
         try:

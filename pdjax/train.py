@@ -24,6 +24,7 @@ from pdjax import checkpoint, loops
 from pdjax.diffusion.schedule import Schedule, q_sample
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.model import Model
+from pdjax.paths import check_out_dir
 
 # loss_fn(params, key, data) -> scalar loss; data is the whole device-resident dataset [N, H, W, C].
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -77,7 +78,8 @@ class TrainResult:
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """Adam with linear warm-up then cosine decay, after global-norm gradient clipping."""
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1))
+    warmup = max(cfg.warmup_steps, 1)  # optax needs warm-up >= 1 and a decay phase >= 1 step (--steps 1 --warmup 0)
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1))
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
 
 
@@ -140,9 +142,11 @@ def fit(model: Model, loss_fn: LossFn, data, cfg: TrainConfig, out: str | Path |
       stop_after: stop after this many steps in this call (to simulate an interruption in tests).
     Returns a TrainResult whose model carries the EMA params.
     """
-    optimizer = make_optimizer(cfg)
-    state = init_state(model.params, optimizer, cfg.seed)
-    resumed = 0
+    # Every check comes before anything compiles: an unwritable --out or a run of other settings in it
+    # fails in seconds, not after training (or after the optimiser-state init's small compiles).
+    saved = None
+    if out is not None:
+        check_out_dir(out)
     if out is not None and checkpoint.is_checkpoint(out):
         _, saved_meta, saved = checkpoint.restore(out, with_state=True)
         if saved is not None:
@@ -153,8 +157,12 @@ def fit(model: Model, loss_fn: LossFn, data, cfg: TrainConfig, out: str | Path |
                                                                         model.schedule_config.to_dict()):
                 raise CheckpointError(f"{out} holds a run of another model architecture or schedule; "
                                       "use a new --out folder")
-            state = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(state, saved))
-            resumed = int(state.step)
+    optimizer = make_optimizer(cfg)
+    state = init_state(model.params, optimizer, cfg.seed)
+    resumed = 0
+    if saved is not None:
+        state = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(state, saved))
+        resumed = int(state.step)
     chunk = cfg.steps_per_call
     every = max(chunk, cfg.checkpoint_every // chunk * chunk)
     data = jnp.asarray(data)

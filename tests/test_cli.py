@@ -204,7 +204,7 @@ def test_sample_trigger_of_wrong_shape(trained, tmp_path, capsys, shape):
 def test_sample_unwritable_out(trained, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert_user_error(capsys, "sample", trained[0], "--n", "4", "--sampler", "ddim", "--steps", "2",
-                      "--out", tmp_path / "file" / "x.png", match="cannot write image")
+                      "--out", tmp_path / "file" / "x.png", match="is a file, not a folder")  # checked before sampling
 
 
 def test_convert_into_a_file(trained, tmp_path, capsys):

@@ -219,3 +219,13 @@ def test_repeat_unknown_strategy_and_env(monkeypatch):
         loops.default_strategy()
     monkeypatch.delenv("PDJAX_LOOP")
     assert loops.default_strategy("cpu") == "unroll" and loops.default_strategy("tpu") == "scan"
+
+
+def test_one_step_without_warmup_has_a_valid_schedule():
+    """`--steps 1 --warmup 0` (the `pdjax clean` default warm-up) once made optax refuse a 0-step decay."""
+    import optax
+
+    opt = train_mod.make_optimizer(TrainConfig(steps=1, warmup_steps=0))
+    params = {"w": jnp.ones(3)}
+    updates, _ = opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+    assert np.all(np.isfinite(np.asarray(optax.apply_updates(params, updates)["w"])))

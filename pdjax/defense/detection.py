@@ -33,7 +33,7 @@ import numpy as np
 
 from pdjax.defense.evaluate import generation_stats, triggered_generations
 from pdjax.defense.inversion import InversionConfig, invert
-from pdjax.errors import ConfigError
+from pdjax.errors import ConfigError, OutputError
 
 DETECTOR_FORMAT = "pdjax-detector"
 DETECTOR_VERSION = 1
@@ -78,12 +78,18 @@ class Detector:
         return {"format": DETECTOR_FORMAT, "version": DETECTOR_VERSION, **dataclasses.asdict(self)}
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        """Write the detector JSON atomically (a temporary file, then ``os.replace``)."""
+        from pdjax.paths import check_out_file
+
+        path = check_out_file(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OutputError(f"cannot write detector {path} ({e.strerror or e}); choose a writable --out") from None
         return path
 
     @classmethod
@@ -96,16 +102,20 @@ class Detector:
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"detector file {p} not found; run `pdjax calibrate` or omit --detector")
-            text, where = p.read_text(), str(p)
+            text, where = p.read_bytes(), str(p)
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where} is not valid JSON ({e.msg}); recalibrate it with `pdjax calibrate`") from None
-        if d.get("format") != DETECTOR_FORMAT or d.get("version") != DETECTOR_VERSION:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise ConfigError(f"{where} is not valid JSON ({why}); recalibrate it with `pdjax calibrate`") from None
+        if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT or d.get("version") != DETECTOR_VERSION:
             raise ConfigError(f"{where} is not a pdjax detector of version {DETECTOR_VERSION}; recalibrate it")
         if d.get("feature") not in FEATURES:
             raise ConfigError(f"{where} uses unknown feature {d.get('feature')!r}; valid: {', '.join(FEATURES)}")
-        return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}))
+        try:
+            return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where} lacks a valid {e} entry; recalibrate it with `pdjax calibrate`") from None
 
 
 @dataclasses.dataclass

@@ -430,6 +430,7 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
     """
     stacked = num_models is not None
     t0 = time.perf_counter()
+    phases = _phases(prob, cfg)  # first: an unknown --lambda source fails before any jax work
     if start is not None:  # an explicit delta_0 (e.g. the known trigger, for amplification, SPEC 6)
         delta = jnp.asarray(start, jnp.float32)
         if delta.shape != tuple(prob.shape):
@@ -441,7 +442,6 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
     else:
         delta = initial_delta(cfg, prob.shape, key)
     all_losses, compile_s = [], 0.0
-    phases = _phases(prob, cfg)
     for p, phase in enumerate(phases):
         n = _chunk(cfg, phase.steps)
         # The cached program may have been built for another step count: take the count from ``phase``.

@@ -84,19 +84,21 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: UNetConfig, source: 
     extra = sorted(set(state) - set(expected))
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing); "
-                              "the weights do not match config.json")
+                              "the weights do not match config.json (use the config.json saved with these weights)")
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected); "
-                              "the weights do not match config.json")
+                              "the weights do not match config.json (use the config.json saved with these weights)")
     params: dict = {}
     for key, (path, spec) in expected.items():
         value = np.asarray(state[key])
         if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected floating point")
+            raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected floating point; "
+                                  "these are not model weights (re-export them from diffusers)")
         value = _to_flax(value.astype(np.float32), path[-1], len(spec.shape))
         if tuple(value.shape) != tuple(spec.shape):
             want = _to_torch(np.empty(spec.shape, np.float32), path[-1]).shape
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(want)}")
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(want)}; "
+                                  "the weights do not match config.json (use the config.json saved with these weights)")
         _set(params, path, value)
     return params
 
@@ -137,14 +139,25 @@ def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
     if binf.is_file():
         try:
             import torch
-        except ImportError:
-            raise CheckpointError(f"{binf} is a PyTorch pickle; install the extra `pip install pdjax[torch]` "
-                                  "or convert it to safetensors") from None
+        except (ImportError, OSError) as e:  # not installed, or a broken install (missing shared library)
+            why = "torch is not installed" if isinstance(e, ImportError) else "torch could not be imported"
+            raise CheckpointError(f"{binf} is a PyTorch pickle and {why}; install the extra "
+                                  "`pip install pdjax[torch]` or convert the weights to safetensors") from None
+        import pickle
+        import warnings
+
         try:
-            state = torch.load(str(binf), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of non-torch pickles
+                warnings.simplefilter("ignore")
+                state = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refused a global: never rerun it with weights_only=False
+            raise CheckpointError(f"{binf} could not be loaded safely: its pickle asks for objects other than tensors "
+                                  "(refused, nothing was executed); get the weights as safetensors from a trusted "
+                                  "source") from None
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad/unsafe files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{binf} could not be loaded safely ({first})") from None
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{binf} could not be loaded safely ({first}); the file is truncated or not a "
+                                  "PyTorch state dict") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{binf} does not hold a state dict")
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

@@ -243,6 +243,13 @@ def _jit_init(cfg: UNetConfig):
 
 def param_shapes(cfg: UNetConfig) -> dict:
     """The params pytree of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
+    # Traced once per config (tracing the UNet takes ~0.3 s and every model load checks its weights against
+    # these shapes); each call returns fresh dicts around the shared, immutable leaves.
+    return jax.tree_util.tree_map(lambda s: s, _param_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _param_shapes(cfg: UNetConfig) -> dict:
     module = UNet2D(cfg)
     x = jax.ShapeDtypeStruct((1, cfg.sample_size, cfg.sample_size, cfg.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
