@@ -21,8 +21,11 @@ For each case (an attack, trigger and target that the zoo does not use, with its
 
 Outputs: ``OUT/<case>/`` (brief/, amplify/ with amplify.json and asr.svg, removal/ with removal.json) and
 ``OUT/amplify_table.md`` (copied by hand to experiments/results/ when quoted).
-Cost on the 2-core CPU: about 25 min per case with the defaults (each evaluation point is ``--n`` DDPM
-chains of 1000 steps, about a minute for n = 32).
+Cost on the 2-core CPU, measured for bd_stop_shoe while the machine also ran tests and benchmarks (load
+6-9, so roughly 3x slower than an idle machine): brief backdoor 432 s, amplification 4290 s (inversion, two
+arms of 1000 steps, 12 evaluations of n = 32 DDPM chains of 1000 steps), removal 1292 s (inversion, 500
+fine-tuning steps, 4 x 32 generations). Results: experiments/results/amplify_table.md and
+experiments/results/amplify_bd_stop_shoe_asr.svg (seed per case as listed in CASES).
 """
 
 from __future__ import annotations

@@ -586,7 +586,38 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", required=True, help="output folder: model/ and removal.json (resumed if it exists)")
     cl.add_argument("--quiet", action="store_true")
     cl.set_defaults(func=cmd_clean)
+    _fill_help(sub)
     return p
+
+
+# Help for options shared by several subcommands, filled in where a subcommand gives none.
+_SHARED_HELP = {
+    "seed": "random seed: the same seed gives the same result",
+    "quiet": "no progress bars",
+    "steps": "optimiser steps",
+    "batch": "batch size",
+    "lr": "learning rate",
+    "warmup": "learning-rate warm-up steps",
+    "checkpoint_every": "save a resumable checkpoint every this many steps",
+    "size": "image size of a freshly initialised model",
+    "channels": "image channels of a freshly initialised model",
+    "sampler": "ddpm (ancestral, every timestep) or ddim (fewer steps)",
+    "n": "number of generations",
+    "poison_rate": "poisoned fraction of each training batch",
+    "data": "training data: digits (bundled), cifar10:DIR or a folder of images",
+    "src": "pdjax checkpoint (or diffusers folder) to export",
+    "dst": "diffusers folder to write (config.json + diffusion_pytorch_model.safetensors)",
+    "model": "pdjax checkpoint or diffusers folder",
+    "shift_weight": "purediffusion: weight of the distribution-shift loss",
+}
+
+
+def _fill_help(sub) -> None:
+    """Give every option of every subcommand a help line (the shared text for its name when it has none)."""
+    for parser in sub.choices.values():
+        for action in parser._actions:
+            if not action.help and action.dest in _SHARED_HELP:
+                action.help = _SHARED_HELP[action.dest]
 
 
 def main(argv: list[str] | None = None) -> int:
