@@ -148,8 +148,11 @@ def load_delta(path, shape) -> np.ndarray:
         raise DataError(f"cannot read {path} as a .npy array ({e}); save it with numpy.save") from None
     if x.ndim == 2:
         x = x[..., None]
-    if tuple(x.shape) != tuple(shape) or not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-        raise DataError(f"{path} holds a {x.dtype} array of shape {x.shape}; the model needs a finite {tuple(shape)}")
+    if tuple(x.shape) != tuple(shape) or not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{path} holds a {x.dtype} array of shape {x.shape}; the model needs a numeric {tuple(shape)} "
+                        "array (the trigger.npy that `pdjax invert` writes for this model)")
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path} contains NaN or Inf values; invert the trigger again (`pdjax invert`)")
     return x.astype(np.float32)
 
 

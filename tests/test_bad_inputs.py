@@ -328,7 +328,7 @@ ROWS = [
     Row("clean-trigger-npy-nan",
         lambda z, t, mp: ["clean", z.diff, "--trigger", npy(t / "g.npy", np.full((8, 8, 1), np.nan, np.float32)),
                           "--out", t / "c", *FAST],
-        "g.npy holds a float32 array", "the model needs a finite (8, 8, 1)"),
+        "g.npy contains NaN or Inf values", "pdjax invert"),
     Row("data-folder-16-bit-png",
         lambda z, t, mp: ["train", "--init", z.diff, "--data", folder_with(t, png16), "--out", t / "r", "--samples", "0", *FAST],
         "b_bad.png is a I;16-mode (high bit depth) image", "save it as 8-bit"),
