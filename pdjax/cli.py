@@ -143,6 +143,18 @@ def _attack_spec_args(args) -> dict:
             if getattr(args, k, None) is not None}
 
 
+def _model_and_spec(args):
+    """(model, AttackSpec) for ``args.model``: its recorded attack with the command line's overrides."""
+    from pdjax.backdoor.train import spec_from_model
+    from pdjax.model import load
+
+    model = load(args.model)
+    overrides = _attack_spec_args(args)
+    if "trigger" not in overrides and "attack" not in model.meta:
+        raise PdjaxError(f"{args.model} records no attack; pass --trigger and --target (the known backdoor)")
+    return model, spec_from_model(model, **overrides)
+
+
 def cmd_attack(args) -> int:
     from pdjax.backdoor.attacks import AttackSpec
     from pdjax.backdoor.train import attack
@@ -179,16 +191,11 @@ def cmd_attack(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pdjax.backdoor.train import evaluate, spec_from_model
+    from pdjax.backdoor.train import evaluate
     from pdjax.data import load_digits_with_labels
     from pdjax.images import display_scale, save_grid
-    from pdjax.model import load
 
-    model = load(args.model)
-    overrides = _attack_spec_args(args)
-    if "trigger" not in overrides and "attack" not in model.meta:
-        raise PdjaxError(f"{args.model} records no attack; pass --trigger and --target")
-    spec = spec_from_model(model, **overrides)
+    model, spec = _model_and_spec(args)
     check_out_dir(args.out)
     data = labels = None
     if spec.target.startswith("class:"):
@@ -281,15 +288,9 @@ def cmd_amplify(args) -> int:
     import dataclasses
 
     from pdjax.amplify import AmplifyConfig, amplify
-    from pdjax.backdoor.train import spec_from_model
     from pdjax.defense.inversion import InversionConfig
-    from pdjax.model import load
 
-    model = load(args.model)
-    overrides = _attack_spec_args(args)
-    if "trigger" not in overrides and "attack" not in model.meta:
-        raise PdjaxError(f"{args.model} records no attack; pass --trigger and --target (the known backdoor)")
-    spec = spec_from_model(model, **overrides)
+    model, spec = _model_and_spec(args)
     data, labels = _training_data(model, args.data)
     from pdjax.backdoor.train import build_arrays
 
