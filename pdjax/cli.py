@@ -627,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from pdjax.compile_cache import enable
+
+    enable()  # later runs of the same programs skip their compile ($PDJAX_CACHE_DIR=off disables)
     try:
         return args.func(args)
     except PdjaxError as e:

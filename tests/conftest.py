@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("PDJAX_CACHE_DIR", "off")  # hermetic tests: no persistent compilation cache in ~/.cache
 
 import pytest  # noqa: E402
 
