@@ -627,10 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from pdjax.compile_cache import enable
+    from pdjax import compile_cache, cpu_runtime
 
-    enable()  # later runs of the same programs skip their compile ($PDJAX_CACHE_DIR=off disables)
     try:
+        cpu_runtime.enable()  # YNNPACK kernels, one XLA:CPU device per core (see pdjax/cpu_runtime.py)
+        compile_cache.enable()  # later runs of the same programs skip their compile ($PDJAX_CACHE_DIR=off disables)
         return args.func(args)
     except PdjaxError as e:
         print(f"error: {e}", file=sys.stderr)

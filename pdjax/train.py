@@ -196,9 +196,10 @@ def fit(model: Model, loss_fn: LossFn, data, cfg: TrainConfig, out: str | Path |
                        time.perf_counter() - t0, resumed)
 
 
-def train(model: Model, data, cfg: TrainConfig = TrainConfig(), out: str | Path | None = None,
+def train(model: Model, data, cfg: TrainConfig | None = None, out: str | Path | None = None,
           meta: dict | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Clean DDPM training of ``model`` on ``data`` [N, H, W, C] in [-1, 1] (see :func:`fit`)."""
+    cfg = cfg or TrainConfig()
     _check_data(model, data)
     loss = ddpm_loss(model.eps, model.schedule, cfg.batch_size)
     return fit(model, loss, data, cfg, out=out, meta=meta, progress=progress, stop_after=stop_after)

@@ -6,6 +6,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("PDJAX_CACHE_DIR", "off")  # hermetic tests: no persistent compilation cache in ~/.cache
 
+from pdjax import cpu_runtime  # noqa: E402  (imports no backend)
+
+cpu_runtime.enable(devices=False)  # the CLI's YNNPACK kernels on XLA:CPU, before JAX starts
+
 import pytest  # noqa: E402
 
 

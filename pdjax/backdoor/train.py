@@ -53,12 +53,13 @@ def build_arrays(spec: AttackSpec, shape: tuple[int, int, int], data=None, label
     return AttackArrays(trigger=g, mask=mask, target=target, patch=patch)
 
 
-def attack(model: Model, data, spec: AttackSpec, cfg: TrainConfig = TrainConfig(), out=None, labels=None,
+def attack(model: Model, data, spec: AttackSpec, cfg: TrainConfig | None = None, out=None, labels=None,
            meta: dict | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Backdoor ``model`` (fine-tune, or train from scratch if its params are fresh) on ``data`` [N, H, W, C].
 
     Returns the TrainResult of :func:`pdjax.train.fit`; the model's metadata records ``attack``.
     """
+    cfg = cfg or TrainConfig()
     _check_data(model, data)
     arrays = build_arrays(spec, model.image_shape, data, labels)
     loss = backdoor_loss(model.eps, model.schedule, spec, arrays, cfg.batch_size)

@@ -17,6 +17,7 @@ import numpy as np
 
 from pdjax.diffusion.samplers import ddpm_sample
 from pdjax.errors import ConfigError
+from pdjax.sharding import shard_batch
 from pdjax.metrics import asr, mse_to_target, total_variation, trigger_l2, uniformity
 
 
@@ -40,19 +41,29 @@ def triggered_generations(model, triggers, key: jax.Array, n: int = 32, batch_li
     per = max(1, batch_limit // n)
     out = []
     for lo in range(0, len(triggers), per):
-        out.append(np.asarray(_generations(model.eps, model.schedule, sc.variance_type, bool(sc.clip_sample),
-                                           model.params, jnp.asarray(triggers[lo:lo + per]), key, n)))
+        x_T = shard_batch(_start(jnp.asarray(triggers[lo:lo + per]), key, n), n, axis=1)
+        out.append(np.asarray(_chains(model.eps, model.schedule, sc.variance_type, bool(sc.clip_sample),
+                                      model.params, x_T, key)))
     return np.concatenate(out)
 
 
-def _generations(eps_fn, schedule, variance_type, clip_sample, params, triggers, key, n):
-    """[T, n, H, W, C]: DDPM chains from noise + triggers[j], the start noise ``normal(fold_in(key, 0))``
-    and the chain key ``fold_in(key, 1)`` shared by every trigger (so no result depends on the grouping)."""
+def _start(triggers, key, n):
+    """[T, n, H, W, C] start points noise + triggers[j], the noise ``normal(fold_in(key, 0))`` shared by all."""
     noise = jax.random.normal(jax.random.fold_in(key, 0), (n, *triggers.shape[1:]))
+    return noise[None] + triggers[:, None]
+
+
+def _chains(eps_fn, schedule, variance_type, clip_sample, params, x_T, key):
+    """[T, n, H, W, C]: DDPM chains from x_T [T, n, H, W, C], the chain key ``fold_in(key, 1)`` shared by
+    every trigger (so no result depends on the grouping)."""
     chain_key = jax.random.fold_in(key, 1)
-    x_T = noise[None] + triggers[:, None]
     return jax.vmap(lambda xt: ddpm_sample(eps_fn, params, schedule, xt, chain_key, variance_type=variance_type,
                                            clip_sample=clip_sample))(x_T)
+
+
+def _generations(eps_fn, schedule, variance_type, clip_sample, params, triggers, key, n):
+    """[T, n, H, W, C]: :func:`_chains` from :func:`_start` (traceable: the stacked audit vmaps it)."""
+    return _chains(eps_fn, schedule, variance_type, clip_sample, params, _start(triggers, key, n), key)
 
 
 _STACKED: dict = {}

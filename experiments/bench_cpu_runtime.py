@@ -1,0 +1,120 @@
+"""XLA:CPU runtime settings (pdjax/cpu_runtime.py): YNNPACK kernels and one device per core, vs XLA's defaults.
+
+Command:
+
+    python experiments/bench_cpu_runtime.py [--model pdjax/assets/demo/bd_box_corner] [--reps 3]
+        [--json experiments/results/bench_cpu_runtime.json]
+
+Each configuration runs in its own process (XLA_FLAGS are read once, at backend start):
+``xla-1`` (XLA's kernels, 1 device: the reference), ``ynn-1`` (YNNPACK, 1 device) and ``ynn-N``
+(YNNPACK, one device per core, the ``pdjax`` command's default). Each child times, on the same model and
+inputs, after a warm-up call: the UNet forward at batch 32, the gradient of a loss through it with respect
+to its input (what trigger inversion differentiates), a 100-step DDPM chain of 2 x 16 samples through
+:func:`pdjax.defense.evaluate.triggered_generations` (batch-sharded over the devices) and 5 steps of the
+scan's PureDiffusion inversion. It also saves its outputs, and the parent reports the largest difference
+from the reference (float rounding expected) and the speed ratios ``reference time / time``.
+Runtime: about 5 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {"xla-1": ("xla", "1"), "ynn-1": ("ynn", "1"), "ynn-N": ("ynn", "")}
+
+
+def child(model_path: str, reps: int, out: Path) -> None:
+    from pdjax import cpu_runtime
+
+    flags = cpu_runtime.enable()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pdjax.defense.detection import SCAN_INVERSION
+    from pdjax.defense.evaluate import triggered_generations
+    from pdjax.defense.inversion import invert
+    from pdjax.model import load
+
+    m = load(model_path)
+    # The same weights on a 100-step schedule: a short chain, the same per-step cost as the real one.
+    short = dataclasses.replace(m, schedule_config=dataclasses.replace(m.schedule_config, num_train_timesteps=100))
+    x = jax.random.normal(jax.random.key(1), (32, *m.image_shape))
+    t = jnp.full((32,), 500)
+    fwd = jax.jit(m.eps)
+    grad = jax.jit(jax.grad(lambda p, x, t: jnp.sum(m.eps(p, x, t) ** 2), argnums=1))
+    trig = np.stack([np.full(m.image_shape, -0.5, np.float32), np.zeros(m.image_shape, np.float32)])
+    inv_cfg = dataclasses.replace(SCAN_INVERSION, steps=5)
+    jobs = {
+        "unet_forward_b32": lambda: fwd(m.params, x, t),
+        "unet_input_grad_b32": lambda: grad(m.params, x, t),
+        "ddpm_100_steps_2x16": lambda: triggered_generations(short, trig, jax.random.key(2), n=16),
+        "purediffusion_5_steps": lambda: invert(m, "purediffusion", jax.random.key(3), inv_cfg).trigger,
+    }
+    rows, arrays = {}, {}
+    for name, fn in jobs.items():
+        t0 = time.perf_counter()
+        arrays[name] = np.asarray(jax.block_until_ready(fn()))
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+        rows[name] = {"first_call_s": first, "median_s": float(np.median(times)), "times": times}
+    np.savez(out / "arrays.npz", **arrays)
+    (out / "rows.json").write_text(json.dumps({"flags": flags, "devices": len(jax.devices()), "rows": rows}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="pdjax/assets/demo/bd_box_corner")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default="experiments/results/bench_cpu_runtime.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.model, args.reps, Path(args.child))
+    import numpy as np
+
+    work = Path(tempfile.mkdtemp(prefix="pdjax-cpurt-"))
+    results = {}
+    for name, (kernels, devices) in CONFIGS.items():
+        folder = work / name
+        folder.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(PDJAX_CPU_KERNELS=kernels, PDJAX_CPU_DEVICES=devices, PDJAX_CACHE_DIR="off")
+        subprocess.run([sys.executable, __file__, "--child", str(folder), "--model", args.model,
+                        "--reps", str(args.reps)], env=env, check=True)
+        results[name] = json.loads((folder / "rows.json").read_text())
+        results[name]["arrays"] = np.load(folder / "arrays.npz")
+    ref = results["xla-1"]
+    table = []
+    print(f"{'config':8} {'devices':>7} {'job':24} {'median s':>9} {'ratio':>6} {'max |diff|':>11}")
+    for name, res in results.items():
+        for job, row in res["rows"].items():
+            ratio = ref["rows"][job]["median_s"] / row["median_s"]
+            diff = float(np.abs(res["arrays"][job] - ref["arrays"][job]).max())
+            table.append({"config": name, "devices": res["devices"], "flags": res["flags"], "job": job, **row,
+                          "speedup_vs_xla_1": ratio, "max_abs_diff_vs_xla_1": diff})
+            print(f"{name:8} {res['devices']:7d} {job:24} {row['median_s']:9.3f} {ratio:6.2f} {diff:11.2e}")
+    import platform
+
+    import jax
+
+    env = {"python": platform.python_version(), "jax": jax.__version__, "cores": os.cpu_count(),
+           "model": args.model, "reps": args.reps}
+    Path(args.json).write_text(json.dumps({"environment": env, "rows": table}, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
