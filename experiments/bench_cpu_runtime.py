@@ -6,14 +6,15 @@ Command:
         [--json experiments/results/bench_cpu_runtime.json]
 
 Each configuration runs in its own process (XLA_FLAGS are read once, at backend start):
-``xla-1`` (XLA's kernels, 1 device: the reference), ``ynn-1`` (YNNPACK, 1 device) and ``ynn-N``
-(YNNPACK, one device per core, the ``pdjax`` command's default). Each child times, on the same model and
+``xla-1`` (XLA's kernels, 1 device: the reference), ``ynn-1`` (YNNPACK, 1 device: the ``pdjax``
+command's default) and ``ynn-N``
+(YNNPACK, ``PDJAX_CPU_DEVICES=auto``: one device per core). Each child times, on the same model and
 inputs, after a warm-up call: the UNet forward at batch 32, the gradient of a loss through it with respect
 to its input (what trigger inversion differentiates), a 100-step DDPM chain of 2 x 16 samples through
 :func:`pdjax.defense.evaluate.triggered_generations` (batch-sharded over the devices) and 5 steps of the
 scan's PureDiffusion inversion. It also saves its outputs, and the parent reports the largest difference
 from the reference (float rounding expected) and the speed ratios ``reference time / time``.
-Runtime: about 5 minutes on 2 idle cores.
+Runtime: about 7 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {"xla-1": ("xla", "1"), "ynn-1": ("ynn", "1"), "ynn-N": ("ynn", "")}
+CONFIGS = {"xla-1": ("xla", "1"), "ynn-1": ("ynn", "1"), "ynn-N": ("ynn", "auto")}
 
 
 def child(model_path: str, reps: int, out: Path) -> None:

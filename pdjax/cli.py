@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdjax import compile_cache, cpu_runtime
 
     try:
-        cpu_runtime.enable()  # YNNPACK kernels, one XLA:CPU device per core (see pdjax/cpu_runtime.py)
+        cpu_runtime.enable()  # YNNPACK kernels on XLA:CPU (see pdjax/cpu_runtime.py; $PDJAX_CPU_KERNELS=xla: off)
         compile_cache.enable()  # later runs of the same programs skip their compile ($PDJAX_CACHE_DIR=off disables)
         return args.func(args)
     except PdjaxError as e:

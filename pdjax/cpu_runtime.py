@@ -6,12 +6,14 @@ Two settings, both carried by ``XLA_FLAGS`` and so only effective before JAX sta
   DDPM UNet; jaxlib (>= 0.10) can hand individual convolutions and dot products to YNNPACK
   (``--xla_cpu_experimental_ynn_fusion_type``, :data:`YNN_FLAG`). Results agree with the default kernels
   to float32 rounding and are deterministic. ``$PDJAX_CPU_KERNELS=xla`` keeps XLA's own kernels.
-- **One device per core.** A single XLA:CPU device parallelises a small UNet poorly over its cores; with
-  ``--xla_force_host_platform_device_count`` = the number of cores (at most 8), pdjax splits the batch of
-  an inversion or of a sampling run over the devices (:func:`pdjax.sharding.batch_sharding`) and an audit
-  splits its stacked models over them. ``$PDJAX_CPU_DEVICES=N`` sets the count (1 turns it off).
+- **Several host devices** (opt-in). ``$PDJAX_CPU_DEVICES=N`` (or ``auto``: one per core, at most 8)
+  sets ``--xla_force_host_platform_device_count``; pdjax then splits a sampling run's batch over the
+  devices (:func:`pdjax.sharding.shard_batch`) and an audit splits its stacked models over them. Default 1:
+  on the idle 2-core CPU it did not speed up a single model's sampling (docs/performance.md).
 
-Speed-ups on the 2-core CPU are measured by ``experiments/bench_cpu_runtime.py`` (docs/performance.md).
+Both are measured by ``experiments/bench_cpu_runtime.py`` (docs/performance.md): on the idle 2-core CPU,
+YNNPACK made the digits-16 UNet forward 1.39x and a DDPM chain 1.14x faster, and left the input gradient
+(trigger inversion) unchanged.
 The ``pdjax`` command calls :func:`enable` first thing; library users may call it before their first JAX
 computation. Flags the user already put in ``XLA_FLAGS`` win. On a GPU or TPU machine the flags are
 parsed and affect only the (unused) host platform.
@@ -42,9 +44,10 @@ def kernels() -> str:
 
 
 def device_count() -> int:
-    """``$PDJAX_CPU_DEVICES`` (default: the cores this process may use, at most :data:`MAX_DEVICES`)."""
-    value = os.environ.get(DEVICES_ENV, "").strip()
-    if not value:
+    """``$PDJAX_CPU_DEVICES``: a count >= 1, or "auto" (the cores this process may use, at most
+    :data:`MAX_DEVICES`); default 1."""
+    value = os.environ.get(DEVICES_ENV, "").strip().lower() or "1"
+    if value == "auto":
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
@@ -55,7 +58,7 @@ def device_count() -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise ConfigError(f"{DEVICES_ENV}={value!r} must be a whole number >= 1; unset it for one device per core")
+        raise ConfigError(f"{DEVICES_ENV}={value!r} must be a whole number >= 1 or 'auto'; unset it for 1")
     return n
 
 

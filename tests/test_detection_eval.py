@@ -1,0 +1,56 @@
+"""experiments/detection_eval.py: held-out metrics, labels from metadata, resume (tiny random models)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pdjax.testing import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("detection_eval", ROOT / "experiments" / "detection_eval.py")
+de = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(de)
+
+
+def test_auc_and_roc_by_hand():
+    assert de.roc_auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
+    assert de.roc_auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
+    assert de.roc_auc([1, 1, 0, 2], [True, False, False, True]) == pytest.approx(0.875)  # (1 + .5 + 1 + 1) / 4
+    pts = de.roc_points([3, 2, 1, 0], [True, False, True, False])
+    assert pts[0] == (0.0, 0.0) and pts[-1] == (1.0, 1.0)
+    assert (0.0, 0.5) in pts and (0.5, 0.5) in pts and (0.5, 1.0) in pts
+
+
+def test_end_to_end_labels_from_metadata_and_resume(tmp_path, capsys):
+    attack = {"kind": "baddiffusion", "trigger": "BOX_3", "target": "CORNER"}
+    paths = []
+    for i in range(4):
+        meta = {"attack": attack} if i % 2 else {"data": "none"}
+        p = tmp_path / f"m{i}"
+        random_model("tiny", seed=i, timesteps=8, meta=meta).save(p)
+        paths.append(str(p))
+    out, table, roc = tmp_path / "eval", tmp_path / "t.md", tmp_path / "roc.svg"
+    argv = ["--calibrate", *paths[:2], "--held-out", *paths[2:], "--methods", "purediffusion",
+            "--steps", "2", "--n", "2", "--out", str(out), "--table", str(table), "--roc", str(roc)]
+    results = de.main(argv)
+    assert [r["method"] for r in results] == ["purediffusion"]
+    for r in results:
+        assert r["n_held_out"] == 2 and r["n_backdoored"] == 1
+        assert [h["label"] for h in r["held_out"]] == [False, True]
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["auc"] <= 1.0
+    rows = [json.loads(line) for line in (out / "purediffusion.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [False, True, False, True]
+    assert "ROC AUC" in table.read_text() and roc.read_text().startswith("<svg")
+    capsys.readouterr()
+    again = de.main(argv)  # every scan cached: nothing is redone, same numbers
+    assert "(" not in capsys.readouterr().out.split("purediffusion:")[0]  # no per-model scan lines
+    assert [r["held_out"] for r in again] == [r["held_out"] for r in results]
+
+
+def test_overlap_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        de.main(["--calibrate", "a", "b", "--held-out", "b", "--out", str(tmp_path)])
+    assert np.isnan(de.roc_auc([1.0], [True]))
