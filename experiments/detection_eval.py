@@ -145,7 +145,8 @@ def write_table(results: list[dict], args, path: Path) -> None:
     lines = [f"# Held-out detection ({results[0]['n_held_out']} held-out models, "
              f"{results[0]['n_backdoored']} backdoored)", "",
              f"Command: `python experiments/detection_eval.py --calibrate {' '.join(args.calibrate)} "
-             f"--held-out {' '.join(args.held_out)} --seed {args.seed} --n {args.n} --steps {args.steps}`", "",
+             f"--held-out {' '.join(args.held_out)} --methods {args.methods} --seed {args.seed} --n {args.n} "
+             f"--steps {args.steps}`", "",
              "| method | statistic | threshold | calibration acc. | held-out acc. | TPR | TNR | ROC AUC |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
