@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_inversion import environment  # noqa: E402
+from bench_inversion import environment, write_json  # noqa: E402
 
 from pdjax.defense.detection import SCAN_INVERSION  # noqa: E402
 from pdjax.defense.inversion import invert_many  # noqa: E402
@@ -117,9 +116,7 @@ def main(argv=None):
           "(N = 1 on one device when --counts has 1). models/h counts the "
           f"inversion only ({args.full_steps} steps/model); 'incl. compile' adds one compile per stack.")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

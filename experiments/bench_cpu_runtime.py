@@ -107,14 +107,12 @@ def main():
             table.append({"config": name, "devices": res["devices"], "flags": res["flags"], "job": job, **row,
                           "speedup_vs_xla_1": ratio, "max_abs_diff_vs_xla_1": diff})
             print(f"{name:8} {res['devices']:7d} {job:24} {row['median_s']:9.3f} {ratio:6.2f} {diff:11.2e}")
-    import platform
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_inversion import environment, write_json
 
-    import jax
-
-    env = {"python": platform.python_version(), "jax": jax.__version__, "cores": os.cpu_count(),
-           "model": args.model, "reps": args.reps}
-    Path(args.json).write_text(json.dumps({"environment": env, "rows": table}, indent=1))
-    print(f"wrote {args.json}")
+    # The parent computes nothing itself, so starting its backend here cannot affect the children.
+    write_json(args.json, {"environment": {**environment(), "cores": os.cpu_count()}, "args": vars(args),
+                           "rows": table})
 
 
 if __name__ == "__main__":

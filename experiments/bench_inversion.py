@@ -187,6 +187,13 @@ def bench_one(size: str, method: str, steps: int, batch: int, K: int, spc: int, 
     return row
 
 
+def write_json(path, payload: dict) -> None:
+    """Write a benchmark's results (``{"environment": ..., "rows": ...}``) to ``path`` and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
+
+
 def environment() -> dict:
     env = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
            "devices": [d.device_kind for d in jax.devices()]}
@@ -275,9 +282,7 @@ def main(argv=None):
     print(f"peak memory: {kind}; pdjax temp = XLA memory_analysis temp_size of the compiled step program;"
           " ratio > 1 means pdjax is faster.")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

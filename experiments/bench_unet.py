@@ -29,7 +29,6 @@ ratio against pdjax float32. Also prints max |eps_pdjax - eps_torch| (float32) a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch_reference  # noqa: E402
-from bench_inversion import device_peak_bytes, environment, memory_analysis  # noqa: E402
+from bench_inversion import device_peak_bytes, environment, memory_analysis, write_json  # noqa: E402
 
 from pdjax.diffusion.schedule import ScheduleConfig  # noqa: E402
 from pdjax.model import Model  # noqa: E402
@@ -204,10 +203,8 @@ def main(argv=None):
     for k, v in checks.items():
         print(f"{k} = {v:.2e}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "params": nparams,
-                                               "rows": rows, "torch": torch_res, "checks": checks}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"environment": env, "args": vars(args), "params": nparams, "rows": rows,
+                               "torch": torch_res, "checks": checks})
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ STATISTIC = {"purediffusion": "log_uni_ratio", "elijah": "uni_trig", "terd": "tr
 
 def is_backdoored(model) -> bool:
     """The label from a model's own provenance metadata (``attack`` recorded by ``pdjax attack``)."""
-    prov = model.meta.get("provenance", {})
-    return bool(prov.get("attack") or model.meta.get("attack"))
+    return bool(model.meta.get("attack"))
 
 
 def inversion_config(method: str, steps: int) -> InversionConfig:
