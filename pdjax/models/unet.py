@@ -224,8 +224,7 @@ def _eps_fn_cached(cfg: UNetConfig, dtype_name: str) -> EpsFn:
             return module.apply({"params": params}, x_t, t)
 
         eps.__name__ = eps.__qualname__ = f"eps_{dtype_name}"
-        # jitted: a program that calls eps K times (an unrolled chain) traces the UNet once, not K times
-        # (demo scan inversion: first call 48.7 s -> 40.6 s with a cold compile cache, docs/performance.md).
+        # jitted: a program that calls eps K times (an unrolled chain) traces the UNet once, not K times.
         _EPS_CACHE[key] = jax.jit(eps)
     return _EPS_CACHE[key]
 
