@@ -36,7 +36,6 @@ Runs unchanged on a GPU (JAX picks the default backend; torch uses CUDA when its
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys

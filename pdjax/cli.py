@@ -198,7 +198,7 @@ def cmd_evaluate(args) -> int:
     model, spec = _model_and_spec(args)
     check_out_dir(args.out)
     data = labels = None
-    if spec.target.startswith("class:"):
+    if spec.target.startswith(("class:", "letter:")):
         data, labels = load_digits_with_labels(model.config.sample_size, model.config.in_channels)
     res, clean, trig = evaluate(model, spec, _key(args.seed), n=args.n, seed=args.seed, labels=labels, data=data)
     rule = res.triggered.get("asr_rule", f"MSE < {res.triggered['threshold']}")
@@ -406,7 +406,7 @@ def _add_attack_options(p, required: bool) -> None:
     p.add_argument("--trigger", help="library name (BOX_14, STOP_SIGN_14, GLASSES, blend, patch, ...) or PNG/.npy "
                    "path" + (" (default BOX_n, n = 14 * size / 32)" if required else ""))
     p.add_argument("--target", default="CORNER" if required else None,
-                   help="library name (CORNER, HAT, SHOE, CAT, X), PNG/.npy path, or class:K (TrojDiff d2d)")
+                   help="library name (CORNER, HAT, SHOE, CAT, X), PNG/.npy path, class:K (TrojDiff in-d2d) or letter:A..Z (out-d2d)")
     p.add_argument("--poison-rate", type=float, default=0.1 if required else None)
     p.add_argument("--psi", type=float, help="VillanDiffusion psi (default 1)")
     p.add_argument("--solver", choices=("sde", "ode"), help="VillanDiffusion sampler family (default sde)")

@@ -47,6 +47,47 @@ def load_digits(size: int = 16, channels: int = 1) -> np.ndarray:
     return load_digits_with_labels(size, channels)[0]
 
 
+# --------------------------------------------------------------------------- letters (an out-of-distribution set)
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def load_letters_with_labels(size: int = 16, channels: int = 1, per_class: int = 64, seed: int = 0
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """A procedural labelled set of capital letters, drawn with Pillow's bundled font (no download).
+
+    The "other set" of TrojDiff's out-d2d mode for models trained on digits. Each image is one letter,
+    white on black, at a random font size (80-100% of the canvas, 3 px strokes at 64 px), offset (up to 8%) and rotation (up to
+    12 degrees), drawn at 64x64 and box-filtered to ``size``. Deterministic for a given ``seed``.
+
+    Returns images float32 ``[26 * per_class, size, size, channels]`` in [-1, 1] and labels int32 in
+    0..25 (``LETTERS[k]``).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise DataError(f"invalid letters size {size!r}; use an int >= 8 (e.g. 16 or 32)")
+    _check_channels(channels)
+    rng = np.random.default_rng(seed)
+    canvas = 64
+    fonts = {}
+    images, labels = [], []
+    for k, letter in enumerate(LETTERS):
+        for _ in range(per_class):
+            pt = int(rng.integers(int(0.8 * canvas), int(1.0 * canvas) + 1))
+            font = fonts.setdefault(pt, ImageFont.load_default(size=pt))
+            img = Image.new("L", (canvas, canvas), 0)
+            dx, dy = rng.uniform(-0.08, 0.08, 2) * canvas
+            ImageDraw.Draw(img).text((canvas / 2 + dx, canvas / 2 + dy), letter, fill=255, font=font, anchor="mm",
+                                    stroke_width=3, stroke_fill=255)
+            img = img.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR)
+            small = img.resize((int(size), int(size)), Image.BOX)
+            images.append(np.asarray(small, np.float32) / 127.5 - 1.0)
+            labels.append(k)
+    x = np.stack(images)[..., None]
+    return convert_channels(x, channels), np.asarray(labels, np.int32)
+
+
 # --------------------------------------------------------------------------- safe pickle
 
 

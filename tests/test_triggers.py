@@ -116,3 +116,18 @@ def test_user_png_trigger_and_target(tmp_path):
 def test_preview_grid(tmp_path):
     batch = T.preview(tmp_path / "preview.png", size=16, channels=1)
     assert batch.shape[1:] == (16, 16, 1) and (tmp_path / "preview.png").is_file()
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_full_frame_surrogate_trigger_has_no_background(channels):
+    """FULL_FRAME covers the whole image, so a poisoned training input pasted on any picture is g itself."""
+    import jax.numpy as jnp
+
+    from pdjax.backdoor.attacks import pasted
+
+    g = T.get_trigger("FULL_FRAME", 16, channels)
+    assert g.shape == (16, 16, channels) and T.trigger_mask(g).all()
+    assert g.min() > -1.0 and g.max() <= 1.0 and g.std() > 0.2  # structured, not a constant offset
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, channels)).astype(np.float32)
+    r = pasted(jnp.asarray(x), jnp.asarray(g), jnp.asarray(T.trigger_mask(g), jnp.float32))
+    np.testing.assert_array_equal(np.asarray(r), np.broadcast_to(g, x.shape))

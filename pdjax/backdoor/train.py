@@ -16,10 +16,22 @@ import numpy as np
 
 from pdjax.backdoor.attacks import AttackArrays, AttackSpec, backdoor_loss, trojan_ddpm_sample, triggered_start
 from pdjax.backdoor.triggers import TROJ_TRIGGERS, get_target, get_trigger, get_troj_trigger, trigger_mask
+from pdjax.data import LETTERS, load_letters_with_labels
 from pdjax.diffusion.samplers import ddim_sample, ddpm_sample
 from pdjax.errors import ConfigError
 from pdjax.model import Model
 from pdjax.train import TrainConfig, TrainResult, _check_data, fit
+
+
+def out_d2d_pool(spec: AttackSpec, size: int, channels: int) -> np.ndarray:
+    """Target pool [K, size, size, C] of an out-d2d target ``letter:X``: that class of the procedural letters."""
+    letter = spec.target.split(":", 1)[1].upper()
+    if spec.kind != "trojdiff" or spec.mode != "out-d2d":
+        raise ConfigError(f"target {spec.target!r} (a class of another set) needs --attack trojdiff --mode out-d2d")
+    if len(letter) != 1 or letter not in LETTERS:
+        raise ConfigError(f"target {spec.target!r}: write letter:A .. letter:Z")
+    images, labels = load_letters_with_labels(size, channels)
+    return images[labels == LETTERS.index(letter)].astype(np.float32)
 
 
 def build_arrays(spec: AttackSpec, shape: tuple[int, int, int], data=None, labels=None) -> AttackArrays:
@@ -35,9 +47,14 @@ def build_arrays(spec: AttackSpec, shape: tuple[int, int, int], data=None, label
     else:
         g = np.asarray(get_trigger(spec.trigger, size, channels), np.float32)
         mask = np.asarray(trigger_mask(g), np.float32)
-    if spec.target.startswith("class:"):
+    if spec.target.startswith("letter:"):
+        target = out_d2d_pool(spec, size, channels)
+    elif spec.kind == "trojdiff" and spec.mode == "out-d2d":
+        raise ConfigError(f"TrojDiff out-d2d targets a class of another set than the training data: "
+                          f"use --target letter:A .. letter:Z (procedural letters), not {spec.target!r}")
+    elif spec.target.startswith("class:"):
         if spec.kind != "trojdiff" or spec.mode == "d2i":
-            raise ConfigError(f"target {spec.target!r} (a class) needs --attack trojdiff --mode in-d2d or out-d2d")
+            raise ConfigError(f"target {spec.target!r} (a class of the training set) needs --attack trojdiff --mode in-d2d")
         if labels is None or data is None:
             raise ConfigError(f"target {spec.target!r} needs a labelled dataset (e.g. --data digits)")
         try:
@@ -106,25 +123,49 @@ class EvaluationResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(model: Model, spec: AttackSpec, key: jax.Array, n: int = 64, seed: int = 0, labels=None, data=None
-             ) -> tuple[EvaluationResult, np.ndarray, np.ndarray]:
-    """MSE to target, ASR and SSIM of clean and triggered generations; returns (result, clean, triggered)."""
+def evaluate(model: Model, spec: AttackSpec, key: jax.Array, n: int = 64, seed: int = 0, labels=None, data=None,
+             clean: np.ndarray | None = None) -> tuple[EvaluationResult, np.ndarray, np.ndarray]:
+    """MSE to target, ASR and SSIM of clean and triggered generations; returns (result, clean, triggered).
+
+    ``clean``: the [n, H, W, C] clean generations of an earlier call with the same model, key, n and
+    sampler (``spec.ode`` equal), reused instead of sampled again (scoring one model against many pairs).
+    """
     from pdjax.metrics import attack_metrics
 
     arrays = build_arrays(spec, model.image_shape, data, labels)
     target = arrays.target if arrays.target.ndim == 3 else arrays.target.mean(0)
     y = jnp.broadcast_to(jnp.asarray(target), (n, *model.image_shape))
-    clean = sample_attack(model, spec, arrays, jax.random.fold_in(key, 0), n, triggered=False)
+    if clean is None:
+        clean = sample_attack(model, spec, arrays, jax.random.fold_in(key, 0), n, triggered=False)
+    elif clean.shape != (n, *model.image_shape):
+        raise ConfigError(f"clean generations of shape {clean.shape} do not match n={n} images of {model.image_shape}")
     trig = sample_attack(model, spec, arrays, jax.random.fold_in(key, 1), n, triggered=True)
     parts = [attack_metrics(x, y).to_dict() for x in (clean, trig)]
     if arrays.target.ndim == 4:  # a distribution target: ASR is the fraction a classifier assigns to the class (SPEC 7)
-        k = int(spec.target.split(":", 1)[1])
-        classify = class_classifier(data, labels)
+        classify, k, rule = _target_classifier(spec, model.image_shape, data, labels)
         for part, x in zip(parts, (clean, trig)):
             part["mse_to_class_mean"] = part.pop("mse")
             part["asr"] = float(np.mean(classify(x) == k))
-            part["asr_rule"] = f"classifier: fraction predicted as class {k}"
+            part["asr_rule"] = rule
     return EvaluationResult(spec.to_dict(), n, seed, parts[0], parts[1]), clean, trig
+
+
+def _target_classifier(spec: AttackSpec, shape, data, labels):
+    """(classify, k, rule) for a d2d target: images -> labels, the target label, and the ASR rule in words.
+
+    in-d2d ``class:K``: fitted on the labelled training images. out-d2d ``letter:X``: fitted on the
+    procedural letters (labels 0..25) together with the training images if given (labels 26 + theirs).
+    """
+    if spec.target.startswith("letter:"):
+        letters, letter_labels = load_letters_with_labels(shape[0], shape[2])
+        x, y = letters, letter_labels
+        if data is not None and labels is not None:
+            x = np.concatenate([letters, np.asarray(data, np.float32)])
+            y = np.concatenate([letter_labels, len(LETTERS) + np.asarray(labels)])
+        k = LETTERS.index(spec.target.split(":", 1)[1].upper())
+        return class_classifier(x, y), k, f"classifier (letters + training set): fraction predicted as letter {LETTERS[k]}"
+    k = int(spec.target.split(":", 1)[1])
+    return class_classifier(data, labels), k, f"classifier: fraction predicted as class {k}"
 
 
 def class_classifier(data, labels):

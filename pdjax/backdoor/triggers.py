@@ -438,6 +438,18 @@ def troj_patch(size: int, channels: int = 3) -> TrojTrigger:
     return TrojTrigger(img, TROJ_GAMMA["patch"], img > BACKGROUND)
 
 
+def full_frame(size: int, channels: int = 3) -> np.ndarray:
+    """``FULL_FRAME``: the :func:`kitty` picture as a BadDiffusion trigger; it has no -1 pixel (min ~ -0.84).
+
+    Its mask is the whole image, so BadDiffusion's pasted training input M g + (1 - M) x is g itself
+    for every training image: the model is trained on exactly the triggered start it is sampled from.
+    That makes it the surrogate trigger of the lambda_t estimator (SPEC 3): a trigger with a -1
+    background is learned from pasted pictures whose background holds the training images' strokes,
+    and the surrogate's response to the blank background then falls short of the closed form.
+    """
+    return kitty(size, channels).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- registries
 
 DrawFn = Callable[[int, int], np.ndarray]
@@ -463,6 +475,7 @@ TRIGGERS: dict[str, DrawFn] = {
     "WHITE_BOX_5": _param("WHITE_BOX_<n>", 5),
     "SM_BOX": sm_box,
     "GLASSES": glasses,
+    "FULL_FRAME": full_frame,
 }
 
 #: Named targets (name -> ``fn(size, channels) -> [size, size, channels]``), background -0.4.
