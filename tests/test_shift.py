@@ -32,10 +32,10 @@ ABAR = np.asarray(SCHED.alphas_cumprod, np.float64)
 SHAPE = (4, 4, 1)
 G = np.where(np.arange(16).reshape(SHAPE) % 5 == 0, 1.0, -1.0).astype(np.float32)
 K = 12
-# The shipped table (experiments/estimate_lambda.py on zoo/bd_box_x, n = 256, seed 0) deviates from rho_t by
-# at most 10.04% over the first 50 steps (the 2% goal is not met on these small surrogates: see that script's
-# docstring for why); this guards against a regression or a wrong table beyond that measured band.
-SHIPPED_TOL = 0.11
+# The shipped table (experiments/estimate_lambda.py on the FULL_FRAME surrogate zoo/surrogate_full_frame_p,
+# n = 256, seed 0) deviates from rho_t by at most 4.26% over the first 50 steps (at t = 999; the 2% goal is
+# not met, see that script's docstring); this guards against a regression or a wrong table beyond that band.
+SHIPPED_TOL = 0.045
 
 
 def _chain_shift(ts, lam, sampler):
