@@ -2,8 +2,9 @@
 
 A briefly trained backdoor has a low attack success rate. :func:`amplify` inverts the trigger from the
 model starting at the known trigger g (``invert(..., start=g)``), mixes
-``g* = clip(alpha * g_inv + (1 - alpha) * g, -1, 1)`` (clipped so that the trigger library reads it back as
-a ``.npy`` trigger) and then runs two arms from the same starting model with the same budget: backdoor
+``g* = clip(alpha * g_inv + (1 - alpha) * g, -0.99, 1)`` (clipped so that the trigger library reads it back
+as a ``.npy`` trigger, and kept above the -1 background so that its mask is the whole image: see
+:attr:`AmplifyConfig.full_frame`) and then runs two arms from the same starting model with the same budget: backdoor
 training with g* ("amplified") and with g ("plain"). Both arms are evaluated every ``eval_every`` steps
 (amplified with g*, plain with g; one fixed evaluation key), giving ASR-vs-steps curves.
 
@@ -63,6 +64,12 @@ class AmplifyConfig:
       seed: seed of the inversion, the training batches and the (fixed) evaluation key.
       lr, warmup_steps, batch: optimiser settings of both arms (one schedule over ``steps``).
       poison_rate: poisoned fraction of each batch; None keeps the attack spec's.
+      full_frame: clip g* to [FULL_FRAME_FLOOR, 1] instead of [-1, 1], so that no pixel of g* is the -1
+        background and its mask M = g* > -1 is the whole image. BadDiffusion's poisoned training input
+        is the trigger pasted on a training image, M g* + (1 - M) x (SPEC 2.1): with -1 pixels the
+        training digits show through there, and the model learns a start other than the eps + g* it is
+        sampled from (the inverted trigger's values below -1 are clipped to exactly -1, a quarter of
+        the pixels in experiments/amplify_experiment.py's first run, whose amplified arm stalled at 0.94).
     """
 
     steps: int = 500
@@ -75,6 +82,7 @@ class AmplifyConfig:
     warmup_steps: int = 0
     batch: int = 32
     poison_rate: float | None = None
+    full_frame: bool = True
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "n", "batch"):
@@ -124,10 +132,14 @@ class AmplifyResult:
                 "asr_rule": "SPEC 7 (MSE to target below the threshold) of triggered generations, fixed evaluation key"}
 
 
-def mix_trigger(g_inv, g, alpha: float) -> np.ndarray:
-    """g* = clip(alpha g_inv + (1 - alpha) g, -1, 1), float32 [H, W, C] (SPEC 6)."""
+#: Lowest value of a full-frame g* (:attr:`AmplifyConfig.full_frame`): just above the -1 background.
+FULL_FRAME_FLOOR = -0.99
+
+
+def mix_trigger(g_inv, g, alpha: float, floor: float = -1.0) -> np.ndarray:
+    """g* = clip(alpha g_inv + (1 - alpha) g, floor, 1), float32 [H, W, C] (SPEC 6)."""
     mixed = alpha * np.asarray(g_inv, np.float64) + (1.0 - alpha) * np.asarray(g, np.float64)
-    return np.clip(mixed, -1.0, 1.0).astype(np.float32)
+    return np.clip(mixed, floor, 1.0).astype(np.float32)
 
 
 def eval_points(steps: int, every: int) -> list[int]:
@@ -256,8 +268,9 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
         inv = invert(model, cfg.inversion.method, jax.random.key(cfg.seed), cfg.inversion, progress, start=g)
         inv.save(inv_dir)
         g_inv, inv_loss = inv.trigger, float(inv.losses[-1])
-    # (b) g*: the mix, clipped to [-1, 1] so the trigger library reads it back from trigger_star.npy.
-    g_star = mix_trigger(g_inv, g, cfg.alpha)
+    # (b) g*: the mix, clipped to [-1, 1] so the trigger library reads it back from trigger_star.npy
+    # (to [FULL_FRAME_FLOOR, 1] with full_frame, so that its mask is the whole image).
+    g_star = mix_trigger(g_inv, g, cfg.alpha, FULL_FRAME_FLOOR if cfg.full_frame else -1.0)
     np.save(out / "trigger_inv.npy", np.asarray(g_inv, np.float32))
     np.save(out / "trigger_star.npy", g_star)
     save_image(g_star, out / "trigger_star.png")

@@ -299,7 +299,7 @@ def cmd_amplify(args) -> int:
                               ("batch", args.inv_batch)) if v is not None}
     cfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
                         inversion=dataclasses.replace(InversionConfig(), **inv), seed=args.seed, lr=args.lr,
-                        warmup_steps=args.warmup, batch=args.batch)
+                        warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background)
     cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
     print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): invert from the trigger, then "
           f"{cfg.steps} steps per arm, ASR every {cfg.eval_every} -> {args.out}", flush=True)
@@ -556,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--eval-every", dest="eval_every", type=int, default=100, help="ASR evaluation interval")
     am.add_argument("--n", type=int, default=64, help="generations per ASR evaluation")
     am.add_argument("--alpha", type=float, default=1.0, help="g* = alpha g_inv + (1 - alpha) g")
+    am.add_argument("--keep-background", dest="keep_background", action="store_true",
+                    help="clip g* to [-1, 1] (default [-0.99, 1]: no -1 background pixel, so training pastes "
+                    "no training image into g*)")
     am.add_argument("--batch", type=int, default=32)
     am.add_argument("--lr", type=float, default=2e-4)
     am.add_argument("--warmup", type=int, default=0)

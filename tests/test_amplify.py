@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from pdjax import checkpoint, cli
-from pdjax.amplify import AmplifyConfig, amplify, asr_svg, eval_points, mix_trigger
+from pdjax.amplify import FULL_FRAME_FLOOR, AmplifyConfig, amplify, asr_svg, eval_points, mix_trigger
 from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
+from pdjax.backdoor.triggers import trigger_mask
 from pdjax.data import load_digits
 from pdjax.defense.inversion import InversionConfig
 from pdjax.errors import CheckpointError, ConfigError
@@ -71,9 +72,11 @@ def test_mixed_trigger_formula(cli_run):
     g_star = np.load(cli_run / "trigger_star.npy")
     np.testing.assert_array_equal(g_inv, np.load(cli_run / "inversion" / "trigger.npy"))
     assert not np.array_equal(g_inv, g)  # the inversion moved away from its start g
-    np.testing.assert_allclose(g_star, np.clip(0.5 * g_inv + 0.5 * g, -1, 1), atol=1e-6)
+    np.testing.assert_allclose(g_star, np.clip(0.5 * g_inv + 0.5 * g, FULL_FRAME_FLOOR, 1), atol=1e-6)
+    assert trigger_mask(g_star).all()  # full frame: training pastes no training image into g*
     np.testing.assert_array_equal(mix_trigger(g_inv, g, 1.0), np.clip(g_inv, -1, 1))
     np.testing.assert_array_equal(mix_trigger(g_inv, g, 0.0), g)
+    np.testing.assert_array_equal(mix_trigger(g_inv, g, 0.0, FULL_FRAME_FLOOR), np.maximum(g, FULL_FRAME_FLOOR))
     # the amplified arm trains and is evaluated with g* as read back by the trigger library
     spec_star = AttackSpec(trigger=str(cli_run / "trigger_star.npy"), target="CORNER")
     np.testing.assert_allclose(build_arrays(spec_star, (8, 8, 1)).trigger, g_star, atol=1e-3)
