@@ -65,10 +65,11 @@ _probe.update(
     candidates=list(candidates), gens=list(gens.shape), stats=stats)
 """,
     "amplification.ipynb": """
+from pdjax.amplify import FULL_FRAME_FLOOR
 _probe.update(
     run_all=RUN_ALL, steps=res.steps, asr_amplified=res.asr_amplified, asr_plain=res.asr_plain,
     star_range=[float(res.trigger_star.min()), float(res.trigger_star.max())],
-    star_is_clipped_inv=bool(np.allclose(res.trigger_star, np.clip(res.trigger_inv, -1, 1), atol=1e-6)),
+    star_is_clipped_inv=bool(np.allclose(res.trigger_star, np.clip(res.trigger_inv, FULL_FRAME_FLOOR, 1), atol=1e-6)),
     amplified_steps=int(amplified.meta["steps"]), plain_trigger=plain.meta["attack"]["trigger"],
     out=str(OUT.absolute()))
 if RUN_ALL:
@@ -176,7 +177,7 @@ def check_amplification(nb, probe):
     for curve in (probe["asr_amplified"], probe["asr_plain"]):
         assert len(curve) == 3 and all(0.0 <= a <= 1.0 for a in curve)
     lo, hi = probe["star_range"]
-    assert -1.0 <= lo <= hi <= 1.0 and probe["star_is_clipped_inv"]  # alpha = 1: g* = clip(g_inv)
+    assert np.float32(-0.99) <= lo <= hi <= 1.0 and probe["star_is_clipped_inv"]  # alpha 1: g* = clip(g_inv, -0.99, 1)
     assert probe["amplified_steps"] == 2 and probe["plain_trigger"] == "BOX_3"
     out = Path(probe["out"])
     for f in ("amplify/amplify.json", "amplify/asr.svg", "amplify/trigger_star.npy", "amplify/amplified/pdjax.json",
