@@ -75,7 +75,9 @@ def load_letters_with_labels(size: int = 16, channels: int = 1, per_class: int =
     for k, letter in enumerate(LETTERS):
         for _ in range(per_class):
             pt = int(rng.integers(int(0.8 * canvas), int(1.0 * canvas) + 1))
-            font = fonts.setdefault(pt, ImageFont.load_default(size=pt))
+            if pt not in fonts:
+                fonts[pt] = ImageFont.load_default(size=pt)
+            font = fonts[pt]
             img = Image.new("L", (canvas, canvas), 0)
             dx, dy = rng.uniform(-0.08, 0.08, 2) * canvas
             ImageDraw.Draw(img).text((canvas / 2 + dx, canvas / 2 + dy), letter, fill=255, font=font, anchor="mm",
