@@ -158,6 +158,9 @@ def main():
     ap.add_argument("--removal-steps", type=int, default=500)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     data, labels = load_digits_with_labels(16, 1)
     rows = []
     for case in CASES:

@@ -6,15 +6,16 @@ Command:
         [--json experiments/results/bench_cpu_runtime.json]
 
 Each configuration runs in its own process (XLA_FLAGS are read once, at backend start):
-``xla-1`` (XLA's kernels, 1 device: the reference), ``ynn-1`` (YNNPACK, 1 device: the ``pdjax``
-command's default) and ``ynn-N``
-(YNNPACK, ``PDJAX_CPU_DEVICES=auto``: one device per core). Each child times, on the same model and
-inputs, after a warm-up call: the UNet forward at batch 32, the gradient of a loss through it with respect
-to its input (what trigger inversion differentiates), a 100-step DDPM chain of 2 x 16 samples through
-:func:`pdjax.defense.evaluate.triggered_generations` (batch-sharded over the devices) and 5 steps of the
-scan's PureDiffusion inversion. It also saves its outputs, and the parent reports the largest difference
-from the reference (float rounding expected) and the speed ratios ``reference time / time``.
-Runtime: about 7 minutes on 2 idle cores.
+``xla-1`` (XLA's kernels, 1 device: the reference), ``ynn-1`` (YNNPACK, 1 device) and ``ynn-N``
+(YNNPACK, ``PDJAX_CPU_DEVICES=auto``: one device per core, the ``pdjax`` command's default). Each child
+times, on the same model and inputs, after a warm-up call: the UNet forward at batch 32, the gradient of a
+loss through it with respect to its input (what trigger inversion differentiates), a 100-step DDPM chain of
+2 x 16 samples through :func:`pdjax.defense.evaluate.triggered_generations` (batch-split over the devices
+by :func:`pdjax.sharding.batch_parallel`), 5 steps of the scan's PureDiffusion inversion (its noise batch
+split likewise) and 5 DDPM training steps at batch 64 (:func:`pdjax.train.make_multi_step`, data-parallel).
+It also saves its outputs, and the parent reports the largest difference from the reference (float
+rounding expected) and the speed ratios ``reference time / time``.
+Runtime: about 8 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -54,11 +55,25 @@ def child(model_path: str, reps: int, out: Path) -> None:
     grad = jax.jit(jax.grad(lambda p, x, t: jnp.sum(m.eps(p, x, t) ** 2), argnums=1))
     trig = np.stack([np.full(m.image_shape, -0.5, np.float32), np.zeros(m.image_shape, np.float32)])
     inv_cfg = dataclasses.replace(SCAN_INVERSION, steps=5)
+    from pdjax.data import load_digits
+    from pdjax.train import TrainConfig, ddpm_loss, init_state, make_multi_step, make_optimizer
+
+    tcfg = TrainConfig(steps=5, batch_size=64, seed=0)
+    opt = make_optimizer(tcfg)
+    train5 = make_multi_step(ddpm_loss(m.eps, m.schedule, 64), opt, tcfg.ema_decay, 1, batch_size=64)
+    digits = jnp.asarray(load_digits(m.image_shape[0], m.image_shape[2]))
+
+    def train_5_steps():
+        st = init_state(m.params, opt, 0)
+        for _ in range(5):
+            st, _ = train5(st, digits)
+        return jax.tree.leaves(st.params)[0]
     jobs = {
         "unet_forward_b32": lambda: fwd(m.params, x, t),
         "unet_input_grad_b32": lambda: grad(m.params, x, t),
         "ddpm_100_steps_2x16": lambda: triggered_generations(short, trig, jax.random.key(2), n=16),
         "purediffusion_5_steps": lambda: invert(m, "purediffusion", jax.random.key(3), inv_cfg).trigger,
+        "train_5_steps_b64": train_5_steps,
     }
     rows, arrays = {}, {}
     for name, fn in jobs.items():

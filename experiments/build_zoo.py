@@ -150,6 +150,9 @@ def main():
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     if args.list:
         for e in ENTRIES:
             print(e.name, e.spec.to_dict() if e.spec else "clean", "seed", e.seed)

@@ -173,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--table", default="experiments/results/detection_table.md", type=Path)
     ap.add_argument("--roc", default="experiments/results/detection_roc.svg", type=Path)
     args = ap.parse_args(argv)
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     overlap = set(args.calibrate) & set(args.held_out)
     if overlap:
         ap.error(f"held-out models must not be calibration models: {', '.join(sorted(overlap))}")

@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help=f"table to write (default {ASSET_DIR}/<family>.json)")
     p.add_argument("--every", type=int, default=0, help="print every k-th step of the table (0: summary only)")
     args = p.parse_args(argv)
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     try:
         if args.build_surrogate:
             build_surrogate()

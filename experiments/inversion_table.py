@@ -180,6 +180,9 @@ def main():
     ap.add_argument("--table", type=Path, help="also write the table here (e.g. experiments/results/inversion_table.md)")
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     args.work.mkdir(parents=True, exist_ok=True)
     models = zoo_models(args.zoo, args.models)
     print(f"models: {', '.join(models)}", flush=True)

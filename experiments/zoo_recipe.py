@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     spec = AttackSpec(args.attack, args.trigger, args.target, poison_rate=args.poison_rate,
                       **({"solver": args.solver} if args.attack == "villan" else {}))
     out = args.out or Path("runs/zoo-recipe") / (f"{args.attack}-{args.trigger}-{args.target}-p{args.poison_rate}-"

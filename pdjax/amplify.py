@@ -167,7 +167,7 @@ def _backdoor_step(model: Model, spec: AttackSpec, patch: bool, tcfg: TrainConfi
             arrays = AttackArrays(bundle["trigger"], bundle["mask"], bundle["target"], patch)
             return backdoor_loss(eps_fn, schedule, spec, arrays, tcfg.batch_size)(params, k, bundle["images"])
 
-        _PROGRAMS[key] = make_multi_step(loss, make_optimizer(tcfg), tcfg.ema_decay, chunk)
+        _PROGRAMS[key] = make_multi_step(loss, make_optimizer(tcfg), tcfg.ema_decay, chunk, batch_size=tcfg.batch_size)
     return _PROGRAMS[key]
 
 

@@ -6,10 +6,12 @@ Two settings, both carried by ``XLA_FLAGS`` and so only effective before JAX sta
   DDPM UNet; jaxlib (>= 0.10) can hand individual convolutions and dot products to YNNPACK
   (``--xla_cpu_experimental_ynn_fusion_type``, :data:`YNN_FLAG`). Results agree with the default kernels
   to float32 rounding and are deterministic. ``$PDJAX_CPU_KERNELS=xla`` keeps XLA's own kernels.
-- **Several host devices** (opt-in). ``$PDJAX_CPU_DEVICES=N`` (or ``auto``: one per core, at most 8)
-  sets ``--xla_force_host_platform_device_count``; pdjax then splits a sampling run's batch over the
-  devices (:func:`pdjax.sharding.shard_batch`) and an audit splits its stacked models over them. Default 1:
-  on the idle 2-core CPU it did not speed up a single model's sampling (docs/performance.md).
+- **One host device per core** (default). ``$PDJAX_CPU_DEVICES=N`` (default ``auto``: one per core the
+  process may use, at most 8; ``1`` turns it off) sets ``--xla_force_host_platform_device_count``. pdjax
+  then runs a sampling call's batch split over the devices (:func:`pdjax.sharding.batch_parallel`, same
+  generations to float rounding) and an audit splits its stacked models over them. XLA:CPU's single
+  device used the second core for almost nothing: a digits-16 UNet forward at batch 32 took 36 ms on one
+  core and 41 ms on two; split over two devices, 20 ms (docs/performance.md).
 
 Both are measured by ``experiments/bench_cpu_runtime.py`` (docs/performance.md): on the idle 2-core CPU,
 YNNPACK made the digits-16 UNet forward 1.39x and a DDPM chain 1.14x faster, and left the input gradient
@@ -45,8 +47,8 @@ def kernels() -> str:
 
 def device_count() -> int:
     """``$PDJAX_CPU_DEVICES``: a count >= 1, or "auto" (the cores this process may use, at most
-    :data:`MAX_DEVICES`); default 1."""
-    value = os.environ.get(DEVICES_ENV, "").strip().lower() or "1"
+    :data:`MAX_DEVICES`); default "auto"."""
+    value = os.environ.get(DEVICES_ENV, "").strip().lower() or "auto"
     if value == "auto":
         try:
             cores = len(os.sched_getaffinity(0))
@@ -58,7 +60,7 @@ def device_count() -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise ConfigError(f"{DEVICES_ENV}={value!r} must be a whole number >= 1 or 'auto'; unset it for 1")
+        raise ConfigError(f"{DEVICES_ENV}={value!r} must be a whole number >= 1 or 'auto'; unset it for one device per core")
     return n
 
 

@@ -46,9 +46,9 @@ def generate(model: Model, key: jax.Array, n: int, trigger=None, sampler: str = 
         x_T = start_noise(jax.random.fold_in(kb, 0), min(batch_size, n - lo), model.image_shape, trigger)
         if sampler == "ddpm":
             x = ddpm_sample(model.eps, model.params, schedule, x_T, jax.random.fold_in(kb, 1),
-                            variance_type=sc.variance_type, clip_sample=sc.clip_sample)
+                            variance_type=sc.variance_type, clip_sample=sc.clip_sample, split_batch=True)
         else:
             x = ddim_sample(model.eps, model.params, schedule, x_T, jax.random.fold_in(kb, 1),
-                            num_steps=num_steps or 100, eta=eta, clip_sample=sc.clip_sample)
+                            num_steps=num_steps or 100, eta=eta, clip_sample=sc.clip_sample, split_batch=True)
         out.append(np.asarray(x))
     return np.concatenate(out)

@@ -25,6 +25,7 @@ from pdjax.diffusion.schedule import Schedule, q_sample
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.model import Model
 from pdjax.paths import check_out_dir
+from pdjax.sharding import batch_mean, batch_mesh, batch_slice, pinned
 
 # loss_fn(params, key, data) -> scalar loss; data is the whole device-resident dataset [N, H, W, C].
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -91,7 +92,8 @@ def ddpm_loss(eps_fn, schedule: Schedule, batch_size: int) -> LossFn:
         x0 = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
         t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_timesteps)
         noise = jax.random.normal(k_eps, x0.shape)
-        return jnp.mean((eps_fn(params, q_sample(schedule, x0, t, noise), t) - noise) ** 2)
+        x_t, t, noise = batch_slice((q_sample(schedule, x0, t, noise), t, noise))  # this device's rows
+        return batch_mean((eps_fn(params, x_t, t) - noise) ** 2, all_axes=True)
 
     return loss
 
@@ -103,9 +105,17 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
 
 
 def make_multi_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float, n: int,
-                    strategy: str | None = None):
-    """A jitted ``(state, data) -> (state, losses[n])`` doing n optimiser steps (params are arguments)."""
+                    strategy: str | None = None, batch_size: int | None = None):
+    """A jitted ``(state, data) -> (state, losses[n])`` doing n optimiser steps (params are arguments).
+
+    ``batch_size``: the loss's batch; with several devices (one per CPU core, GPUs) the steps run
+    data-parallel under ``shard_map`` (:func:`pdjax.sharding.batch_mesh`): state and data replicated, each
+    device computing the loss of its slice of the batch (:func:`ddpm_loss` and the attack losses slice
+    with ``batch_slice`` and average with ``batch_mean``), so the run follows the one-device run to float
+    rounding. A loss that does not slice stays correct there, only computed whole on every device.
+    """
     strategy = strategy or loops.default_strategy()
+    mesh = batch_mesh(batch_size) if batch_size else None
 
     def one(state: TrainState, data, i):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), i)
@@ -116,11 +126,14 @@ def make_multi_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, em
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
         return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), loss
 
-    @jax.jit
     def multi(state: TrainState, data):
         return loops.repeat(lambda s, i: one(s, data, i), state, n, start=state.step, strategy=strategy)
 
-    return multi
+    if mesh is None:
+        return jax.jit(multi)
+    from jax.sharding import PartitionSpec as P
+
+    return pinned(jax.jit(jax.shard_map(multi, mesh=mesh, in_specs=(P(), P()), out_specs=P())), mesh, (P(), P()))
 
 
 def _state_to_numpy(state: TrainState) -> dict:
@@ -166,8 +179,9 @@ def fit(model: Model, loss_fn: LossFn, data, cfg: TrainConfig, out: str | Path |
     chunk = cfg.steps_per_call
     every = max(chunk, cfg.checkpoint_every // chunk * chunk)
     data = jnp.asarray(data)
-    multi = make_multi_step(loss_fn, optimizer, cfg.ema_decay, chunk)
-    tail = make_multi_step(loss_fn, optimizer, cfg.ema_decay, cfg.steps % chunk) if cfg.steps % chunk else None
+    multi = make_multi_step(loss_fn, optimizer, cfg.ema_decay, chunk, batch_size=cfg.batch_size)
+    tail = (make_multi_step(loss_fn, optimizer, cfg.ema_decay, cfg.steps % chunk, batch_size=cfg.batch_size)
+            if cfg.steps % chunk else None)
     provenance = {**model.meta, **(meta or {}), "train": dataclasses.asdict(cfg)}
 
     def save(st: TrainState):

@@ -13,16 +13,19 @@ import pytest
 from pdjax import cpu_runtime
 from pdjax.cli import main
 from pdjax.errors import ConfigError
-from pdjax.sharding import batch_mesh, shard_batch
+from pdjax.sharding import batch_mesh, batch_noise, batch_parallel
 
 
 def test_choices_from_environment(monkeypatch):
     monkeypatch.delenv(cpu_runtime.KERNELS_ENV, raising=False)
     monkeypatch.delenv(cpu_runtime.DEVICES_ENV, raising=False)
     assert cpu_runtime.kernels() == "ynn"
-    assert cpu_runtime.device_count() == 1
+    auto = cpu_runtime.device_count()  # default: one device per usable core
+    assert 1 <= auto <= min(cpu_runtime.MAX_DEVICES, os.cpu_count())
     monkeypatch.setenv(cpu_runtime.DEVICES_ENV, "auto")
-    assert 1 <= cpu_runtime.device_count() <= min(cpu_runtime.MAX_DEVICES, os.cpu_count())
+    assert cpu_runtime.device_count() == auto
+    monkeypatch.setenv(cpu_runtime.DEVICES_ENV, "1")
+    assert cpu_runtime.device_count() == 1
     monkeypatch.setenv(cpu_runtime.KERNELS_ENV, "XLA")
     monkeypatch.setenv(cpu_runtime.DEVICES_ENV, "3")
     assert cpu_runtime.kernels() == "xla" and cpu_runtime.device_count() == 3
@@ -84,9 +87,44 @@ def test_batch_mesh_takes_the_largest_dividing_device_count():
     assert len(devices) == 8  # tests/conftest.py
     assert batch_mesh(16).size == 8 and batch_mesh(12).size == 6 and batch_mesh(4).size == 4
     assert batch_mesh(7).size == 7 and batch_mesh(11) is None and batch_mesh(1) is None
-    x = jnp.arange(24.0).reshape(2, 12)
-    y = shard_batch(x, 12, axis=1)
-    assert len(y.sharding.device_set) == 6 and np.array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_batch_parallel_splits_the_batch_and_keeps_the_noise():
+    key = jax.random.key(5)
+
+    def f(scale, x):  # x [2, B, 3]: per-sample work plus chain-style noise (batch on axis 0 of the draw)
+        return jax.vmap(lambda xi: scale * xi + batch_noise(key, xi.shape))(x)
+
+    x = jnp.arange(24.0 * 3).reshape(2, 12, 3)
+    y = batch_parallel(f, jnp.float32(2.0), x, batch_axes=(None, 1), out_axis=1, size=12)
+    assert len(y.sharding.device_set) == 6  # 12 rows over the largest dividing device count
+    want = 2.0 * x + jax.random.normal(key, x.shape[1:])[None]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=0, atol=0)
+    # inside another trace it is the plain call (the caller decides the sharding)
+    traced = jax.jit(lambda x: batch_parallel(f, jnp.float32(2.0), x, batch_axes=(None, 1), out_axis=1, size=12))(x)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(want))
+
+
+def test_sharded_samplers_equal_one_device():
+    from pdjax.backdoor.attacks import trojan_ddpm_sample
+    from pdjax.diffusion.samplers import ddim_sample, ddpm_sample
+    from pdjax.testing import random_model
+
+    m = random_model("tiny", seed=2, timesteps=10)
+    x_T = jax.random.normal(jax.random.key(1), (8, *m.image_shape))
+    k = jax.random.key(2)
+    mu = jnp.full(m.image_shape, 0.3)
+    sch = m.schedule  # built outside the traced runs (the trojan coefficients are computed in numpy)
+    runs = {
+        "ddpm": lambda x: ddpm_sample(m.eps, m.params, sch, x, k, split_batch=True),
+        "ddim eta 1": lambda x: ddim_sample(m.eps, m.params, sch, x, k, num_steps=5, eta=1.0, split_batch=True),
+        "trojan": lambda x: trojan_ddpm_sample(m.eps, m.params, sch, x, k, mu, 0.6, split_batch=True),
+    }
+    for name, run in runs.items():
+        sharded = run(x_T)  # concrete batch of 8: split over the 8 test devices
+        single = jax.jit(run)(x_T)  # traced: the plain one-device program
+        assert len(sharded.sharding.device_set) == 8, name
+        np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, err_msg=name)
 
 
 def test_sharded_generations_equal_one_device():

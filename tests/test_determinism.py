@@ -84,10 +84,10 @@ def shared_train_step(monkeypatch):
     ``kill_at[0] = n`` raises KeyboardInterrupt (Ctrl-C) when the step about to run is number n."""
     real, cache, kill_at = train_mod.make_multi_step, {}, [None]
 
-    def shared(loss_fn, optimizer, ema_decay, n, strategy=None):
-        key = (ema_decay, n, strategy)
+    def shared(loss_fn, optimizer, ema_decay, n, strategy=None, batch_size=None):
+        key = (ema_decay, n, strategy, batch_size)
         if key not in cache:
-            cache[key] = real(loss_fn, optimizer, ema_decay, n, strategy)
+            cache[key] = real(loss_fn, optimizer, ema_decay, n, strategy, batch_size)
         fn = cache[key]
 
         def call(state, data):

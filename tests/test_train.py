@@ -63,10 +63,10 @@ def runs(model, data, tmp_path_factory):
     """
     real, cache = train_mod.make_multi_step, {}
 
-    def shared(loss_fn, optimizer, ema_decay, n, strategy=None):
-        key = (ema_decay, n, strategy)
+    def shared(loss_fn, optimizer, ema_decay, n, strategy=None, batch_size=None):
+        key = (ema_decay, n, strategy, batch_size)
         if key not in cache:
-            cache[key] = real(loss_fn, optimizer, ema_decay, n, strategy)
+            cache[key] = real(loss_fn, optimizer, ema_decay, n, strategy, batch_size)
         return cache[key]
 
     mp = pytest.MonkeyPatch()

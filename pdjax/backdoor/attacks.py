@@ -30,6 +30,7 @@ import numpy as np
 
 from pdjax.diffusion.schedule import Schedule
 from pdjax.errors import ConfigError, UnknownNameError
+from pdjax.sharding import batch_mean, batch_noise, batch_parallel, batch_slice
 
 ATTACKS = ("baddiffusion", "trojdiff", "villan")
 TROJ_MODES = ("d2i", "in-d2d", "out-d2d")
@@ -234,7 +235,8 @@ def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackAr
                 x_t, tgt = baddiffusion_pair(schedule, y, r, t, eps)
             else:
                 x_t, tgt = villan_pair(schedule, y, r, t, eps, spec.psi, spec.ode)
-        return jnp.mean((eps_fn(params, x_t, t) - tgt) ** 2)
+        x_t, t, tgt = batch_slice((x_t, t, tgt))  # this device's rows when the batch is split
+        return batch_mean((eps_fn(params, x_t, t) - tgt) ** 2, all_axes=True)
 
     return loss
 
@@ -256,8 +258,10 @@ def trojan_coefficients(schedule: Schedule) -> dict[str, np.ndarray]:
     }
 
 
-def trojan_ddpm_sample(eps_fn, params, schedule: Schedule, x_T, key, mu, gamma):
+def trojan_ddpm_sample(eps_fn, params, schedule: Schedule, x_T, key, mu, gamma, split_batch: bool = False):
     """Sample with TrojDiff's trojan DDPM sampler from x_T = gamma eps + mu. x_T [B, H, W, C] -> x_0.
+
+    ``split_batch``: split the batch over the local devices, as in :func:`pdjax.diffusion.samplers.ddpm_sample`.
 
     x0_hat = (x_t - sqrt(1-abar_t)(gamma eps_hat + mu)) / sqrt(abar_t); mean = coef_x0 x0_hat + coef_xt x_t
     + coef_mu mu; variance gamma^2 * posterior variance; no noise at t = 0.
@@ -265,7 +269,8 @@ def trojan_ddpm_sample(eps_fn, params, schedule: Schedule, x_T, key, mu, gamma):
     co = {k: jnp.asarray(v, jnp.float32) for k, v in trojan_coefficients(schedule).items()}
     mu = jnp.asarray(mu, jnp.float32)
     gamma = jnp.asarray(gamma, jnp.float32)
-    return _trojan_jit(eps_fn, params, co, x_T, key, mu, gamma)
+    return batch_parallel(_trojan_jit, params, co, x_T, key, mu, gamma, lead=(eps_fn,),
+                          batch_axes=(None, None, 0, None, None, None), size=x_T.shape[0] if split_batch else 1)
 
 
 def _trojan_body(eps_fn, params, co, mu, gamma, key):
@@ -273,7 +278,7 @@ def _trojan_body(eps_fn, params, co, mu, gamma, key):
         eps = eps_fn(params, x, jnp.full((x.shape[0],), t, jnp.int32))
         x0 = (x - co["sqrt_1m_abar"][t] * (gamma * eps + mu)) / co["sqrt_abar"][t]
         mean = co["coef_x0"][t] * x0 + co["coef_xt"][t] * x + co["coef_mu"][t] * mu
-        z = jax.random.normal(jax.random.fold_in(key, t), x.shape)
+        z = batch_noise(jax.random.fold_in(key, t), x.shape)
         return mean + jnp.where(t > 0, gamma * co["std"][t], 0.0) * z, None
 
     return step

@@ -102,11 +102,13 @@ def sample_attack(model: Model, spec: AttackSpec, arrays: AttackArrays, key: jax
     sc = model.schedule_config
     if spec.kind == "trojdiff" and triggered:
         mu, scale = arrays.troj_mu_scale(spec)
-        return np.asarray(trojan_ddpm_sample(model.eps, model.params, model.schedule, x_T, k_chain, mu, scale))
+        return np.asarray(trojan_ddpm_sample(model.eps, model.params, model.schedule, x_T, k_chain, mu, scale,
+                                             split_batch=True))
     if spec.ode:
-        return np.asarray(ddim_sample(model.eps, model.params, model.schedule, x_T, k_chain, num_steps=100))
+        return np.asarray(ddim_sample(model.eps, model.params, model.schedule, x_T, k_chain, num_steps=100,
+                                      split_batch=True))
     return np.asarray(ddpm_sample(model.eps, model.params, model.schedule, x_T, k_chain,
-                                  variance_type=sc.variance_type, clip_sample=sc.clip_sample))
+                                  variance_type=sc.variance_type, clip_sample=sc.clip_sample, split_batch=True))
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ import numpy as np
 
 from pdjax.diffusion.samplers import ddpm_sample
 from pdjax.errors import ConfigError
-from pdjax.sharding import shard_batch
+from pdjax.sharding import batch_parallel
 from pdjax.metrics import asr, mse_to_target, total_variation, trigger_l2, uniformity
 
 
@@ -41,9 +41,10 @@ def triggered_generations(model, triggers, key: jax.Array, n: int = 32, batch_li
     per = max(1, batch_limit // n)
     out = []
     for lo in range(0, len(triggers), per):
-        x_T = shard_batch(_start(jnp.asarray(triggers[lo:lo + per]), key, n), n, axis=1)
-        out.append(np.asarray(_chains(model.eps, model.schedule, sc.variance_type, bool(sc.clip_sample),
-                                      model.params, x_T, key)))
+        x_T = _start(jnp.asarray(triggers[lo:lo + per]), key, n)
+        out.append(np.asarray(batch_parallel(_chains_jit, model.params, model.schedule, x_T, key,
+                                             batch_axes=(None, None, 1, None), out_axis=1, size=n, lead=(model.eps,),
+                                             variance_type=sc.variance_type, clip_sample=bool(sc.clip_sample))))
     return np.concatenate(out)
 
 
@@ -59,6 +60,11 @@ def _chains(eps_fn, schedule, variance_type, clip_sample, params, x_T, key):
     chain_key = jax.random.fold_in(key, 1)
     return jax.vmap(lambda xt: ddpm_sample(eps_fn, params, schedule, xt, chain_key, variance_type=variance_type,
                                            clip_sample=clip_sample))(x_T)
+
+
+def _chains_jit(eps_fn, params, schedule, x_T, key, *, variance_type, clip_sample):
+    """:func:`_chains` with the argument order :func:`pdjax.sharding.batch_parallel` wants."""
+    return _chains(eps_fn, schedule, variance_type, clip_sample, params, x_T, key)
 
 
 def _generations(eps_fn, schedule, variance_type, clip_sample, params, triggers, key, n):

@@ -47,6 +47,7 @@ from pdjax.configs import from_dict_strict
 from pdjax.diffusion.samplers import ddim_step, ddpm_step, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
 from pdjax.errors import ConfigError, UnknownNameError
+from pdjax.sharding import AXIS, batch_agree, batch_gather, batch_mean, batch_mesh, pinned
 
 METHODS = ("purediffusion", "elijah", "terd")
 INITS = ("neg-uniform", "zeros", "normal")
@@ -218,8 +219,10 @@ def _eps_at(eps_fn, params, x, t):
     return eps_fn(params, x, jnp.full((x.shape[0],), t, jnp.int32))
 
 
-def _norm(r, norm: str):
-    return jnp.mean(jnp.abs(r)) if norm == "l1" else jnp.mean(r * r)
+def _norm(r, norm: str, batched: bool = False):
+    """Mean |r| (l1) or mean r^2 over every element; ``batched``: r [B, ...] may be split over devices."""
+    a = jnp.abs(r) if norm == "l1" else r * r
+    return batch_mean(a, all_axes=True) if batched else jnp.mean(a)
 
 
 def pairwise_sq_mean(s):
@@ -234,7 +237,7 @@ def elijah_loss(prob: Problem, cfg: InversionConfig):
 
     def loss(delta, params, fixed, key):
         e = _eps_at(prob.eps_fn, params, fixed["noise"] + delta, T - 1)
-        return jnp.mean(jnp.abs(jnp.mean(e, axis=0) - cfg.elijah_lambda * delta))
+        return jnp.mean(jnp.abs(batch_mean(e) - cfg.elijah_lambda * delta))
 
     return loss
 
@@ -269,12 +272,12 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
             if cfg.shift_weight:
                 if cfg.per_sample:
                     r = e - fixed["clean_eps"][i] - lambdas[i] * delta
+                    shift = shift + _norm(r, cfg.norm, batched=True)
                 else:
-                    r = jnp.mean(e, axis=0) - lambdas[i] * delta
-                shift = shift + _norm(r, cfg.norm)
+                    shift = shift + _norm(batch_mean(e) - lambdas[i] * delta, cfg.norm)
             if cfg.cons_weight:
-                s = x[: cfg.cons_batch] - sched.sqrt_one_minus_abar[t] * e[: cfg.cons_batch]
-                cons = cons + pairwise_sq_mean(s)
+                s = batch_gather(x - sched.sqrt_one_minus_abar[t] * e)[: cfg.cons_batch]
+                cons = cons + batch_agree(pairwise_sq_mean(s))
             x = x_next
         return (cfg.shift_weight * shift + cfg.cons_weight * cons) / cfg.K
 
@@ -353,9 +356,14 @@ def _prepare(prob: Problem, cfg: InversionConfig, params, key) -> dict:
     _, k_noise, k_chain, _ = _keys(key)
     noise = jax.random.normal(k_noise, (cfg.batch, *prob.shape))
     fixed = {"noise": noise, "chain_key": k_chain}
-    if cfg.method == "purediffusion" and cfg.per_sample and cfg.shift_weight:
+    if _uses_clean_chain(cfg):
         fixed["clean_eps"] = _clean_chain_eps(prob, params, noise, k_chain, cfg.K)
     return fixed
+
+
+def _uses_clean_chain(cfg: InversionConfig) -> bool:
+    """Whether the loss needs the clean chain's eps_hat (the per-sample shift residual)."""
+    return cfg.method == "purediffusion" and cfg.per_sample and bool(cfg.shift_weight)
 
 
 def _step_fn(phase: _Phase, phase_index: int):
@@ -379,6 +387,7 @@ def _chunk(cfg: InversionConfig, steps: int) -> int:
 
 _PROGRAMS: dict = {}
 MODEL_AXIS = "models"
+SHARDED_METHODS = ("elijah", "purediffusion")
 
 
 def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stacked: bool, mesh=None):
@@ -391,7 +400,10 @@ def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stac
     """
     # Step counts only set how often the program runs: leave them out of the cache key.
     norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0)
-    cache_key = (prob, norm_cfg, phase_index, n, stacked, mesh)
+    # One model with several devices: its noise batch is split over them (SHARDED_METHODS' losses reduce
+    # over the batch with pdjax.sharding's collectives; TERD draws its batch inside the loss and is not).
+    bmesh = batch_mesh(cfg.batch) if not stacked and cfg.method in SHARDED_METHODS else None
+    cache_key = (prob, norm_cfg, phase_index, n, stacked, mesh, bmesh)
     if cache_key not in _PROGRAMS:
         phase = _phases(prob, cfg)[phase_index]
         one = _step_fn(phase, phase_index)
@@ -409,7 +421,17 @@ def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stac
                 spec = P(MODEL_AXIS)
                 run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec)
                 prep = jax.shard_map(prep, mesh=mesh, in_specs=spec, out_specs=spec)
-        _PROGRAMS[cache_key] = (jax.jit(run), jax.jit(prep), phase)
+        if bmesh is not None:
+            from jax.sharding import PartitionSpec as P
+
+            fixed_spec = {"noise": P(AXIS), "chain_key": P()}
+            if _uses_clean_chain(cfg):
+                fixed_spec["clean_eps"] = P(None, AXIS)
+            specs = (P(), P(), fixed_spec, P())
+            run = pinned(jax.jit(jax.shard_map(run, mesh=bmesh, in_specs=specs, out_specs=P())), bmesh, specs)
+        else:
+            run = jax.jit(run)
+        _PROGRAMS[cache_key] = (run, jax.jit(prep), phase)
     return _PROGRAMS[cache_key]
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from pdjax.diffusion.schedule import Schedule, check_variance_type
 from pdjax.errors import ConfigError
+from pdjax.sharding import batch_noise, batch_parallel
 
 EpsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -75,8 +76,9 @@ def _eps(eps_fn: EpsFn, params, x_t: jax.Array, t: jax.Array) -> jax.Array:
 
 
 def _noise(key: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
-    """The chain's noise for timestep t: normal(fold_in(key, t)), shaped like ``like``."""
-    return jax.random.normal(jax.random.fold_in(key, t), like.shape, like.dtype)
+    """The chain's noise for timestep t: normal(fold_in(key, t)), shaped like ``like`` (the same numbers
+    per sample when the batch is split over devices, :func:`pdjax.sharding.batch_noise`)."""
+    return batch_noise(jax.random.fold_in(key, t), like.shape, like.dtype)
 
 
 def _check_x(x_T) -> None:
@@ -200,6 +202,7 @@ def ddpm_sample(
     num_steps: int | None = None,
     return_trajectory: bool = False,
     unroll: int | bool = 1,
+    split_batch: bool = False,
 ):
     """DDPM ancestral sampling from an explicit start x_T, t = T-1 down to 0 (SPEC 1).
 
@@ -217,6 +220,9 @@ def ddpm_sample(
         num_steps: run only the first K reverse steps (t = T-1 .. T-K); None = all T.
         return_trajectory: also return a :class:`Trajectory` of the K visited (x_t, eps_hat, t).
         unroll: ``lax.scan`` unroll factor (same numbers; faster backward passes on CPU).
+        split_batch: split the batch over the local devices (:func:`pdjax.sharding.batch_parallel`; the
+            same samples to float rounding). Only for an ``eps_fn`` that treats samples independently
+            (a model; not a function closing over batch-shaped arrays).
 
     Returns:
         x: [B, H, W, C], x_0 after all T steps (or x_{T-1-K} after K steps);
@@ -228,9 +234,11 @@ def ddpm_sample(
     K = T if num_steps is None else num_steps
     if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= T:
         raise ConfigError(f"num_steps must be an int in [1, {T}] or None, got {num_steps!r}")
-    return _ddpm_sample_jit(eps_fn, params, schedule, x_T, key, variance_type=variance_type,
-                            clip_sample=bool(clip_sample), num_steps=int(K),
-                            return_trajectory=bool(return_trajectory), unroll=unroll)
+    return batch_parallel(_ddpm_sample_jit, params, schedule, x_T, key, lead=(eps_fn,),
+                          batch_axes=(None, None, 0, None), size=x_T.shape[0] if split_batch else 1,
+                          variance_type=variance_type,
+                          clip_sample=bool(clip_sample), num_steps=int(K),
+                          return_trajectory=bool(return_trajectory), unroll=unroll)
 
 
 # ------------------------------------------------------------------------------------------- DDIM
@@ -359,6 +367,7 @@ def ddim_sample(
     clip_sample: bool = False,
     return_trajectory: bool = False,
     unroll: int | bool = 1,
+    split_batch: bool = False,
 ):
     """DDIM sampling from an explicit start x_T over diffusers' "leading" sub-sequence (SPEC 1).
 
@@ -376,6 +385,7 @@ def ddim_sample(
         clip_sample: clip x0_hat to [-1, 1].
         return_trajectory: also return a :class:`Trajectory` of the visited (x_t, eps_hat, t).
         unroll: ``lax.scan`` unroll factor.
+        split_batch: split the batch over the local devices, as in :func:`ddpm_sample`.
 
     Returns:
         x_0: [B, H, W, C]; or (x_0, Trajectory) when ``return_trajectory``.
@@ -389,6 +399,8 @@ def ddim_sample(
         stochastic = float(eta) != 0.0
     else:
         stochastic = True
-    return _ddim_sample_jit(eps_fn, params, schedule, x_T, key, jnp.asarray(eta, jnp.float32),
-                            num_steps=int(num_steps), stochastic=stochastic, clip_sample=bool(clip_sample),
-                            return_trajectory=bool(return_trajectory), unroll=unroll)
+    return batch_parallel(_ddim_sample_jit, params, schedule, x_T, key, jnp.asarray(eta, jnp.float32),
+                          lead=(eps_fn,), batch_axes=(None, None, 0, None, None),
+                          size=x_T.shape[0] if split_batch else 1,
+                          num_steps=int(num_steps), stochastic=stochastic, clip_sample=bool(clip_sample),
+                          return_trajectory=bool(return_trajectory), unroll=unroll)
