@@ -10,12 +10,12 @@ Two settings, both carried by ``XLA_FLAGS`` and so only effective before JAX sta
   process may use, at most 8; ``1`` turns it off) sets ``--xla_force_host_platform_device_count``. pdjax
   then runs a sampling call's batch split over the devices (:func:`pdjax.sharding.batch_parallel`, same
   generations to float rounding) and an audit splits its stacked models over them. XLA:CPU's single
-  device used the second core for almost nothing: a digits-16 UNet forward at batch 32 took 36 ms on one
-  core and 41 ms on two; split over two devices, 20 ms (docs/performance.md).
+  device leaves the second core nearly idle on these small convolutions: split over two devices, a
+  digits-16 DDPM chain ran 1.94x faster than on one (docs/performance.md, section 4).
 
 Both are measured by ``experiments/bench_cpu_runtime.py`` (docs/performance.md): on the idle 2-core CPU,
-YNNPACK made the digits-16 UNet forward 1.39x and a DDPM chain 1.14x faster, and left the input gradient
-(trigger inversion) unchanged.
+YNNPACK made the digits-16 UNet forward 1.35x faster, and with two devices a DDPM chain ran 2.25x, the
+scan's inversion 1.62x and training 1.25x faster than XLA's own kernels on one device.
 The ``pdjax`` command calls :func:`enable` first thing; library users may call it before their first JAX
 computation. Flags the user already put in ``XLA_FLAGS`` win. On a GPU or TPU machine the flags are
 parsed and affect only the (unused) host platform.

@@ -5,10 +5,11 @@ single model's sampling run is data-parallel (:func:`batch_parallel`): the progr
 ``jax.shard_map`` over a 1-D ``"batch"`` mesh, each device taking its slice of the batch, params
 replicated. The chain noise is drawn for the whole batch on every device and sliced
 (:func:`batch_noise`), so every sample gets the noise it gets unsharded and the generations agree with the
-one-device run to float rounding (the kernels round differently at a smaller batch; 2e-6 measured). On
-the 2-core CPU a DDPM step at batch 32 takes about half the time on two devices, where XLA's own
-partitioning of the same program (the batch placed sharded, ``jax.jit`` propagating it) gained nothing
-(docs/performance.md).
+one-device run to float rounding (the kernels round differently at a smaller batch; tests/test_cpu_runtime.py).
+Trigger inversion and training split their batch the same way (:func:`batch_slice`, :func:`batch_mean`,
+:func:`batch_gather`). On the 2-core CPU a 100-step DDPM chain of 2 x 16 samples took 4.31 s on one device
+and 2.22 s on two, where XLA's own partitioning of the same program (the batch placed sharded, ``jax.jit``
+propagating it) gained nothing (``experiments/bench_cpu_runtime.py``, docs/performance.md).
 Stacked audits split models instead (:func:`pdjax.defense.inversion.shard_models`).
 """
 

@@ -26,7 +26,9 @@ Loop layout: the optimiser loop is :func:`pdjax.loops.repeat` inside one jit. On
 is one program (a ``lax.scan`` over all steps); on XLA:CPU, where convolution backward passes inside a
 scan are ~15x slower (DESIGN habit 2, ``experiments/bench_loops.py``), it is a host loop of one jitted
 step, with the K-step chain unrolled inside it. Every step takes its randomness from
-``fold_in(key, step)``, so both layouts give the same trigger for the same key.
+``fold_in(key, step)``, so both layouts give the same trigger for the same key. With several devices
+(one per CPU core by default, GPUs) one model's Elijah or PureDiffusion program splits its noise batch over
+them under ``shard_map`` (:mod:`pdjax.sharding`): the same trigger to float rounding.
 """
 
 from __future__ import annotations
