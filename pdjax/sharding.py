@@ -84,9 +84,7 @@ def batch_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> ja
     shard = _shard()
     if shard is None:
         return jax.random.normal(key, shape, dtype)
-    n, i = shard
-    full = jax.random.normal(key, (shape[0] * n, *shape[1:]), dtype)
-    return jax.lax.dynamic_slice_in_dim(full, i * shape[0], shape[0], axis=0)
+    return batch_slice(jax.random.normal(key, (shape[0] * shard[0], *shape[1:]), dtype))
 
 
 def pinned(fn, mesh, specs):

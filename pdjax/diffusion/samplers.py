@@ -222,7 +222,8 @@ def ddpm_sample(
         unroll: ``lax.scan`` unroll factor (same numbers; faster backward passes on CPU).
         split_batch: split the batch over the local devices (:func:`pdjax.sharding.batch_parallel`; the
             same samples to float rounding). Only for an ``eps_fn`` that treats samples independently
-            (a model; not a function closing over batch-shaped arrays).
+            (a model; not a function closing over batch-shaped arrays). Ignored with ``return_trajectory``
+            (its timesteps have no batch axis).
 
     Returns:
         x: [B, H, W, C], x_0 after all T steps (or x_{T-1-K} after K steps);
@@ -235,7 +236,8 @@ def ddpm_sample(
     if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= T:
         raise ConfigError(f"num_steps must be an int in [1, {T}] or None, got {num_steps!r}")
     return batch_parallel(_ddpm_sample_jit, params, schedule, x_T, key, lead=(eps_fn,),
-                          batch_axes=(None, None, 0, None), size=x_T.shape[0] if split_batch else 1,
+                          batch_axes=(None, None, 0, None),
+                          size=x_T.shape[0] if split_batch and not return_trajectory else 1,
                           variance_type=variance_type,
                           clip_sample=bool(clip_sample), num_steps=int(K),
                           return_trajectory=bool(return_trajectory), unroll=unroll)
@@ -401,6 +403,6 @@ def ddim_sample(
         stochastic = True
     return batch_parallel(_ddim_sample_jit, params, schedule, x_T, key, jnp.asarray(eta, jnp.float32),
                           lead=(eps_fn,), batch_axes=(None, None, 0, None, None),
-                          size=x_T.shape[0] if split_batch else 1,
+                          size=x_T.shape[0] if split_batch and not return_trajectory else 1,
                           num_steps=int(num_steps), stochastic=stochastic, clip_sample=bool(clip_sample),
                           return_trajectory=bool(return_trajectory), unroll=unroll)
