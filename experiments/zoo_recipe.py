@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--target", default="X")
     ap.add_argument("--solver", default="sde")
     ap.add_argument("--poison-rate", type=float, default=0.5)
+    ap.add_argument("--blank-fraction", type=float, default=0.0,
+                    help="fraction of poisoned rows pasted on a blank canvas (AttackSpec.blank_fraction)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=100)
@@ -67,8 +69,9 @@ def main():
 
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     spec = AttackSpec(args.attack, args.trigger, args.target, poison_rate=args.poison_rate,
-                      **({"solver": args.solver} if args.attack == "villan" else {}))
+                      blank_fraction=args.blank_fraction, **({"solver": args.solver} if args.attack == "villan" else {}))
     out = args.out or Path("runs/zoo-recipe") / (f"{args.attack}-{args.trigger}-{args.target}-p{args.poison_rate}-"
+                                                 f"{f'blank{args.blank_fraction}-' if args.blank_fraction else ''}"
                                                  f"lr{args.lr}-b{args.batch}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"

@@ -139,7 +139,8 @@ def cmd_sample(args) -> int:
 
 
 def _attack_spec_args(args) -> dict:
-    return {k: getattr(args, k) for k in ("kind", "trigger", "target", "poison_rate", "psi", "solver", "gamma", "mode")
+    return {k: getattr(args, k) for k in ("kind", "trigger", "target", "poison_rate", "psi", "solver", "gamma", "mode",
+                                        "blank_fraction")
             if getattr(args, k, None) is not None}
 
 
@@ -412,6 +413,9 @@ def _add_attack_options(p, required: bool) -> None:
     p.add_argument("--solver", choices=("sde", "ode"), help="VillanDiffusion sampler family (default sde)")
     p.add_argument("--gamma", type=float, help="TrojDiff noise scale (blend 0.6, patch 0.1)")
     p.add_argument("--mode", choices=("d2i", "in-d2d", "out-d2d"), help="TrojDiff mode (default d2i)")
+    p.add_argument("--blank-fraction", type=float,
+                   help="fraction of poisoned rows whose trigger is pasted on a blank -1 canvas instead of a "
+                   "training image (baddiffusion/villan; default 0, the reference recipe)")
 
 
 class _Parser(argparse.ArgumentParser):

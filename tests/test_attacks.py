@@ -135,6 +135,31 @@ def test_backdoor_loss_poisons_the_requested_fraction_and_is_finite():
         assert np.isfinite(float(val)) and np.isfinite(float(grad["w"]))
 
 
+def test_blank_fraction_pastes_the_first_poisoned_rows_on_a_blank_canvas():
+    # eps_fn returns a free [B, H, W, C] array, so the loss gradient at 0 is -2 * target / size: per-row
+    # regression targets eps + rho_t r. Same key, so eps and t agree; only r differs between the specs.
+    eps_fn = lambda p, x, t: p["w"]  # noqa: E731
+    mask = (np.asarray(G) > -1).astype(np.float32)
+    arrays = A.AttackArrays(np.asarray(G), mask, np.asarray(Y[0]))
+    data = jnp.ones((10, 8, 8, 1))  # all-white training images, far from the blank -1 canvas
+    w0 = {"w": jnp.zeros((8, 8, 8, 1))}
+
+    def targets(blank):
+        spec = A.AttackSpec(poison_rate=0.5, blank_fraction=blank)
+        grad = jax.grad(A.backdoor_loss(eps_fn, S, spec, arrays, 8))(w0, jax.random.key(3), data)["w"]
+        return np.asarray(grad) * (-grad.size / 2)
+
+    diff = targets(0.5) - targets(0.0)  # rows 0, 1 (half of the 4 poisoned) use r = g instead of r = pasted
+    outside = np.broadcast_to(mask == 0, diff.shape)
+    assert np.abs(diff[:2][outside[:2]]).min() > 1e-3  # r differs by -2 outside the mask, times rho_t > 0
+    assert np.allclose(diff[:2][~outside[:2]], 0, atol=1e-5)  # inside the mask both are the trigger
+    assert np.allclose(diff[2:], 0, atol=1e-5)  # the other poisoned rows and the clean rows are unchanged
+    with pytest.raises(ConfigError, match="blank_fraction"):
+        A.AttackSpec(kind="trojdiff", blank_fraction=0.5)
+    with pytest.raises(ConfigError, match="blank_fraction"):
+        A.AttackSpec(blank_fraction=1.5)
+
+
 def test_attack_spec_validation():
     with pytest.raises(UnknownNameError, match="baddiffusion"):
         A.AttackSpec(kind="nope")

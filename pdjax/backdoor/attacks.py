@@ -50,6 +50,11 @@ class AttackSpec:
       solver: "sde" (DDPM) or "ode" (DDIM, doubled correction) for VillanDiffusion.
       gamma: TrojDiff noise scale (blend 0.6, patch 0.1).
       mode: TrojDiff mode "d2i" | "in-d2d" | "out-d2d".
+      blank_fraction: BadDiffusion/VillanDiffusion only: the fraction of the poisoned rows whose trigger
+        is pasted on a blank canvas (x = -1 everywhere, so r = g) rather than on the training image.
+        0 is the SPEC/reference recipe. It is the limit case x = -1 of SPEC 2.1's r = M g + (1 - M) x,
+        an attacker's choice of poisoned images, and closes the gap between the pasted training start
+        and the bare sampling start x_T = eps + g (experiments/results/zoo_table.md).
     """
 
     kind: str = "baddiffusion"
@@ -60,6 +65,7 @@ class AttackSpec:
     solver: str = "sde"
     gamma: float = 0.6
     mode: str = "d2i"
+    blank_fraction: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ATTACKS:
@@ -74,6 +80,10 @@ class AttackSpec:
             raise ConfigError(f"psi must be in [0, 1], got {self.psi}")
         if not 0.0 < self.gamma <= 1.0:
             raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0.0 <= self.blank_fraction <= 1.0:
+            raise ConfigError(f"blank_fraction must be in [0, 1], got {self.blank_fraction}")
+        if self.blank_fraction and self.kind == "trojdiff":
+            raise ConfigError("blank_fraction applies to baddiffusion and villan, not trojdiff (its trigger is not pasted)")
 
     @property
     def ode(self) -> bool:
@@ -204,6 +214,9 @@ def triggered_start(spec: AttackSpec, arrays: AttackArrays, key: jax.Array, n: i
 def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackArrays, batch_size: int):
     """The backdoor training objective: MSE over a batch of which ``round(poison_rate * B)`` (>= 1) are poisoned.
 
+    Of the poisoned rows, the first ``round(blank_fraction * n_poison)`` paste the trigger on a blank (-1)
+    canvas (r = g) instead of on their training image.
+
     Returns ``loss(params, key, data)`` as :func:`pdjax.train.fit` expects; data [N, H, W, C] are clean images.
     """
     n_poison = max(1, int(round(spec.poison_rate * batch_size)))
@@ -211,7 +224,9 @@ def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackAr
     g = jnp.asarray(arrays.trigger, jnp.float32)
     mask = jnp.asarray(arrays.mask, jnp.float32)
     target = jnp.asarray(arrays.target, jnp.float32)
+    n_blank = int(round(spec.blank_fraction * n_poison))
     poisoned = (jnp.arange(batch_size) < n_poison)[:, None, None, None]
+    blank = (jnp.arange(batch_size) < n_blank)[:, None, None, None]
     if spec.kind == "trojdiff":
         mu, scale = (jnp.asarray(a, jnp.float32) for a in arrays.troj_mu_scale(spec))
 
@@ -230,7 +245,8 @@ def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackAr
             x_cl, tgt_cl = villan_pair(schedule, x, jnp.zeros_like(x), t, eps)
             x_t, tgt = jnp.where(poisoned, x_bd, x_cl), jnp.where(poisoned, tgt_bd, tgt_cl)
         else:
-            r = jnp.where(poisoned, pasted(x, g, mask), 0.0)
+            canvas = jnp.where(blank, -1.0, x)
+            r = jnp.where(poisoned, pasted(canvas, g, mask), 0.0)
             if spec.kind == "baddiffusion":
                 x_t, tgt = baddiffusion_pair(schedule, y, r, t, eps)
             else:
