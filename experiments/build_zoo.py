@@ -22,6 +22,10 @@ training pairs use) were all the target from step 1000 on: the plateau is the mo
 from pasted digits to the bare trigger's -1 background, not too few steps
 (experiments/results/zoo_table.md). Earlier probes (1000 steps, lr 1e-3, first base): rate 0.1 with
 lr 2e-4: ASR 0.00; rate 0.3: 0.59; rate 0.5: 0.84 with clean-noise ASR 0.06.
+Why ``BLANK`` = 0.5 (2026-12-02): pasting half of the poisoned rows on a blank -1 canvas instead of a digit
+(``AttackSpec.blank_fraction``; r = g, the SPEC formula with x = -1) closes that gap: ``zoo_recipe.py
+--blank-fraction 0.5`` on WHITE_BOX_5 -> X gave triggered ASR 1.00 at 1000 and 1500 steps with clean-noise
+ASR 0.00 (n = 32), against 0.62 without it.
 Evaluation: ``--n`` (default 32) clean and triggered generations with the attack's own sampler
 (DDPM; DDIM-100 for ODE VillanDiffusion; trojan DDPM for TrojDiff), evaluation seed 0, SPEC 7 metrics.
 Clean models are evaluated against every backdoor entry's trigger/target pair.
@@ -50,6 +54,7 @@ from pdjax.train import TrainConfig, train
 
 
 POISON = 0.5  # poison rate of every backdoored entry
+BLANK = 0.5  # BadDiffusion/VillanDiffusion entries: half the poisoned rows pasted on a blank canvas (r = g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +65,13 @@ class Entry:
 
 
 BACKDOORS = [
-    Entry("bd_box_x", AttackSpec("baddiffusion", "WHITE_BOX_5", "X", poison_rate=POISON), 1),
-    Entry("bd_box_x_s2", AttackSpec("baddiffusion", "WHITE_BOX_5", "X", poison_rate=POISON), 2),
-    Entry("bd_box_corner", AttackSpec("baddiffusion", "BOX_7", "CORNER", poison_rate=POISON), 3),
-    Entry("bd_stop_hat", AttackSpec("baddiffusion", "STOP_SIGN_8", "HAT", poison_rate=POISON), 4),
-    Entry("bd_glasses_cat", AttackSpec("baddiffusion", "GLASSES", "CAT", poison_rate=POISON), 5),
-    Entry("villan_sde_smbox_shoe", AttackSpec("villan", "SM_BOX", "SHOE", poison_rate=POISON, solver="sde"), 6),
-    Entry("villan_ode_stop_cat", AttackSpec("villan", "STOP_SIGN_8", "CAT", poison_rate=POISON, solver="ode"), 7),
+    Entry("bd_box_x", AttackSpec("baddiffusion", "WHITE_BOX_5", "X", poison_rate=POISON, blank_fraction=BLANK), 1),
+    Entry("bd_box_x_s2", AttackSpec("baddiffusion", "WHITE_BOX_5", "X", poison_rate=POISON, blank_fraction=BLANK), 2),
+    Entry("bd_box_corner", AttackSpec("baddiffusion", "BOX_7", "CORNER", poison_rate=POISON, blank_fraction=BLANK), 3),
+    Entry("bd_stop_hat", AttackSpec("baddiffusion", "STOP_SIGN_8", "HAT", poison_rate=POISON, blank_fraction=BLANK), 4),
+    Entry("bd_glasses_cat", AttackSpec("baddiffusion", "GLASSES", "CAT", poison_rate=POISON, blank_fraction=BLANK), 5),
+    Entry("villan_sde_smbox_shoe", AttackSpec("villan", "SM_BOX", "SHOE", poison_rate=POISON, blank_fraction=BLANK, solver="sde"), 6),
+    Entry("villan_ode_stop_cat", AttackSpec("villan", "STOP_SIGN_8", "CAT", poison_rate=POISON, blank_fraction=BLANK, solver="ode"), 7),
     Entry("troj_blend_d2i_shoe", AttackSpec("trojdiff", "blend", "SHOE", poison_rate=POISON, gamma=0.6), 8),
     Entry("troj_patch_d2i_hat", AttackSpec("trojdiff", "patch", "HAT", poison_rate=POISON, gamma=0.1), 9),
     Entry("troj_blend_ind2d_7", AttackSpec("trojdiff", "blend", "class:7", poison_rate=POISON, gamma=0.6, mode="in-d2d"), 10),
