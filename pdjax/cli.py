@@ -354,7 +354,8 @@ def _scan_config(args):
 
     from pdjax.defense.detection import SCAN_INVERSION
 
-    changes = {k: v for k, v in (("method", args.method), ("steps", args.steps)) if v is not None}
+    changes = {k: v for k, v in (("method", args.method), ("steps", args.steps), ("dtype", args.dtype),
+                                 ("remat", args.remat)) if v is not None}
     return dataclasses.replace(SCAN_INVERSION, **changes)
 
 
@@ -398,7 +399,14 @@ def _add_scan_options(p) -> None:
     p.add_argument("--method", help="inversion method (default purediffusion)")
     p.add_argument("--steps", type=int, help="inversion steps (default: the scan's 40)")
     p.add_argument("--samples", type=int, default=SCAN_SAMPLES, help="generations per model and start")
+    _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
+
+
+def _add_fast_path_options(p) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="UNet compute dtype of the inversion (default float32)")
+    p.add_argument("--remat", action="store_true", default=None,
+                   help="rematerialise each unrolled reverse step (less memory for long chains)")
 
 
 def _add_attack_options(p, required: bool) -> None:
@@ -524,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--cons-weight", dest="cons_weight", type=float, help="purediffusion: weight of L_cons")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--samples", type=int, default=0, help="also draw N DDPM generations from eps + trigger and eps")
+    _add_fast_path_options(i)
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(func=cmd_invert)
 

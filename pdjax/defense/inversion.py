@@ -49,11 +49,13 @@ from pdjax.configs import from_dict_strict
 from pdjax.diffusion.samplers import ddim_step, ddpm_step, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
 from pdjax.errors import ConfigError, UnknownNameError
+from pdjax.models.unet import make_eps_fn
 from pdjax.sharding import AXIS, batch_agree, batch_gather, batch_mean, batch_mesh, pinned
 
 METHODS = ("purediffusion", "elijah", "terd")
 INITS = ("neg-uniform", "zeros", "normal")
 NORMS = ("l1", "l2")
+DTYPES = ("float32", "bfloat16")
 
 # SPEC 4 defaults per method: optimiser steps, learning rate, noise batch.
 _DEFAULTS = {
@@ -82,6 +84,10 @@ class InversionConfig:
       elijah_lambda: elijah's constant (0.5; 1.0 for ODE-trained models).
       terd_refine_steps, terd_ddim_steps, terd_l1: TERD phase 2 steps, its DDIM chain length, L1 weight.
       steps_per_call: optimiser steps per jitted call; 0 = 1 on CPU, all steps elsewhere.
+      dtype: compute dtype of the UNet inside the loss: "float32" or "bfloat16" (params stay float32 and
+        are cast per layer; the trigger, the optimiser and the loss reductions stay float32).
+      remat: rematerialise each unrolled reverse step (``jax.checkpoint``; purediffusion's K steps, TERD's
+        phase-2 DDIM chain): activation memory of one step instead of K, for about one more forward pass.
     """
 
     method: str = "purediffusion"
@@ -101,6 +107,8 @@ class InversionConfig:
     terd_ddim_steps: int = 10
     terd_l1: float = 5e-5
     steps_per_call: int = 0
+    dtype: str = "float32"
+    remat: bool = False
 
     def resolved(self) -> "InversionConfig":
         """The config with method defaults filled in, validated (ConfigError / UnknownNameError)."""
@@ -110,6 +118,8 @@ class InversionConfig:
             raise UnknownNameError("init", self.init, INITS)
         if self.norm not in NORMS:
             raise UnknownNameError("norm", self.norm, NORMS)
+        if self.dtype not in DTYPES:
+            raise UnknownNameError("inversion dtype", self.dtype, DTYPES)
         d = _DEFAULTS[self.method]
         cfg = dataclasses.replace(self, steps=self.steps or d["steps"], lr=self.lr or d["lr"],
                                   batch=self.batch or d["batch"])
@@ -211,9 +221,16 @@ class Problem(NamedTuple):
         return bool(self.schedule_config.clip_sample)
 
 
-def problem_of(model) -> Problem:
-    """The :class:`Problem` of a :class:`pdjax.model.Model`."""
-    return Problem(model.eps, model.schedule_config, tuple(model.image_shape))
+def problem_of(model, dtype: str = "float32") -> Problem:
+    """The :class:`Problem` of a :class:`pdjax.model.Model`, its UNet computing in ``dtype``."""
+    eps_fn = model.eps if dtype == "float32" else make_eps_fn(model.config, dtype)
+    return Problem(eps_fn, model.schedule_config, tuple(model.image_shape))
+
+
+def _step(fn, cfg: InversionConfig):
+    """One unrolled reverse step ``fn(params, x, t, ...)`` (t a Python int), rematerialised in the backward
+    pass when ``cfg.remat``."""
+    return jax.checkpoint(fn, static_argnums=(2,)) if cfg.remat else fn
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -263,14 +280,16 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
     T = prob.schedule.num_timesteps
     sched = prob.schedule
     lambdas = jnp.asarray(lambdas, jnp.float32)
+    step = _step(lambda params, x, t, k: ddpm_step(prob.eps_fn, params, sched, x, t, k,
+                                                   variance_type=prob.variance_type, clip_sample=prob.clip_sample),
+                 cfg)
 
     def loss(delta, params, fixed, key):
         x = fixed["noise"] + delta
         shift = cons = 0.0
         for i in range(cfg.K):  # unrolled: K straight-line model calls, gradients through the chain
             t = T - 1 - i
-            x_next, e = ddpm_step(prob.eps_fn, params, sched, x, t, fixed["chain_key"],
-                                  variance_type=prob.variance_type, clip_sample=prob.clip_sample)
+            x_next, e = step(params, x, t, fixed["chain_key"])
             if cfg.shift_weight:
                 if cfg.per_sample:
                     r = e - fixed["clean_eps"][i] - lambdas[i] * delta
@@ -304,13 +323,15 @@ def terd_losses(prob: Problem, cfg: InversionConfig):
         return 0.5 * jnp.mean(((e1 - p1) - (e2 - p2)) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
 
     ts = timesteps_ddim(T, cfg.terd_ddim_steps)
-    step = T // cfg.terd_ddim_steps
+    stride = T // cfg.terd_ddim_steps
+    step = _step(lambda params, x, t: ddim_step(prob.eps_fn, params, sched, x, t, t - stride,
+                                                clip_sample=prob.clip_sample)[0], cfg)
 
     def phase2(delta, params, fixed, key):
         k1, k2 = jax.random.split(key)
         x = jnp.concatenate([jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2)]) + delta
         for t in ts:  # unrolled deterministic DDIM chain
-            x, _ = ddim_step(prob.eps_fn, params, sched, x, int(t), int(t) - step, clip_sample=prob.clip_sample)
+            x = step(params, x, int(t))
         return 0.5 * jnp.mean((x[:B] - x[B:]) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
 
     return phase1, phase2
@@ -525,7 +546,7 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
     """
     key = jax.random.key(0) if key is None else key
     cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
-    prob = problem_of(model)
+    prob = problem_of(model, cfg.dtype)
     delta, losses, secs, comp = _optimise(prob, cfg, model.params, key, None, progress, start=start)
     return InversionResult(cfg.method, delta.astype(np.float32), losses.astype(np.float32), cfg.to_dict(),
                            _seed_of(key), secs, comp)
@@ -564,7 +585,7 @@ def invert_many(models, method: str = "purediffusion", key: jax.Array | None = N
     if mesh is not None and len(models) % mesh.size:
         raise ConfigError(f"{len(models)} models do not split evenly over {mesh.size} devices; pad the stack")
     cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
-    prob = problem_of(models[0])
+    prob = problem_of(models[0], cfg.dtype)
     params = stack_params(models)
     delta, losses, secs, comp = _optimise(prob, cfg, params, keys, len(models), progress, mesh)
     seeds = [_seed_of(k) for k in keys]
