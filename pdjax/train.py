@@ -99,14 +99,18 @@ def ddpm_loss(eps_fn, schedule: Schedule, batch_size: int) -> LossFn:
 
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+    """A fresh state owning its buffers: params and EMA are copies (the step programs donate the state,
+    so it must not share buffers with the caller's model or with itself)."""
+    params = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
+    ema = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
                       opt_state=optimizer.init(params), key=jax.random.key_data(jax.random.key(seed)))
 
 
 def make_multi_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float, n: int,
                     strategy: str | None = None, batch_size: int | None = None):
-    """A jitted ``(state, data) -> (state, losses[n])`` doing n optimiser steps (params are arguments).
+    """A jitted ``(state, data) -> (state, losses[n])`` doing n optimiser steps (params are arguments);
+    ``state`` is donated (invalid after the call).
 
     ``batch_size``: the loss's batch; with several devices (one per CPU core, GPUs) the steps run
     data-parallel under ``shard_map`` (:func:`pdjax.sharding.batch_mesh`): state and data replicated, each
@@ -129,11 +133,14 @@ def make_multi_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, em
     def multi(state: TrainState, data):
         return loops.repeat(lambda s, i: one(s, data, i), state, n, start=state.step, strategy=strategy)
 
+    # The state is donated: its params, EMA and optimiser buffers are reused for the new state, so a
+    # step holds one copy of them, not two (callers must not reuse a state passed in).
     if mesh is None:
-        return jax.jit(multi)
+        return jax.jit(multi, donate_argnums=0)
     from jax.sharding import PartitionSpec as P
 
-    return pinned(jax.jit(jax.shard_map(multi, mesh=mesh, in_specs=(P(), P()), out_specs=P())), mesh, (P(), P()))
+    return pinned(jax.jit(jax.shard_map(multi, mesh=mesh, in_specs=(P(), P()), out_specs=P()), donate_argnums=0),
+                  mesh, (P(), P()))
 
 
 def _state_to_numpy(state: TrainState) -> dict:
