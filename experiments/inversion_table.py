@@ -34,7 +34,7 @@ import numpy as np
 
 from pdjax.backdoor.train import build_arrays, spec_from_model
 from pdjax.defense.evaluate import fidelity, generation_stats, triggered_generations
-from pdjax.defense.inversion import InversionConfig, invert
+from pdjax.defense.inversion import InversionConfig, size_search_key, invert, size_search
 from pdjax.model import load
 
 
@@ -65,19 +65,41 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.is_file() else []
 
 
+def chosen(args) -> dict[str, tuple[str, InversionConfig]]:
+    """The variants to invert: ``variants`` filtered by ``--variants``."""
+    return {k: v for k, v in variants(args).items() if not args.variants or k in args.variants}
+
+
+def _save(out: Path, trigger, meta: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, trigger)
+    out.with_suffix(".json").write_text(json.dumps(meta))
+
+
 def invert_all(args, models: list[str]) -> None:
-    for vname, (method, cfg) in variants(args).items():
+    """Inverts every chosen variant; for a variant with a size search (pd) it also stores the trigger before
+    the search as ``<variant>_unsized``, and for elijah the same size search applied to its trigger as
+    ``elijah_sized`` (the search's contribution, measured on both methods)."""
+    for vname, (method, cfg) in chosen(args).items():
         for name in models:
             out = args.work / "triggers" / vname / f"{name}.npy"
             if out.is_file():
                 continue
             model = load(args.zoo / name)
             res = invert(model, method, jax.random.key(args.seed), cfg)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            np.save(out, res.trigger)
             meta = {k: v for k, v in res.to_dict().items() if k != "losses"}
-            out.with_suffix(".json").write_text(json.dumps({**meta, "losses_first_last": [float(res.losses[0]),
-                                                                                       float(res.losses[-1])]}))
+            meta["losses_first_last"] = [float(res.losses[0]), float(res.losses[-1])]
+            _save(out, res.trigger, meta)
+            if res.scale_scores:
+                _save(args.work / "triggers" / f"{vname}_unsized" / f"{name}.npy", res.trigger / res.scale,
+                      {**meta, "derived_from": vname, "scale": 1.0})
+            if vname == "elijah" and not args.ablations:
+                scales = InversionConfig(method="purediffusion").resolved().scales
+                scale, scores = size_search(model, res.trigger, scales, size_search_key(jax.random.key(args.seed)))
+                _save(args.work / "triggers" / "elijah_sized" / f"{name}.npy", scale * res.trigger,
+                      {**meta, "derived_from": "elijah", "scale": scale,
+                       "scale_scores": {f"{k:g}": v for k, v in scores.items()}})
+            print(f"inverted {name} with {vname} in {res.seconds:.0f} s (scale {res.scale:g})", flush=True)
             print(f"{vname} {name}: {res.seconds:.0f} s (compile ~{res.compile_seconds:.0f} s), "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}", flush=True)
 
@@ -90,7 +112,9 @@ def evaluate_all(args, models: list[str]) -> None:
         attacked = "attack" in model.meta
         arrays = build_arrays(spec_from_model(model), model.image_shape) if attacked else None
         todo, trigs = [], []
-        for vname in ["true", "none", *variants(args)]:
+        derived = ["pd_unsized", "elijah_sized"] if not args.ablations else \
+            [f"{v}_unsized" for v in variants(args)]
+        for vname in ["true", "none", *variants(args), *derived]:
             if vname in done or (vname == "true" and not attacked):
                 continue
             if vname == "true":
@@ -122,7 +146,8 @@ def write_table(args) -> str:
     rows = load_rows(args.work / "evals.jsonl")
     by = {(r["model"], r["variant"]): r for r in rows}
     models = sorted({r["model"] for r in rows})
-    vnames = [v for v in ["elijah", "terd", "pd", "pd_K1", "pd_K5", "pd_l2", "pd_per_sample", "pd_cons",
+    vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_K1", "pd_K5", "pd_l2",
+                          "pd_per_sample", "pd_cons",
                           "pd_cons_only", "pd_table"] if any(r["variant"] == v for r in rows)]
     n = rows[0]["n"] if rows else args.n
     lines = [f"Per model: ASR of the trigger's generations (n = {n}, key 7) / L2 to the true trigger in its mask "
@@ -173,6 +198,7 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("runs/inversion"))
     ap.add_argument("--models", nargs="*", help="zoo model names (default: every model in --zoo)")
     ap.add_argument("--ablations", action="store_true", help="run the PureDiffusion ablations instead")
+    ap.add_argument("--variants", nargs="*", help="only these variants (default: all of the set)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--terd-steps", type=int, default=300)

@@ -17,7 +17,8 @@ from pdjax.defense.inversion import InversionConfig, invert, invert_many
 from pdjax.testing import random_model
 
 ELIJAH = InversionConfig(steps=4, batch=4)
-PD = InversionConfig(steps=2, batch=4, K=2, cons_weight=0.5, cons_batch=3)
+PD = InversionConfig(steps=2, batch=4, K=2, cons_weight=0.5, cons_batch=3, scales=(1.0,))  # size search off
+SIZED = dataclasses.replace(PD, scales=(1.0, 2.0), scale_samples=4)
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,55 @@ def test_bfloat16_inversion_stays_close_to_float32(models):
     assert rel < 0.2, rel
     with pytest.raises(UnknownNameError, match="float32"):
         InversionConfig(dtype="float16").resolved()
+
+
+def test_pick_scale_prefers_the_smallest_near_best():
+    assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.50, 0.49]) == 1  # 0.50 is within 5% of the best 0.49
+    assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.60, 0.49]) == 2
+    assert inv.pick_scale([1.0, 1.5], [3.0, 3.0]) == 0
+    # _pick scores each factor by L_cons of its generations: the factor whose generations coincide wins.
+    rng = np.random.default_rng(0)
+    gens = rng.normal(size=(3, 5, 4, 4, 1)).astype(np.float32)
+    gens[2] = gens[2, :1]  # factor 2.0: every generation the same image
+    scale, scores = inv._pick((1.0, 1.5, 2.0), gens)
+    assert scale == 2.0 and scores[2.0] < 1e-12 and scores[1.0] > 0.5
+
+
+def test_size_search_scales_the_optimised_trigger_by_the_most_consistent_factor(models):
+    """The searched trigger is s * (the trigger without search), s scored by L_cons of paired DDPM generations."""
+    from pdjax.defense.evaluate import triggered_generations
+
+    m = models[0]
+    plain = invert(m, "purediffusion", jax.random.key(3), PD)
+    sized = invert(m, "purediffusion", jax.random.key(3), SIZED)
+    np.testing.assert_array_equal(plain.losses, sized.losses)
+    np.testing.assert_allclose(sized.trigger, sized.scale * plain.trigger, rtol=1e-6)
+    gens = triggered_generations(m, np.stack([s * plain.trigger for s in (1.0, 2.0)]),
+                                 inv.size_search_key(jax.random.key(3)), n=4)
+    want = [float(np.mean([np.mean((g[i] - g[j]) ** 2) for i in range(4) for j in range(i + 1, 4)])) for g in gens]
+    np.testing.assert_allclose([sized.scale_scores[1.0], sized.scale_scores[2.0]], want, rtol=1e-4)
+    assert sized.scale == (1.0, 2.0)[inv.pick_scale((1.0, 2.0), want)]
+    assert plain.scale == 1.0 and plain.scale_scores == {}
+    assert json.loads(json.dumps(sized.to_dict()))["scale_scores"].keys() == {"1", "2"}
+
+
+def test_many_models_size_search_equals_one_at_a_time(models):
+    many = invert_many(models, "purediffusion", jax.random.key(3), SIZED)
+    for m, r in zip(models, many):
+        one = invert(m, "purediffusion", jax.random.key(3), SIZED)
+        assert r.scale == one.scale
+        np.testing.assert_allclose(r.trigger, one.trigger, rtol=1e-4, atol=1e-5)
+        for s in (1.0, 2.0):
+            np.testing.assert_allclose(r.scale_scores[s], one.scale_scores[s], rtol=1e-3)
+
+
+def test_size_search_defaults_and_validation():
+    assert InversionConfig(method="purediffusion").resolved().scales == (1.0, 1.25, 1.5, 2.0)
+    assert InversionConfig(method="elijah").resolved().scales == ()
+    assert InversionConfig(scales=[2, 1, 1]).resolved().scales == (1.0, 2.0)
+    cfg = InversionConfig(scales=(1.0, 1.5))
+    assert InversionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="scales"):
+        InversionConfig(scales=(0.0, 1.0)).resolved()
+    with pytest.raises(ConfigError, match="scale_samples"):
+        InversionConfig(scale_samples=1).resolved()

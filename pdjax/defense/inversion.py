@@ -57,11 +57,11 @@ INITS = ("neg-uniform", "zeros", "normal")
 NORMS = ("l1", "l2")
 DTYPES = ("float32", "bfloat16")
 
-# SPEC 4 defaults per method: optimiser steps, learning rate, noise batch.
+# SPEC 4 defaults per method: optimiser steps, learning rate, noise batch, size search (see ``scales``).
 _DEFAULTS = {
-    "purediffusion": {"steps": 100, "lr": 0.1, "batch": 32},
-    "elijah": {"steps": 100, "lr": 0.1, "batch": 100},
-    "terd": {"steps": 3000, "lr": 0.5, "batch": 16},
+    "purediffusion": {"steps": 100, "lr": 0.1, "batch": 32, "scales": (1.0, 1.25, 1.5, 2.0)},
+    "elijah": {"steps": 100, "lr": 0.1, "batch": 100, "scales": ()},
+    "terd": {"steps": 3000, "lr": 0.5, "batch": 16, "scales": ()},
 }
 
 
@@ -88,6 +88,11 @@ class InversionConfig:
         are cast per layer; the trigger, the optimiser and the loss reductions stay float32).
       remat: rematerialise each unrolled reverse step (``jax.checkpoint``; purediffusion's K steps, TERD's
         phase-2 DDIM chain): activation memory of one step instead of K, for about one more forward pass.
+      scales: size search after the optimisation (:func:`size_search`): candidate factors s for the
+        trigger s * delta; the one whose DDPM generations agree best (L_cons on the final images) is
+        kept. None = the method's default (purediffusion (1, 1.25, 1.5, 2); elijah, terd: none, as
+        published); () or a single factor 1 = off.
+      scale_samples: generations per candidate factor in the size search.
     """
 
     method: str = "purediffusion"
@@ -109,6 +114,8 @@ class InversionConfig:
     steps_per_call: int = 0
     dtype: str = "float32"
     remat: bool = False
+    scales: tuple | None = None
+    scale_samples: int = 8
 
     def resolved(self) -> "InversionConfig":
         """The config with method defaults filled in, validated (ConfigError / UnknownNameError)."""
@@ -121,8 +128,13 @@ class InversionConfig:
         if self.dtype not in DTYPES:
             raise UnknownNameError("inversion dtype", self.dtype, DTYPES)
         d = _DEFAULTS[self.method]
+        scales = d["scales"] if self.scales is None else tuple(float(v) for v in self.scales)
+        if any(not v > 0 for v in scales):
+            raise ConfigError(f"inversion scales must be > 0, got {list(scales)}")
         cfg = dataclasses.replace(self, steps=self.steps or d["steps"], lr=self.lr or d["lr"],
-                                  batch=self.batch or d["batch"])
+                                  batch=self.batch or d["batch"], scales=tuple(sorted(set(scales))))
+        if len(cfg.scales) > 1 and cfg.scale_samples < 2:
+            raise ConfigError(f"scale_samples must be >= 2 for a size search, got {cfg.scale_samples}")
         for name in ("steps", "batch", "K"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
@@ -138,11 +150,14 @@ class InversionConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["scales"] = None if self.scales is None else list(self.scales)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "InversionConfig":
-        return from_dict_strict(cls, d, "inversion config")
+        cfg = from_dict_strict(cls, d, "inversion config")
+        return cfg if cfg.scales is None else dataclasses.replace(cfg, scales=tuple(cfg.scales))
 
 
 @dataclasses.dataclass
@@ -155,8 +170,10 @@ class InversionResult:
       losses: [S] float32 loss per optimiser step (TERD: phase 1 then phase 2).
       config: the resolved :class:`InversionConfig` as a dict.
       seed: the seed of the key when known (else None).
-      seconds: wall time of the optimisation including compilation; compile_seconds: the first call's
-        extra time over a later call (an estimate of compilation).
+      seconds: wall time of the optimisation (and size search) including compilation; compile_seconds:
+        the first call's extra time over a later call (an estimate of compilation).
+      scale: the factor the size search chose (``trigger`` is already multiplied by it; 1 without search).
+      scale_scores: {factor: L_cons of its generations} from the size search (empty without search).
     """
 
     method: str
@@ -166,11 +183,14 @@ class InversionResult:
     seed: int | None = None
     seconds: float = 0.0
     compile_seconds: float = 0.0
+    scale: float = 1.0
+    scale_scores: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the trigger is saved separately by :meth:`save`)."""
         return {"method": self.method, "config": self.config, "seed": self.seed, "seconds": self.seconds,
                 "compile_seconds": self.compile_seconds, "final_loss": float(self.losses[-1]),
+                "scale": self.scale, "scale_scores": {f"{k:g}": v for k, v in self.scale_scores.items()},
                 "losses": [float(v) for v in self.losses], "trigger_shape": list(self.trigger.shape)}
 
     def save(self, out: str | Path) -> Path:
@@ -422,7 +442,7 @@ def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stac
     layout), so repeated inversions of one architecture reuse the compile.
     """
     # Step counts only set how often the program runs: leave them out of the cache key.
-    norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0)
+    norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0, scales=(), scale_samples=0)
     # One model with several devices: its noise batch is split over them (SHARDED_METHODS' losses reduce
     # over the batch with pdjax.sharding's collectives; TERD draws its batch inside the loss and is not).
     bmesh = batch_mesh(cfg.batch) if not stacked and cfg.method in SHARDED_METHODS else None
@@ -548,8 +568,71 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
     cfg = dataclasses.replace(config or InversionConfig(), method=method).resolved()
     prob = problem_of(model, cfg.dtype)
     delta, losses, secs, comp = _optimise(prob, cfg, model.params, key, None, progress, start=start)
-    return InversionResult(cfg.method, delta.astype(np.float32), losses.astype(np.float32), cfg.to_dict(),
-                           _seed_of(key), secs, comp)
+    res = InversionResult(cfg.method, delta.astype(np.float32), losses.astype(np.float32), cfg.to_dict(),
+                          _seed_of(key), secs, comp)
+    if len(cfg.scales) > 1:
+        t0 = time.perf_counter()
+        scale, scores = size_search(model, res.trigger, cfg.scales, size_search_key(key), cfg.scale_samples)
+        res = _searched(res, scale, scores, time.perf_counter() - t0)
+    return res
+
+
+# ----------------------------------------------------------------------------------------- size search
+def size_search_key(key):
+    """The size search's key: its own branch of the inversion key (the optimisation's draws are unchanged)."""
+    return jax.random.fold_in(key, 0x5CA1E)
+
+
+def pick_scale(scales, scores, rel_tol: float = 0.05) -> int:
+    """Index of the chosen factor: the smallest one whose score is within ``rel_tol`` of the best (lowest).
+
+    ``scores``: L_cons of each factor's generations (lower = more agreement). Preferring the smallest
+    near-best factor keeps a trigger that already fires from being inflated.
+    """
+    scores = np.asarray(scores, np.float64)
+    best = scores.min()
+    ok = np.flatnonzero(scores <= best + rel_tol * abs(best) + 1e-12)
+    return int(ok[np.argmin(np.asarray(scales)[ok])])
+
+
+def _pick(scales, gens) -> tuple[float, dict]:
+    """(chosen factor, {factor: score}) from generations [S, n, H, W, C] of the S candidate factors."""
+    scores = [float(pairwise_sq_mean(jnp.asarray(g))) for g in gens]
+    return float(scales[pick_scale(scales, scores)]), {float(s): v for s, v in zip(scales, scores)}
+
+
+def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict]:
+    """Choose the size of an inverted trigger (PureDiffusion's second loss, used as a line search).
+
+    Why: on a backdoor that responds linearly to the trigger, the shift losses are nearly flat along the
+    ray s * delta (mean eps(eps + s g) = lambda s g for every s), so the optimiser finds the trigger's
+    direction but keeps roughly its initial size (experiments/results/inversion_table.md: about 0.65 of
+    the true trigger's norm, ASR 0.6-0.7 where the true trigger fires 1.0). The consistency criterion of
+    SPEC 4 (a firing backdoor sends different noises to one image) does depend on the size, but only at
+    the end of the chain. So each candidate s is scored by L_cons = mean_{i<j} mean_pixels (x_i - x_j)^2
+    on ``n`` full DDPM generations from eps_i + s * delta (same noise for every s), and the smallest s
+    within 5% of the best score wins (:func:`pick_scale`).
+
+    Args:
+      model: a :class:`pdjax.model.Model`.
+      delta: [H, W, C] the optimised trigger.
+      scales: candidate factors (ascending).
+      key: PRNG key of the generations.
+      n: generations per factor.
+
+    Returns:
+      (chosen factor, {factor: L_cons}).
+    """
+    from pdjax.defense.evaluate import triggered_generations
+
+    delta = np.asarray(delta, np.float32)
+    gens = triggered_generations(model, np.stack([s * delta for s in scales]), key, n=n)
+    return _pick(scales, gens)
+
+
+def _searched(res: InversionResult, scale: float, scores: dict, seconds: float) -> InversionResult:
+    return dataclasses.replace(res, trigger=(scale * res.trigger).astype(np.float32), scale=scale,
+                               scale_scores=scores, seconds=res.seconds + seconds)
 
 
 def stack_params(models) -> Any:
@@ -589,5 +672,15 @@ def invert_many(models, method: str = "purediffusion", key: jax.Array | None = N
     params = stack_params(models)
     delta, losses, secs, comp = _optimise(prob, cfg, params, keys, len(models), progress, mesh)
     seeds = [_seed_of(k) for k in keys]
-    return [InversionResult(cfg.method, delta[i].astype(np.float32), losses[i].astype(np.float32), cfg.to_dict(),
-                            seeds[i], secs / len(models), comp) for i in range(len(models))]
+    out = [InversionResult(cfg.method, delta[i].astype(np.float32), losses[i].astype(np.float32), cfg.to_dict(),
+                           seeds[i], secs / len(models), comp) for i in range(len(models))]
+    if len(cfg.scales) > 1:  # one stacked sampling program: model i gets the factor size_search gives it
+        from pdjax.defense.evaluate import stacked_generations
+
+        t0 = time.perf_counter()
+        cands = np.stack([np.stack([s * r.trigger for s in cfg.scales]) for r in out])
+        gens = stacked_generations(models[0], params, cands, jax.vmap(size_search_key)(keys), n=cfg.scale_samples,
+                                   mesh=mesh)
+        secs = (time.perf_counter() - t0) / len(models)
+        out = [_searched(r, *_pick(cfg.scales, g), secs) for r, g in zip(out, gens)]
+    return out
