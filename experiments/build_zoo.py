@@ -154,6 +154,8 @@ def main():
     ap.add_argument("--polish-lr", type=float, default=3e-4)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--skip-eval", action="store_true",
+                    help="train only (a later run without it evaluates what is missing)")
     args = ap.parse_args()
     from pdjax import cpu_runtime
 
@@ -176,6 +178,8 @@ def main():
         if entry.spec is not None and args.polish_steps:
             polished, extra = polish_entry(args.zoo, model, data, labels, entry, args.polish_steps, args.polish_lr)
             stages.append((f"{entry.name}_p", polished, seconds + extra, args.steps + args.polish_steps))
+        if args.skip_eval:
+            continue
         specs = [entry.spec] if entry.spec is not None else [b.spec for b in BACKDOORS]
         for name, m, secs, steps in stages:
             clean_by_sampler = {}  # a clean model's clean generations, reused across the pairs (DDPM / DDIM)
@@ -193,7 +197,8 @@ def main():
                 print(f"  eval {name} {spec.trigger}->{spec.target}: clean ASR {res.clean['asr']:.2f}, "
                       f"triggered ASR {res.triggered['asr']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_table(args.zoo)
-    print(f"table: {args.zoo / 'zoo_table.md'}")
+    if not args.skip_eval:
+        print(f"table: {args.zoo / 'zoo_table.md'}")
 
 
 if __name__ == "__main__":

@@ -221,9 +221,9 @@ def test_bfloat16_inversion_stays_close_to_float32(models):
         InversionConfig(dtype="float16").resolved()
 
 
-def test_pick_scale_prefers_the_smallest_near_best():
-    assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.50, 0.49]) == 1  # 0.50 is within 5% of the best 0.49
-    assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.60, 0.49]) == 2
+def test_pick_scale_takes_the_most_consistent_factor():
+    assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.494, 0.49]) == 1  # 0.494 is within 1% of the best 0.49
+    assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.50, 0.49]) == 2
     assert inv.pick_scale([1.0, 1.5], [3.0, 3.0]) == 0
     # _pick scores each factor by L_cons of its generations: the factor whose generations coincide wins.
     rng = np.random.default_rng(0)
@@ -262,7 +262,7 @@ def test_many_models_size_search_equals_one_at_a_time(models):
 
 
 def test_size_search_defaults_and_validation():
-    assert InversionConfig(method="purediffusion").resolved().scales == (1.0, 1.25, 1.5, 2.0)
+    assert InversionConfig(method="purediffusion").resolved().scales == (1.0, 1.5, 2.0, 2.5, 3.0)
     assert InversionConfig(method="elijah").resolved().scales == ()
     assert InversionConfig(scales=[2, 1, 1]).resolved().scales == (1.0, 2.0)
     cfg = InversionConfig(scales=(1.0, 1.5))

@@ -59,7 +59,7 @@ DTYPES = ("float32", "bfloat16")
 
 # SPEC 4 defaults per method: optimiser steps, learning rate, noise batch, size search (see ``scales``).
 _DEFAULTS = {
-    "purediffusion": {"steps": 100, "lr": 0.1, "batch": 32, "scales": (1.0, 1.25, 1.5, 2.0)},
+    "purediffusion": {"steps": 100, "lr": 0.1, "batch": 32, "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
     "elijah": {"steps": 100, "lr": 0.1, "batch": 100, "scales": ()},
     "terd": {"steps": 3000, "lr": 0.5, "batch": 16, "scales": ()},
 }
@@ -90,7 +90,7 @@ class InversionConfig:
         phase-2 DDIM chain): activation memory of one step instead of K, for about one more forward pass.
       scales: size search after the optimisation (:func:`size_search`): candidate factors s for the
         trigger s * delta; the one whose DDPM generations agree best (L_cons on the final images) is
-        kept. None = the method's default (purediffusion (1, 1.25, 1.5, 2); elijah, terd: none, as
+        kept. None = the method's default (purediffusion (1, 1.5, 2, 2.5, 3); elijah, terd: none, as
         published); () or a single factor 1 = off.
       scale_samples: generations per candidate factor in the size search.
     """
@@ -583,11 +583,11 @@ def size_search_key(key):
     return jax.random.fold_in(key, 0x5CA1E)
 
 
-def pick_scale(scales, scores, rel_tol: float = 0.05) -> int:
-    """Index of the chosen factor: the smallest one whose score is within ``rel_tol`` of the best (lowest).
+def pick_scale(scales, scores, rel_tol: float = 0.01) -> int:
+    """Index of the chosen factor: the one whose generations agree most (lowest score); among factors within
+    ``rel_tol`` of the best, the smallest.
 
-    ``scores``: L_cons of each factor's generations (lower = more agreement). Preferring the smallest
-    near-best factor keeps a trigger that already fires from being inflated.
+    ``scores``: L_cons of each factor's generations (lower = more agreement).
     """
     scores = np.asarray(scores, np.float64)
     best = scores.min()
@@ -610,8 +610,9 @@ def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict]:
     the true trigger's norm, ASR 0.6-0.7 where the true trigger fires 1.0). The consistency criterion of
     SPEC 4 (a firing backdoor sends different noises to one image) does depend on the size, but only at
     the end of the chain. So each candidate s is scored by L_cons = mean_{i<j} mean_pixels (x_i - x_j)^2
-    on ``n`` full DDPM generations from eps_i + s * delta (same noise for every s), and the smallest s
-    within 5% of the best score wins (:func:`pick_scale`).
+    on ``n`` full DDPM generations from eps_i + s * delta (same noise for every s), and the s of the best
+    score wins (:func:`pick_scale`). On bd_box_x (experiments/results/inversion_table.md) the unsized
+    PureDiffusion trigger fires 0.59 at s = 1, 0.94 at 2 and 0.97 at 2.5 and 3 (true trigger 1.00).
 
     Args:
       model: a :class:`pdjax.model.Model`.
