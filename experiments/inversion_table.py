@@ -95,7 +95,7 @@ def invert_all(args, models: list[str]) -> None:
                       {**meta, "derived_from": vname, "scale": 1.0})
             if vname == "elijah" and not args.ablations:
                 scales = InversionConfig(method="purediffusion").resolved().scales
-                scale, scores = size_search(model, res.trigger, scales, size_search_key(jax.random.key(args.seed)))
+                scale, scores, _ = size_search(model, res.trigger, scales, size_search_key(jax.random.key(args.seed)))
                 _save(args.work / "triggers" / "elijah_sized" / f"{name}.npy", scale * res.trigger,
                       {**meta, "derived_from": "elijah", "scale": scale,
                        "scale_scores": {f"{k:g}": v for k, v in scores.items()}})

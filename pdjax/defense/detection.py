@@ -1,7 +1,8 @@
 """Backdoor detection (SPEC 5): features from an inverted trigger and its generations, a calibrated rule.
 
-Pipeline for one model (:func:`scan_model`): invert a trigger (PureDiffusion by default), draw ``n``
-DDPM generations from eps_i + delta and from eps_i (same noise), and compute label-free features:
+Pipeline for one model (:func:`scan_model`): invert a trigger (PureDiffusion by default, with its size
+search, which already draws ``n`` DDPM generations from eps_i + delta for the chosen size), draw ``n``
+generations from eps_i (the same noise), and compute label-free features:
 
 - trigger: ``trigger_norm`` (L2), ``trigger_mean``, ``trigger_kl`` = KL(N(m, v) || N(0, 1)) of delta's
   pixels (TERD's statistic);
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 
 from pdjax.defense.evaluate import generation_stats, triggered_generations
-from pdjax.defense.inversion import InversionConfig, invert
+from pdjax.defense.inversion import InversionConfig, invert, size_search_key
 from pdjax.errors import ConfigError, OutputError
 
 DETECTOR_FORMAT = "pdjax-detector"
@@ -40,10 +41,12 @@ DETECTOR_VERSION = 1
 FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "trigger_norm", "trigger_mean",
             "trigger_kl", "final_loss")
 
-# The scan's default inversion: PureDiffusion with its shipped defaults but fewer steps and a smaller
-# batch, so the bundled demo scan fits in minutes on a 2-core CPU (issue 5); audits may pass their own.
+# The scan's default inversion: PureDiffusion with its shipped defaults (size search included) but fewer
+# steps and a smaller batch, so the bundled demo scan fits in minutes on a 2-core CPU (issue 5); audits may
+# pass their own. SCAN_SAMPLES: generations per start; with a size search they are the search's own
+# generations of the chosen factor (n per factor), paired with n clean ones from the same noise.
 SCAN_INVERSION = InversionConfig(method="purediffusion", steps=40, batch=16, K=5)
-SCAN_SAMPLES = 16
+SCAN_SAMPLES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +197,15 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     """Invert, generate, featurise and decide for one model (see the module docstring)."""
     det = detector or Detector.load()
     t0 = time.perf_counter()
+    config = dataclasses.replace(config, scale_samples=n)
     res = invert(model, config.method, jax.random.fold_in(key, 0), config, progress=progress)
-    gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
-                                 jax.random.fold_in(key, 1), n=n)
+    if res.generations is not None:  # the size search drew the triggered ones: only the clean ones are left
+        clean = triggered_generations(model, np.zeros((1, *res.trigger.shape), np.float32),
+                                      size_search_key(jax.random.fold_in(key, 0)), n=n)[0]
+        gens = (res.generations, clean)
+    else:
+        gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
+                                     jax.random.fold_in(key, 1), n=n)
     feats = features_of(res.trigger, gens[0], gens[1], res.losses[-1])
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
@@ -214,11 +223,18 @@ def scan_stack(models, names: list[str], keys, detector: Detector, config: Inver
     from pdjax.defense.inversion import invert_many, stack_params
 
     t0 = time.perf_counter()
+    config = dataclasses.replace(config, scale_samples=n)
     inv_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-    gen_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     results = invert_many(models, config.method, config=config, keys=inv_keys, mesh=mesh, progress=progress)
-    trig = np.stack([np.stack([r.trigger, np.zeros_like(r.trigger)]) for r in results])
-    gens = stacked_generations(models[0], stack_params(models), trig, gen_keys, n=n, mesh=mesh)
+    zeros = np.zeros((len(models), 1, *results[0].trigger.shape), np.float32)
+    if results[0].generations is not None:  # as scan_model: the size search's generations, clean ones paired
+        clean = stacked_generations(models[0], stack_params(models), zeros, jax.vmap(size_search_key)(inv_keys),
+                                    n=n, mesh=mesh)
+        gens = [(r.generations, c[0]) for r, c in zip(results, clean)]
+    else:
+        trig = np.stack([np.stack([r.trigger, np.zeros_like(r.trigger)]) for r in results])
+        gens = stacked_generations(models[0], stack_params(models), trig,
+                                   jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), n=n, mesh=mesh)
     secs = (time.perf_counter() - t0) / len(models)
     out = []
     for name, r, g in zip(names, results, gens):

@@ -174,6 +174,8 @@ class InversionResult:
         the first call's extra time over a later call (an estimate of compilation).
       scale: the factor the size search chose (``trigger`` is already multiplied by it; 1 without search).
       scale_scores: {factor: L_cons of its generations} from the size search (empty without search).
+      generations: [n, H, W, C] the size search's DDPM generations from eps_i + trigger (the chosen factor;
+        start noise and chain key from :func:`size_search_key`), or None without search; not saved.
     """
 
     method: str
@@ -185,6 +187,7 @@ class InversionResult:
     compile_seconds: float = 0.0
     scale: float = 1.0
     scale_scores: dict = dataclasses.field(default_factory=dict)
+    generations: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the trigger is saved separately by :meth:`save`)."""
@@ -572,8 +575,8 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
                           _seed_of(key), secs, comp)
     if len(cfg.scales) > 1:
         t0 = time.perf_counter()
-        scale, scores = size_search(model, res.trigger, cfg.scales, size_search_key(key), cfg.scale_samples)
-        res = _searched(res, scale, scores, time.perf_counter() - t0)
+        found = size_search(model, res.trigger, cfg.scales, size_search_key(key), cfg.scale_samples)
+        res = _searched(res, *found, time.perf_counter() - t0)
     return res
 
 
@@ -595,13 +598,15 @@ def pick_scale(scales, scores, rel_tol: float = 0.01) -> int:
     return int(ok[np.argmin(np.asarray(scales)[ok])])
 
 
-def _pick(scales, gens) -> tuple[float, dict]:
-    """(chosen factor, {factor: score}) from generations [S, n, H, W, C] of the S candidate factors."""
+def _pick(scales, gens) -> tuple[float, dict, np.ndarray]:
+    """(chosen factor, {factor: score}, its generations [n, H, W, C]) from generations [S, n, H, W, C] of the
+    S candidate factors."""
     scores = [float(pairwise_sq_mean(jnp.asarray(g))) for g in gens]
-    return float(scales[pick_scale(scales, scores)]), {float(s): v for s, v in zip(scales, scores)}
+    i = pick_scale(scales, scores)
+    return float(scales[i]), {float(s): v for s, v in zip(scales, scores)}, np.asarray(gens[i])
 
 
-def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict]:
+def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict, np.ndarray]:
     """Choose the size of an inverted trigger (PureDiffusion's second loss, used as a line search).
 
     Why: on a backdoor that responds linearly to the trigger, the shift losses are nearly flat along the
@@ -622,7 +627,7 @@ def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict]:
       n: generations per factor.
 
     Returns:
-      (chosen factor, {factor: L_cons}).
+      (chosen factor, {factor: L_cons}, the chosen factor's generations [n, H, W, C]).
     """
     from pdjax.defense.evaluate import triggered_generations
 
@@ -631,9 +636,9 @@ def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict]:
     return _pick(scales, gens)
 
 
-def _searched(res: InversionResult, scale: float, scores: dict, seconds: float) -> InversionResult:
+def _searched(res: InversionResult, scale: float, scores: dict, gens, seconds: float) -> InversionResult:
     return dataclasses.replace(res, trigger=(scale * res.trigger).astype(np.float32), scale=scale,
-                               scale_scores=scores, seconds=res.seconds + seconds)
+                               scale_scores=scores, generations=gens, seconds=res.seconds + seconds)
 
 
 def stack_params(models) -> Any:
