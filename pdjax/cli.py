@@ -255,7 +255,8 @@ def cmd_invert(args) -> int:
     out = res.save(args.out)
     summary = res.to_dict()
     line = (f"{args.method} on {args.model}: {len(res.losses)} steps in {res.seconds:.1f} s, final loss "
-            f"{res.losses[-1]:.4g}, trigger mean {res.trigger.mean():+.3f}, norm {np.linalg.norm(res.trigger):.2f}")
+            f"{res.losses[-1]:.4g}, trigger mean {res.trigger.mean():+.3f}, norm {np.linalg.norm(res.trigger):.2f}"
+            + (f", size x{res.scale:g}" if res.scale_scores else ""))
     if args.samples:
         from pdjax.defense.evaluate import generation_stats, triggered_generations
         from pdjax.images import display_scale, save_grid
@@ -531,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--shift-weight", dest="shift_weight", type=float)
     i.add_argument("--cons-weight", dest="cons_weight", type=float, help="purediffusion: weight of L_cons")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
+    i.add_argument("--scales", type=float, nargs="+",
+                   help="size search factors (default: purediffusion 1 1.5 2 2.5 3, others none; 1 = off)")
+    i.add_argument("--scale-samples", dest="scale_samples", type=int, help="generations per size-search factor")
     i.add_argument("--samples", type=int, default=0, help="also draw N DDPM generations from eps + trigger and eps")
     _add_fast_path_options(i)
     i.add_argument("--quiet", action="store_true")
