@@ -290,7 +290,6 @@ def cmd_amplify(args) -> int:
     import dataclasses
 
     from pdjax.amplify import AmplifyConfig, amplify
-    from pdjax.defense.inversion import InversionConfig
 
     model, spec = _model_and_spec(args)
     data, labels = _training_data(model, args.data)
@@ -300,7 +299,7 @@ def cmd_amplify(args) -> int:
     inv = {k: v for k, v in (("method", args.inv_method), ("steps", args.inv_steps), ("K", args.K),
                               ("batch", args.inv_batch)) if v is not None}
     cfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
-                        inversion=dataclasses.replace(InversionConfig(), **inv), seed=args.seed, lr=args.lr,
+                        inversion=dataclasses.replace(AmplifyConfig().inversion, **inv), seed=args.seed, lr=args.lr,
                         warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background)
     cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
     print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): invert from the trigger, then "
