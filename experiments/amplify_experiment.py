@@ -103,7 +103,8 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     if (inv_dir / "trigger.npy").is_file():
         delta = np.load(inv_dir / "trigger.npy")
     else:
-        inv = invert(strong, "purediffusion", jax.random.key(0), InversionConfig(scales=()), progress=not args.quiet)  # as measured (before the size search)
+        # PureDiffusion defaults as measured for the README, i.e. before the size search existed.
+        inv = invert(strong, "purediffusion", jax.random.key(0), InversionConfig(scales=()), progress=not args.quiet)
         inv.save(inv_dir)
         delta = inv.trigger
     rcfg = RemovalConfig(steps=args.removal_steps, n=args.n, seed=case.seed)
