@@ -52,6 +52,7 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
         "pd_cons": ("purediffusion", InversionConfig(cons_weight=1.0)),
         "pd_cons_only": ("purediffusion", InversionConfig(shift_weight=0.0, cons_weight=1.0)),
         "pd_table": ("purediffusion", InversionConfig(lambda_source="baddiffusion")),
+        "pd_fresh": ("purediffusion", InversionConfig(fresh_noise=True)),
     }
     return abl if args.ablations else main
 
@@ -148,7 +149,8 @@ def write_table(args) -> str:
     models = sorted({r["model"] for r in rows})
     vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_K1", "pd_K5", "pd_l2",
                           "pd_per_sample", "pd_cons",
-                          "pd_cons_only", "pd_table"] if any(r["variant"] == v for r in rows)]
+                          "pd_cons_only", "pd_table", "pd_fresh", "pd_fresh_unsized"]
+              if any(r["variant"] == v for r in rows)]
     n = rows[0]["n"] if rows else args.n
     lines = [f"Per model: ASR of the trigger's generations (n = {n}, key 7) / L2 to the true trigger in its mask "
              "/ uniformity. Clean models: uniformity only (no collapse = high).", "",

@@ -50,7 +50,7 @@ from pdjax.diffusion.samplers import ddim_step, ddpm_step, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.models.unet import make_eps_fn
-from pdjax.sharding import AXIS, batch_agree, batch_gather, batch_mean, batch_mesh, pinned
+from pdjax.sharding import AXIS, batch_agree, batch_gather, batch_mean, batch_mesh, batch_noise, pinned
 
 METHODS = ("purediffusion", "elijah", "terd")
 INITS = ("neg-uniform", "zeros", "normal")
@@ -93,6 +93,8 @@ class InversionConfig:
         kept. None = the method's default (purediffusion (1, 1.5, 2, 2.5, 3); elijah, terd: none, as
         published); () or a single factor 1 = off.
       scale_samples: generations per candidate factor in the size search.
+      fresh_noise: purediffusion: draw a new noise batch (and chain noise) at every optimiser step instead
+        of one fixed batch (not with ``per_sample``, whose clean chain is computed once).
     """
 
     method: str = "purediffusion"
@@ -116,6 +118,7 @@ class InversionConfig:
     remat: bool = False
     scales: tuple | None = None
     scale_samples: int = 8
+    fresh_noise: bool = False
 
     def resolved(self) -> "InversionConfig":
         """The config with method defaults filled in, validated (ConfigError / UnknownNameError)."""
@@ -141,6 +144,8 @@ class InversionConfig:
         if cfg.method == "purediffusion":
             if cfg.shift_weight == 0 and cfg.cons_weight == 0:
                 raise ConfigError("purediffusion needs shift_weight or cons_weight > 0")
+            if cfg.fresh_noise and cfg.per_sample:
+                raise ConfigError("fresh_noise needs the batch-mean shift loss, not per_sample")
             if cfg.cons_weight and not 2 <= cfg.cons_batch <= cfg.batch:
                 raise ConfigError(f"cons_batch must be in [2, batch={cfg.batch}], got {cfg.cons_batch}")
         if cfg.method == "terd" and (cfg.terd_refine_steps < 0 or cfg.terd_ddim_steps < 1):
@@ -308,11 +313,15 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
                  cfg)
 
     def loss(delta, params, fixed, key):
-        x = fixed["noise"] + delta
+        noise, chain_key = fixed["noise"], fixed["chain_key"]
+        if cfg.fresh_noise:  # a new noise batch and chain noise every optimiser step (key = the step's key)
+            noise = batch_noise(jax.random.fold_in(key, 0), noise.shape)
+            chain_key = jax.random.fold_in(key, 1)
+        x = noise + delta
         shift = cons = 0.0
         for i in range(cfg.K):  # unrolled: K straight-line model calls, gradients through the chain
             t = T - 1 - i
-            x_next, e = step(params, x, t, fixed["chain_key"])
+            x_next, e = step(params, x, t, chain_key)
             if cfg.shift_weight:
                 if cfg.per_sample:
                     r = e - fixed["clean_eps"][i] - lambdas[i] * delta
