@@ -271,3 +271,23 @@ def test_size_search_defaults_and_validation():
         InversionConfig(scales=(0.0, 1.0)).resolved()
     with pytest.raises(ConfigError, match="scale_samples"):
         InversionConfig(scale_samples=1).resolved()
+
+
+def test_fresh_noise_draws_the_batch_from_the_step_key(models):
+    """fresh_noise: the loss at step key k is the fixed-batch loss on noise normal(fold_in(k, 0)), chain fold_in(k, 1)."""
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = dataclass_replace(PD, fresh_noise=True).resolved()
+    lam = np.full((cfg.K,), 0.5, np.float32)
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    delta = 0.3 * jax.random.normal(jax.random.key(5), m.image_shape)
+    k = jax.random.key(11)
+    got = inv.purediffusion_loss(prob, cfg, lam)(delta, m.params, fixed, k)
+    drawn = {"noise": jax.random.normal(jax.random.fold_in(k, 0), fixed["noise"].shape),
+             "chain_key": jax.random.fold_in(k, 1)}
+    want = inv.purediffusion_loss(prob, dataclass_replace(cfg, fresh_noise=False), lam)(delta, m.params, drawn, None)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    a, b = (invert(m, "purediffusion", jax.random.key(3), dataclass_replace(PD, fresh_noise=True)) for _ in range(2))
+    np.testing.assert_array_equal(a.trigger, b.trigger)
+    with pytest.raises(ConfigError, match="fresh_noise"):
+        InversionConfig(fresh_noise=True, per_sample=True).resolved()
