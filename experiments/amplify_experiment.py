@@ -103,8 +103,9 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     if (inv_dir / "trigger.npy").is_file():
         delta = np.load(inv_dir / "trigger.npy")
     else:
-        # PureDiffusion defaults as measured for the README, i.e. before the size search existed.
-        inv = invert(strong, "purediffusion", jax.random.key(0), InversionConfig(scales=()), progress=not args.quiet)
+        # PureDiffusion defaults as measured for the README, i.e. before the size search and fresh noise.
+        inv = invert(strong, "purediffusion", jax.random.key(0), InversionConfig(scales=(), fresh_noise=False),
+                     progress=not args.quiet)
         inv.save(inv_dir)
         delta = inv.trigger
     rcfg = RemovalConfig(steps=args.removal_steps, n=args.n, seed=case.seed)

@@ -60,8 +60,9 @@ class AmplifyConfig:
       eval_every: evaluate ASR every this many steps (and at step 0).
       n: generations per ASR evaluation.
       alpha: mix g* = alpha g_inv + (1 - alpha) g, in [0, 1] (1: the inverted trigger alone).
-      inversion: trigger inversion settings (default PureDiffusion's without the size search: g* is clipped
-        to the image range for training, which a size factor above 1 would mostly undo).
+      inversion: trigger inversion settings (default PureDiffusion's with a fixed noise batch and without the
+        size search: g* is clipped to the image range for training, which a size factor above 1 would
+        mostly undo).
       seed: seed of the inversion, the training batches and the (fixed) evaluation key.
       lr, warmup_steps, batch: optimiser settings of both arms (one schedule over ``steps``).
       poison_rate: poisoned fraction of each batch; None keeps the attack spec's.
@@ -77,7 +78,9 @@ class AmplifyConfig:
     eval_every: int = 100
     n: int = 64
     alpha: float = 1.0
-    inversion: InversionConfig = InversionConfig(scales=())  # no size search: g* is clipped to an image anyway
+    # As measured in experiments/results/amplify_table.md: no size search (g* is clipped to an image anyway)
+    # and PureDiffusion's fixed noise batch.
+    inversion: InversionConfig = InversionConfig(scales=(), fresh_noise=False)
     seed: int = 0
     lr: float = 2e-4
     warmup_steps: int = 0

@@ -17,7 +17,8 @@ from pdjax.defense.inversion import InversionConfig, invert, invert_many
 from pdjax.testing import random_model
 
 ELIJAH = InversionConfig(steps=4, batch=4)
-PD = InversionConfig(steps=2, batch=4, K=2, cons_weight=0.5, cons_batch=3, scales=(1.0,))  # size search off
+# Size search off and a fixed noise batch, so the losses can be checked against formulas on one batch.
+PD = InversionConfig(steps=2, batch=4, K=2, cons_weight=0.5, cons_batch=3, scales=(1.0,), fresh_noise=False)
 SIZED = dataclasses.replace(PD, scales=(1.0, 2.0), scale_samples=4)
 
 
@@ -264,6 +265,8 @@ def test_many_models_size_search_equals_one_at_a_time(models):
 def test_size_search_defaults_and_validation():
     assert InversionConfig(method="purediffusion").resolved().scales == (1.0, 1.5, 2.0, 2.5, 3.0)
     assert InversionConfig(method="elijah").resolved().scales == ()
+    assert InversionConfig().resolved().fresh_noise and not InversionConfig(per_sample=True).resolved().fresh_noise
+    assert not InversionConfig(method="elijah").resolved().fresh_noise
     assert InversionConfig(scales=[2, 1, 1]).resolved().scales == (1.0, 2.0)
     cfg = InversionConfig(scales=(1.0, 1.5))
     assert InversionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
