@@ -5,6 +5,7 @@ second call of the library function on the same folder checks resumption (it tra
 removal fine-tune end to end is marked slow (its train step is another ~30 s compile on 2 CPU cores).
 """
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -19,15 +20,15 @@ from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
 from pdjax.backdoor.triggers import trigger_mask
 from pdjax.data import load_digits
-from pdjax.defense.inversion import InversionConfig
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.model import load
 from pdjax.removal import removal_loss
 from pdjax.testing import random_model
 
 SPEC = AttackSpec(trigger="BOX_3", target="CORNER", poison_rate=0.25)
-CFG = AmplifyConfig(steps=2, eval_every=1, n=4, alpha=0.5, inversion=InversionConfig(steps=2, K=1, batch=4),
-                    batch=4)
+# The CLI's inversion settings: amplify's defaults (no size search, fixed noise) with fewer steps.
+CFG = AmplifyConfig(steps=2, eval_every=1, n=4, alpha=0.5,
+                    inversion=dataclasses.replace(AmplifyConfig().inversion, steps=2, K=1, batch=4), batch=4)
 
 
 @pytest.fixture(scope="module")

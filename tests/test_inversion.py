@@ -230,8 +230,9 @@ def test_pick_scale_takes_the_most_consistent_factor():
     rng = np.random.default_rng(0)
     gens = rng.normal(size=(3, 5, 4, 4, 1)).astype(np.float32)
     gens[2] = gens[2, :1]  # factor 2.0: every generation the same image
-    scale, scores = inv._pick((1.0, 1.5, 2.0), gens)
+    scale, scores, chosen = inv._pick((1.0, 1.5, 2.0), gens)
     assert scale == 2.0 and scores[2.0] < 1e-12 and scores[1.0] > 0.5
+    np.testing.assert_array_equal(chosen, gens[2])
 
 
 def test_size_search_scales_the_optimised_trigger_by_the_most_consistent_factor(models):
