@@ -5,6 +5,7 @@ Command:
     python experiments/detection_eval.py --calibrate M1 M2 ... --held-out H1 H2 ... [--out runs/detection-eval]
         [--methods purediffusion,elijah,terd] [--seed 0] [--n 16] [--steps 40]
         [--table experiments/results/detection_table.md] [--roc experiments/results/detection_roc.svg]
+        [--detector-out pdjax/assets/detector.json]
 
 Every model (a pdjax checkpoint or diffusers folder) is labelled by its own metadata: backdoored when its
 provenance records an attack (``pdjax attack`` writes it; the demo and zoo models have it), clean otherwise.
@@ -20,6 +21,8 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 
 Each statistic gets a threshold from :func:`pdjax.defense.detection.calibrate` on the calibration models;
 held-out accuracy, TPR, TNR and ROC AUC (rank statistic of the signed score; ties count one half) follow.
+``--detector-out`` writes purediffusion's rule, calibrated on the calibration models only, as a detector
+file (the shipped ``pdjax/assets/detector.json`` is made this way, so the held-out numbers evaluate it).
 Scans are cached in ``OUT/<method>.jsonl`` (one line per model), so an interrupted run resumes. Writes a
 markdown table and an SVG ROC plot. Cost on a 2-core CPU: about 1 minute per model and method.
 """
@@ -30,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import time
 import zlib
 from pathlib import Path
 
@@ -102,9 +106,15 @@ def roc_points(scores, labels) -> list[tuple[float, float]]:
     return pts
 
 
+def calibrated(cal: dict, method: str, meta: dict | None = None) -> Detector:
+    """The method's statistic thresholded on the calibration models (:func:`pdjax.defense.detection.calibrate`)."""
+    return calibrate([r["features"] for r in cal.values()], [r["label"] for r in cal.values()], STATISTIC[method],
+                     meta)
+
+
 def evaluate_method(cal: dict, held: dict, method: str) -> dict:
     feat = STATISTIC[method]
-    det = calibrate([r["features"] for r in cal.values()], [r["label"] for r in cal.values()], feat)
+    det = calibrated(cal, method)
     y = np.array([r["label"] for r in held.values()], bool)
     scores = np.array([det.score(r["features"]) for r in held.values()])
     pred = scores > 0
@@ -172,6 +182,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=SCAN_INVERSION.steps)
     ap.add_argument("--table", default="experiments/results/detection_table.md", type=Path)
     ap.add_argument("--roc", default="experiments/results/detection_roc.svg", type=Path)
+    ap.add_argument("--detector-out", type=Path,
+                    help="also write purediffusion's calibrated rule as a detector file "
+                         "(e.g. pdjax/assets/detector.json)")
     args = ap.parse_args(argv)
     from pdjax import cpu_runtime
 
@@ -190,6 +203,15 @@ def main(argv=None):
         held = scan_all(args.held_out, method, args.out, args.seed, args.n, args.steps)
         r = evaluate_method(cal, held, method)
         results.append(r)
+        if method == "purediffusion" and args.detector_out:
+            meta = {"reference_models": list(cal), "seed": args.seed, "samples": args.n,
+                    "inversion": dataclasses.asdict(inversion_config(method, args.steps)),
+                    "features": [cal[p]["features"] for p in cal],
+                    "made_by": "experiments/detection_eval.py (model key fold_in(key(seed), crc32(path)))",
+                    "held_out": {k: r[k] for k in ("accuracy", "tpr", "tnr", "auc", "n_held_out", "n_backdoored")},
+                    "date": time.strftime("%Y-%m-%d")}
+            calibrated(cal, method, meta).save(args.detector_out)
+            print(f"wrote {args.detector_out}")
         print(f"{method}: held-out accuracy {r['accuracy']:.2f}, TPR {r['tpr']:.2f}, TNR {r['tnr']:.2f}, "
               f"AUC {r['auc']:.2f}" + ("" if math.isfinite(r["auc"]) else " (one class only)"), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
