@@ -9,7 +9,8 @@ generations from eps_i (the same noise), and compute label-free features:
 - generations: ``uni_trig`` / ``uni_clean`` (uniformity, SPEC 5: trimmed mean pairwise distance),
   ``tv_trig`` / ``tv_clean`` (total variation), and ``log_uni_ratio`` = log(uni_trig / uni_clean): a
   backdoored model's generations collapse onto its target (ratio << 1), a clean model's stay diverse;
-- ``final_loss`` of the inversion.
+- ``final_loss`` of the inversion;
+- ``trigger_scale``: the factor the size search chose (1 without search); reported, not a detector feature.
 
 The decision rule (:class:`Detector`) is a threshold on one feature, calibrated on labelled reference
 models (:func:`calibrate`: the midpoint of the widest gap between the classes, or the threshold of
@@ -206,7 +207,7 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     else:
         gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
                                      jax.random.fold_in(key, 1), n=n)
-    feats = features_of(res.trigger, gens[0], gens[1], res.losses[-1])
+    feats = {**features_of(res.trigger, gens[0], gens[1], res.losses[-1]), "trigger_scale": res.scale}
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method,
@@ -238,7 +239,7 @@ def scan_stack(models, names: list[str], keys, detector: Detector, config: Inver
     secs = (time.perf_counter() - t0) / len(models)
     out = []
     for name, r, g in zip(names, results, gens):
-        feats = features_of(r.trigger, g[0], g[1], r.losses[-1])
+        feats = {**features_of(r.trigger, g[0], g[1], r.losses[-1]), "trigger_scale": r.scale}
         verdict = detector.decide(feats)
         out.append(ModelVerdict(name, verdict, detector.score(feats), explain(detector, feats, verdict), feats,
                                 r.trigger, np.median(g[0], axis=0), g[0], g[1], r.losses, r.method, secs,
