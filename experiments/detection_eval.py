@@ -205,7 +205,7 @@ def main(argv=None):
         results.append(r)
         if method == "purediffusion" and args.detector_out:
             meta = {"reference_models": list(cal), "seed": args.seed, "samples": args.n,
-                    "inversion": dataclasses.asdict(inversion_config(method, args.steps)),
+                    "inversion": dataclasses.asdict(inversion_config(method, args.steps).resolved()),
                     "features": [cal[p]["features"] for p in cal],
                     "made_by": "experiments/detection_eval.py (model key fold_in(key(seed), crc32(path)))",
                     "held_out": {k: r[k] for k in ("accuracy", "tpr", "tnr", "auc", "n_held_out", "n_backdoored")},
