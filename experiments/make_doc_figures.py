@@ -8,12 +8,11 @@ Command (from the repository root; rerun it whenever the library's pictures or m
 Seed: 0. Every random draw comes from ``jax.random.key(--seed)`` through ``fold_in``; the demo-model figure
 draws ``--n`` (default 8) DDPM generations per row, with the same start and chain noise in every row.
 
-Runtime: measured with ``time python experiments/make_doc_figures.py`` on the shared 2-core development
-machine while other jobs kept its load average at 6-9: 9 min 47 s wall, 3 min 17 s user CPU. Of that, the
-demo-model figure took 248 s for the PureDiffusion inversion of bd_box_corner (the scan's 40 steps, compile
-included) and 296 s for its 32 DDPM chains of 1000 steps; the other figures take about 20 s
-(``--skip-models``). An idle machine should need about the CPU time, a few minutes (not measured: the machine
-was never idle). Two runs wrote byte-identical PNGs (md5sum).
+Runtime: ``time python experiments/make_doc_figures.py`` on the otherwise idle 2-core development machine
+(2026-12-02, after the size search): 1 min 29 s wall, of which 84 s for the demo-model figure (the scan's
+PureDiffusion inversion of bd_box_corner with its size search, then the DDPM chains); the other figures take
+a few seconds (``--skip-models``). An earlier run on a machine loaded by other jobs took 9 min 47 s. Two runs
+wrote byte-identical PNGs (md5sum; checked before the size search).
 
 Figures (all small: PNG grids of 16x16 / 32x32 images enlarged by pixel repetition, and hand-written SVG):
 
