@@ -6,8 +6,8 @@ Command:
         [--no-reference]
 
 Runs ``pdjax scan --quiet`` as fresh processes (seed 0, the scan's defaults: PureDiffusion 40 steps,
-batch 16, K 5, fresh noise; the size search's 5 x 8 DDPM-1000 generations and 8 clean ones per model), each with a new empty
-compilation cache folder unless said otherwise:
+batch 16, K 5, fresh noise; the size search's 5 x 8 DDPM-1000 generations and 8 clean ones per model),
+each with a new empty compilation cache folder unless said otherwise:
 
 1. ``reference``: XLA's own CPU kernels on one device (``PDJAX_CPU_KERNELS=xla PDJAX_CPU_DEVICES=1``), cold
    cache: how the scan ran before pdjax/cpu_runtime.py;
