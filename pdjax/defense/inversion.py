@@ -632,7 +632,7 @@ def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict, np.
     the end of the chain. So each candidate s is scored by L_cons = mean_{i<j} mean_pixels (x_i - x_j)^2
     on ``n`` full DDPM generations from eps_i + s * delta (same noise for every s), and the s of the best
     score wins (:func:`pick_scale`). On the six BadDiffusion / VillanDiffusion SDE zoo models
-    (experiments/results/inversion_table.md) PureDiffusion's trigger fires 0.56-0.75 before the search
+    (experiments/results/inversion_table.md) PureDiffusion's trigger fires 0.56-0.94 before the search
     and 0.97-1.00 after it (factor 2, or 1.5 once); the true trigger fires 0.97-1.00.
 
     Args:
