@@ -96,10 +96,10 @@ def invert_all(args, models: list[str]) -> None:
                       {**meta, "derived_from": vname, "scale": 1.0})
             if vname == "elijah" and not args.ablations:
                 scales = InversionConfig(method="purediffusion").resolved().scales
-                scale, scores, _ = size_search(model, res.trigger, scales, size_search_key(jax.random.key(args.seed)))
-                _save(args.work / "triggers" / "elijah_sized" / f"{name}.npy", scale * res.trigger,
-                      {**meta, "derived_from": "elijah", "scale": scale,
-                       "scale_scores": {f"{k:g}": v for k, v in scores.items()}})
+                found = size_search(model, res.trigger, scales, size_search_key(jax.random.key(args.seed)))
+                _save(args.work / "triggers" / "elijah_sized" / f"{name}.npy", found.scale * res.trigger,
+                      {**meta, "derived_from": "elijah", "scale": found.scale,
+                       "scale_scores": {f"{k:g}": v for k, v in found.scores[found.start].items()}})
             print(f"inverted {name} with {vname} in {res.seconds:.0f} s (scale {res.scale:g})", flush=True)
             print(f"{vname} {name}: {res.seconds:.0f} s (compile ~{res.compile_seconds:.0f} s), "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}", flush=True)

@@ -94,16 +94,20 @@ def test_scan_model_writes_a_consistent_verdict():
     m = random_model("tiny", seed=0, timesteps=50)
     v = D.scan_model(m, "tiny", jax.random.key(0), Detector(), TINY_SCAN, n=4)
     assert v.trigger.shape == m.image_shape and v.triggered.shape == (4, *m.image_shape)
-    # The evidence is the size search's generations of the chosen trigger, with clean ones from the same noise.
-    from pdjax.defense.evaluate import triggered_generations
+    # The evidence is the size search's generations of the chosen trigger from the chosen start, with clean
+    # ones from the same noise and start.
+    from pdjax.defense.evaluate import Start, triggered_generations
+    from pdjax.defense.inversion import size_search_key
 
+    assert v.start in TINY_SCAN.resolved().starts
     want = triggered_generations(m, np.stack([v.trigger, np.zeros_like(v.trigger)]),
-                                 D.size_search_key(jax.random.fold_in(jax.random.key(0), 0)), n=4)
+                                 size_search_key(jax.random.fold_in(jax.random.key(0), 0)), n=4,
+                                 start=Start.parse(v.start))
     np.testing.assert_allclose(v.triggered, want[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(v.clean, want[1], rtol=1e-4, atol=1e-4)
     assert v.backdoored == (v.score > 0)
     d = v.to_dict()
-    assert d["verdict"] in ("clean", "backdoored") and np.isfinite(d["score"])
+    assert d["verdict"] in ("clean", "backdoored") and np.isfinite(d["score"]) and d["start"] == v.start
     json.dumps(d)
 
 

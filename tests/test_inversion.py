@@ -226,13 +226,29 @@ def test_pick_scale_takes_the_most_consistent_factor():
     assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.494, 0.49]) == 1  # 0.494 is within 1% of the best 0.49
     assert inv.pick_scale([1.0, 1.5, 2.0], [9.0, 0.50, 0.49]) == 2
     assert inv.pick_scale([1.0, 1.5], [3.0, 3.0]) == 0
-    # _pick scores each factor by L_cons of its generations: the factor whose generations coincide wins.
+    # _pick scores each factor by L_cons of its generations over L_cons of the clean ones (row 0): the
+    # factor whose generations coincide wins.
     rng = np.random.default_rng(0)
-    gens = rng.normal(size=(3, 5, 4, 4, 1)).astype(np.float32)
-    gens[2] = gens[2, :1]  # factor 2.0: every generation the same image
-    scale, scores, chosen = inv._pick((1.0, 1.5, 2.0), gens)
-    assert scale == 2.0 and scores[2.0] < 1e-12 and scores[1.0] > 0.5
-    np.testing.assert_array_equal(chosen, gens[2])
+    gens = rng.normal(size=(4, 5, 4, 4, 1)).astype(np.float32)
+    gens[3] = gens[3, :1]  # factor 2.0: every generation the same image
+    found = inv._pick((1.0, 1.5, 2.0), ("ddpm",), [gens])
+    assert found.scale == 2.0 and found.start == "ddpm" and found.scores["ddpm"][2.0] < 1e-12
+    assert 0.5 < found.scores["ddpm"][1.0] < 2.0  # same noise law as the clean row: a ratio near 1
+    np.testing.assert_array_equal(found.generations, gens[3])
+    np.testing.assert_array_equal(found.clean, gens[0])
+    # Across starts the normalised scores compete: a start whose clean generations are already alike
+    # (small L_cons) does not win by that alone.
+    other = gens.copy()
+    other[0] *= 0.01  # clean generations nearly identical
+    other[1:] *= 0.01
+    other[1] = other[1, :1] + 1e-4 * rng.normal(size=other[1].shape)  # factor 1.0 collapses, relative to clean
+    both = inv._pick((1.0, 1.5, 2.0), ("ddpm", "ddim"), [gens, other])
+    assert both.start == "ddpm" and both.scale == 2.0  # 0 beats 1e-4-ish; raw L_cons alone would also say so
+    other[1] = other[1, :1]
+    tie = inv._pick((1.0, 1.5, 2.0), ("ddpm", "ddim"), [gens, other])
+    assert tie.start == "ddpm"  # both 0: the earlier start
+    gens[3] = rng.normal(size=gens[3].shape)  # ddpm no longer collapses anywhere
+    assert inv._pick((1.0, 1.5, 2.0), ("ddpm", "ddim"), [gens, other])[:2] == (1.0, "ddim")
 
 
 def test_size_search_scales_the_optimised_trigger_by_the_most_consistent_factor(models):
@@ -244,13 +260,43 @@ def test_size_search_scales_the_optimised_trigger_by_the_most_consistent_factor(
     sized = invert(m, "purediffusion", jax.random.key(3), SIZED)
     np.testing.assert_array_equal(plain.losses, sized.losses)
     np.testing.assert_allclose(sized.trigger, sized.scale * plain.trigger, rtol=1e-6)
-    gens = triggered_generations(m, np.stack([s * plain.trigger for s in (1.0, 2.0)]),
+    gens = triggered_generations(m, np.stack([s * plain.trigger for s in (0.0, 1.0, 2.0)]),
                                  inv.size_search_key(jax.random.key(3)), n=4)
-    want = [float(np.mean([np.mean((g[i] - g[j]) ** 2) for i in range(4) for j in range(i + 1, 4)])) for g in gens]
+    lc = [float(np.mean([np.mean((g[i] - g[j]) ** 2) for i in range(4) for j in range(i + 1, 4)])) for g in gens]
+    want = [lc[1] / lc[0], lc[2] / lc[0]]
     np.testing.assert_allclose([sized.scale_scores[1.0], sized.scale_scores[2.0]], want, rtol=1e-4)
     assert sized.scale == (1.0, 2.0)[inv.pick_scale((1.0, 2.0), want)]
-    assert plain.scale == 1.0 and plain.scale_scores == {}
-    assert json.loads(json.dumps(sized.to_dict()))["scale_scores"].keys() == {"1", "2"}
+    np.testing.assert_allclose(sized.clean_generations, gens[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sized.generations, gens[1 + (1.0, 2.0).index(sized.scale)], rtol=1e-5, atol=1e-5)
+    assert plain.scale == 1.0 and plain.scale_scores == {} and plain.start == "ddpm"
+    d = json.loads(json.dumps(sized.to_dict()))
+    assert d["scale_scores"].keys() == {"1", "2"} and d["start"] == "ddpm" and d["start_scores"]["ddpm"].keys() == {"1", "2"}
+
+
+def test_start_search_scores_each_start_against_its_own_clean_generations(models):
+    """With several starts, each (start, factor) is scored on generations from that start (sampler and noise
+    scale), normalised by the same start's clean generations; the winner's generations are returned."""
+    from pdjax.defense.evaluate import Start, triggered_generations
+
+    m = models[0]
+    cfg = dataclasses.replace(SIZED, starts=("ddpm", "ddim10@0.5"))
+    res = invert(m, "purediffusion", jax.random.key(3), cfg)
+    plain = invert(m, "purediffusion", jax.random.key(3), PD)
+    assert set(res.start_scores) == {"ddpm", "ddim10@0.5"} and res.start in res.start_scores
+    gens = triggered_generations(m, np.stack([s * plain.trigger for s in (0.0, 1.0, 2.0)]),
+                                 inv.size_search_key(jax.random.key(3)), n=4, start=Start("ddim", 0.5, 10))
+    lc = [float(inv.pairwise_sq_mean(jnp.asarray(g))) for g in gens]
+    np.testing.assert_allclose([res.start_scores["ddim10@0.5"][s] for s in (1.0, 2.0)],
+                               [lc[1] / lc[0], lc[2] / lc[0]], rtol=1e-4)
+    best = {a: min(d.values()) for a, d in res.start_scores.items()}
+    assert best[res.start] <= min(best.values()) * 1.01 + 1e-12
+    if res.start == "ddim10@0.5":
+        np.testing.assert_allclose(res.clean_generations, gens[0], rtol=1e-5, atol=1e-5)
+    many = invert_many(models, "purediffusion", jax.random.key(3), cfg)
+    assert (many[0].start, many[0].scale) == (res.start, res.scale)
+    for a in res.start_scores:
+        for s in (1.0, 2.0):
+            np.testing.assert_allclose(many[0].start_scores[a][s], res.start_scores[a][s], rtol=1e-3)
 
 
 def test_many_models_size_search_equals_one_at_a_time(models):
@@ -269,8 +315,18 @@ def test_size_search_defaults_and_validation():
     assert InversionConfig().resolved().fresh_noise and not InversionConfig(per_sample=True).resolved().fresh_noise
     assert not InversionConfig(method="elijah").resolved().fresh_noise
     assert InversionConfig(scales=[2, 1, 1]).resolved().scales == (1.0, 2.0)
-    cfg = InversionConfig(scales=(1.0, 1.5))
+    cfg = InversionConfig(scales=(1.0, 1.5), starts=("ddpm", "ddim@0.6"))
     assert InversionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert InversionConfig(starts=["ddim100@1", "ddpm@1.0", "ddim"]).resolved().starts == ("ddim", "ddpm")
+    assert InversionConfig(method="elijah").resolved().starts == ("ddpm",)
+    assert not InversionConfig(method="elijah").resolved().searches
+    assert InversionConfig(method="elijah", starts=("ddpm", "ddim")).resolved().searches
+    for bad, match in (("euler", "sampler"), ("ddim@1.5", "noise scale"), ("ddim@x", "not a number"),
+                       ("ddim0", "ddim_steps")):
+        with pytest.raises((ConfigError, UnknownNameError), match=match):
+            InversionConfig(starts=(bad,)).resolved()
+    with pytest.raises(ConfigError, match="at least one start"):
+        InversionConfig(starts=()).resolved()
     with pytest.raises(ConfigError, match="scales"):
         InversionConfig(scales=(0.0, 1.0)).resolved()
     with pytest.raises(ConfigError, match="scale_samples"):

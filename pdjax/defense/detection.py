@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from pdjax.defense.evaluate import generation_stats, triggered_generations
-from pdjax.defense.inversion import InversionConfig, invert, size_search_key
+from pdjax.defense.inversion import InversionConfig, invert
 from pdjax.errors import ConfigError, OutputError
 
 DETECTOR_FORMAT = "pdjax-detector"
@@ -139,6 +139,8 @@ class ModelVerdict:
       losses: [S] the inversion loss curve.
       method: the inversion method; seconds: wall time of this model's scan.
       detector: the detector's feature, threshold and sign.
+      start: the start (sampler, noise scale) of the triggered and clean generations ("ddpm" = DDPM from
+        eps + trigger).
     """
 
     model: str
@@ -154,12 +156,13 @@ class ModelVerdict:
     method: str
     seconds: float
     detector: dict
+    start: str = "ddpm"
 
     def to_dict(self) -> dict:
         """JSON summary (arrays left out; the scan writes them as files)."""
         return {"model": self.model, "verdict": "backdoored" if self.backdoored else "clean",
                 "backdoored": self.backdoored, "score": self.score, "reason": self.reason,
-                "features": self.features, "method": self.method, "seconds": self.seconds,
+                "features": self.features, "method": self.method, "seconds": self.seconds, "start": self.start,
                 "detector": self.detector, "final_loss": float(self.losses[-1]) if len(self.losses) else None}
 
 
@@ -200,19 +203,21 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     t0 = time.perf_counter()
     config = dataclasses.replace(config, scale_samples=n)
     res = invert(model, config.method, jax.random.fold_in(key, 0), config, progress=progress)
-    if res.generations is not None:  # the size search drew the triggered ones: only the clean ones are left
-        clean = triggered_generations(model, np.zeros((1, *res.trigger.shape), np.float32),
-                                      size_search_key(jax.random.fold_in(key, 0)), n=n)[0]
-        gens = (res.generations, clean)
+    if res.generations is not None:  # the size search drew both, from the start it chose
+        gens = (res.generations, res.clean_generations)
     else:
         gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
                                      jax.random.fold_in(key, 1), n=n)
+    return _verdict(name, res, gens, det, time.perf_counter() - t0)
+
+
+def _verdict(name: str, res, gens, det: Detector, seconds: float) -> ModelVerdict:
+    """The verdict of one inversion result and its (triggered, clean) generations."""
     feats = {**features_of(res.trigger, gens[0], gens[1], res.losses[-1]), "trigger_scale": res.scale}
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
-                        np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method,
-                        time.perf_counter() - t0, {"feature": det.feature, "threshold": det.threshold,
-                                                   "sign": det.sign})
+                        np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
+                        {"feature": det.feature, "threshold": det.threshold, "sign": det.sign}, res.start)
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
@@ -227,25 +232,14 @@ def scan_stack(models, names: list[str], keys, detector: Detector, config: Inver
     config = dataclasses.replace(config, scale_samples=n)
     inv_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     results = invert_many(models, config.method, config=config, keys=inv_keys, mesh=mesh, progress=progress)
-    zeros = np.zeros((len(models), 1, *results[0].trigger.shape), np.float32)
-    if results[0].generations is not None:  # as scan_model: the size search's generations, clean ones paired
-        clean = stacked_generations(models[0], stack_params(models), zeros, jax.vmap(size_search_key)(inv_keys),
-                                    n=n, mesh=mesh)
-        gens = [(r.generations, c[0]) for r, c in zip(results, clean)]
+    if results[0].generations is not None:  # as scan_model: the size search's generations
+        gens = [(r.generations, r.clean_generations) for r in results]
     else:
         trig = np.stack([np.stack([r.trigger, np.zeros_like(r.trigger)]) for r in results])
         gens = stacked_generations(models[0], stack_params(models), trig,
                                    jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), n=n, mesh=mesh)
     secs = (time.perf_counter() - t0) / len(models)
-    out = []
-    for name, r, g in zip(names, results, gens):
-        feats = {**features_of(r.trigger, g[0], g[1], r.losses[-1]), "trigger_scale": r.scale}
-        verdict = detector.decide(feats)
-        out.append(ModelVerdict(name, verdict, detector.score(feats), explain(detector, feats, verdict), feats,
-                                r.trigger, np.median(g[0], axis=0), g[0], g[1], r.losses, r.method, secs,
-                                {"feature": detector.feature, "threshold": detector.threshold,
-                                 "sign": detector.sign}))
-    return out
+    return [_verdict(name, r, g, detector, secs) for name, r, g in zip(names, results, gens)]
 
 
 def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_ratio",

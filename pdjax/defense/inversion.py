@@ -61,9 +61,9 @@ DTYPES = ("float32", "bfloat16")
 # (see ``fresh_noise`` and ``scales``).
 _DEFAULTS = {
     "purediffusion": {"fresh_noise": True, "steps": 100, "lr": 0.1, "batch": 32,
-                      "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
-    "elijah": {"fresh_noise": False, "steps": 100, "lr": 0.1, "batch": 100, "scales": ()},
-    "terd": {"fresh_noise": False, "steps": 3000, "lr": 0.5, "batch": 16, "scales": ()},
+                      "scales": (1.0, 1.5, 2.0, 2.5, 3.0), "starts": ("ddpm",)},
+    "elijah": {"fresh_noise": False, "steps": 100, "lr": 0.1, "batch": 100, "scales": (), "starts": ("ddpm",)},
+    "terd": {"fresh_noise": False, "steps": 3000, "lr": 0.5, "batch": 16, "scales": (), "starts": ("ddpm",)},
 }
 
 
@@ -95,6 +95,10 @@ class InversionConfig:
         kept. None = the method's default (purediffusion (1, 1.5, 2, 2.5, 3); elijah, terd: none, as
         published); () or a single factor 1 = off.
       scale_samples: generations per candidate factor in the size search.
+      starts: the starts the size search tries (labels of :class:`pdjax.defense.evaluate.Start`: "ddpm",
+        "ddim", "ddim@0.6", ...: sampler and noise scale c of x_T = c * eps + s * delta); every (start,
+        factor) pair is scored by L_cons of its generations over L_cons of clean generations from the same
+        start, and the lowest wins. None = the method's default ("ddpm" only).
       fresh_noise: purediffusion: draw a new noise batch (and chain noise) at every optimiser step instead
         of one fixed batch (not with ``per_sample``, whose clean chain is computed once). None = the method's
         default: purediffusion True unless ``per_sample`` (on bd_box_x it gave a smoother trigger: L2 to the
@@ -123,6 +127,7 @@ class InversionConfig:
     scales: tuple | None = None
     scale_samples: int = 8
     fresh_noise: bool | None = None
+    starts: tuple | None = None
 
     def resolved(self) -> "InversionConfig":
         """The config with method defaults filled in, validated (ConfigError / UnknownNameError)."""
@@ -139,10 +144,16 @@ class InversionConfig:
         if any(not v > 0 for v in scales):
             raise ConfigError(f"inversion scales must be > 0, got {list(scales)}")
         fresh = d["fresh_noise"] and not self.per_sample if self.fresh_noise is None else self.fresh_noise
+        from pdjax.defense.evaluate import Start
+
+        starts = d["starts"] if self.starts is None else self.starts
+        starts = tuple(dict.fromkeys(Start.parse(v).label for v in starts))  # validated, normalised, deduplicated
+        if not starts:
+            raise ConfigError("inversion starts must name at least one start (e.g. ddpm)")
         cfg = dataclasses.replace(self, steps=self.steps or d["steps"], lr=self.lr or d["lr"],
                                   batch=self.batch or d["batch"], scales=tuple(sorted(set(scales))),
-                                  fresh_noise=bool(fresh))
-        if len(cfg.scales) > 1 and cfg.scale_samples < 2:
+                                  fresh_noise=bool(fresh), starts=starts)
+        if cfg.searches and cfg.scale_samples < 2:
             raise ConfigError(f"scale_samples must be >= 2 for a size search, got {cfg.scale_samples}")
         for name in ("steps", "batch", "K"):
             if getattr(cfg, name) < 1:
@@ -160,15 +171,22 @@ class InversionConfig:
             raise ConfigError(f"steps_per_call must be >= 0, got {cfg.steps_per_call}")
         return cfg
 
+    @property
+    def searches(self) -> bool:
+        """Whether a resolved config runs the size search (several factors or several starts)."""
+        return len(self.scales) > 1 or len(self.starts or ()) > 1
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["scales"] = None if self.scales is None else list(self.scales)
+        for name in ("scales", "starts"):
+            d[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "InversionConfig":
         cfg = from_dict_strict(cls, d, "inversion config")
-        return cfg if cfg.scales is None else dataclasses.replace(cfg, scales=tuple(cfg.scales))
+        return dataclasses.replace(cfg, **{name: tuple(getattr(cfg, name)) for name in ("scales", "starts")
+                                           if getattr(cfg, name) is not None})
 
 
 @dataclasses.dataclass
@@ -184,9 +202,13 @@ class InversionResult:
       seconds: wall time of the optimisation (and size search) including compilation; compile_seconds:
         the first call's extra time over a later call (an estimate of compilation).
       scale: the factor the size search chose (``trigger`` is already multiplied by it; 1 without search).
-      scale_scores: {factor: L_cons of its generations} from the size search (empty without search).
-      generations: [n, H, W, C] the size search's DDPM generations from eps_i + trigger (the chosen factor;
-        start noise and chain key from :func:`size_search_key`), or None without search; not saved.
+      scale_scores: {factor: score} of the chosen start (empty without search); score = L_cons of the
+        generations over L_cons of clean generations from the same start.
+      start: the label of the start the size search chose ("ddpm" without search).
+      start_scores: {start label: {factor: score}} of every start searched (empty without search).
+      generations: [n, H, W, C] the size search's generations from the chosen start with the trigger (start
+        noise and chain key from :func:`size_search_key`), or None without search; not saved.
+      clean_generations: [n, H, W, C] the same start's generations without trigger (same noise), or None.
     """
 
     method: str
@@ -199,12 +221,17 @@ class InversionResult:
     scale: float = 1.0
     scale_scores: dict = dataclasses.field(default_factory=dict)
     generations: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    start: str = "ddpm"
+    start_scores: dict = dataclasses.field(default_factory=dict)
+    clean_generations: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the trigger is saved separately by :meth:`save`)."""
         return {"method": self.method, "config": self.config, "seed": self.seed, "seconds": self.seconds,
                 "compile_seconds": self.compile_seconds, "final_loss": float(self.losses[-1]),
                 "scale": self.scale, "scale_scores": {f"{k:g}": v for k, v in self.scale_scores.items()},
+                "start": self.start, "start_scores": {a: {f"{k:g}": v for k, v in d.items()}
+                                                      for a, d in self.start_scores.items()},
                 "losses": [float(v) for v in self.losses], "trigger_shape": list(self.trigger.shape)}
 
     def save(self, out: str | Path) -> Path:
@@ -460,7 +487,8 @@ def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stac
     layout), so repeated inversions of one architecture reuse the compile.
     """
     # Step counts only set how often the program runs: leave them out of the cache key.
-    norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0, scales=(), scale_samples=0)
+    norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0, scales=(), scale_samples=0,
+                                   starts=())
     # One model with several devices: its noise batch is split over them (SHARDED_METHODS' losses reduce
     # over the batch with pdjax.sharding's collectives; TERD draws its batch inside the loss and is not).
     bmesh = batch_mesh(cfg.batch) if not stacked and cfg.method in SHARDED_METHODS else None
@@ -588,10 +616,10 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
     delta, losses, secs, comp = _optimise(prob, cfg, model.params, key, None, progress, start=start)
     res = InversionResult(cfg.method, delta.astype(np.float32), losses.astype(np.float32), cfg.to_dict(),
                           _seed_of(key), secs, comp)
-    if len(cfg.scales) > 1:
+    if cfg.searches:
         t0 = time.perf_counter()
-        found = size_search(model, res.trigger, cfg.scales, size_search_key(key), cfg.scale_samples)
-        res = _searched(res, *found, time.perf_counter() - t0)
+        found = size_search(model, res.trigger, cfg.scales, size_search_key(key), cfg.scale_samples, cfg.starts)
+        res = _searched(res, found, time.perf_counter() - t0)
     return res
 
 
@@ -613,16 +641,42 @@ def pick_scale(scales, scores, rel_tol: float = 0.01) -> int:
     return int(ok[np.argmin(np.asarray(scales)[ok])])
 
 
-def _pick(scales, gens) -> tuple[float, dict, np.ndarray]:
-    """(chosen factor, {factor: score}, its generations [n, H, W, C]) from generations [S, n, H, W, C] of the
-    S candidate factors."""
-    scores = [float(pairwise_sq_mean(jnp.asarray(g))) for g in gens]
-    i = pick_scale(scales, scores)
-    return float(scales[i]), {float(s): v for s, v in zip(scales, scores)}, np.asarray(gens[i])
+class SearchResult(NamedTuple):
+    """What the size search chose: factor, start label, every score, the chosen generations and their clean
+    counterparts [n, H, W, C]."""
+
+    scale: float
+    start: str
+    scores: dict
+    generations: np.ndarray
+    clean: np.ndarray
 
 
-def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict, np.ndarray]:
-    """Choose the size of an inverted trigger (PureDiffusion's second loss, used as a line search).
+def _pick(scales, starts, gens) -> SearchResult:
+    """The search's choice from generations ``gens[j]`` [1 + S, n, H, W, C] of start ``starts[j]`` (row 0: no
+    trigger, rows 1..S: the S factors). Score = L_cons(factor) / L_cons(no trigger); each start's factor by
+    :func:`pick_scale`; across starts the lowest chosen score, the earlier start within 1%."""
+    scores, best = {}, []
+    for label, g in zip(starts, gens):
+        lc = [float(pairwise_sq_mean(jnp.asarray(x))) for x in g]
+        ratio = [v / max(lc[0], 1e-12) for v in lc[1:]]
+        scores[label] = {float(s): v for s, v in zip(scales, ratio)}
+        i = pick_scale(scales, ratio)
+        best.append((ratio[i], i))
+    j = pick_scale(range(len(starts)), [b[0] for b in best])
+    i = best[j][1]
+    return SearchResult(float(scales[i]), starts[j], scores, np.asarray(gens[j][1 + i]), np.asarray(gens[j][0]))
+
+
+def _candidates(delta, scales) -> np.ndarray:
+    """[1 + S, H, W, C]: no trigger, then s * delta for each factor s."""
+    delta = np.asarray(delta, np.float32)
+    return np.stack([np.zeros_like(delta), *[s * delta for s in scales]])
+
+
+def size_search(model, delta, scales, key, n: int = 8, starts=("ddpm",)) -> SearchResult:
+    """Choose the size of an inverted trigger, and the start that makes it fire (PureDiffusion's second
+    loss, used as a line search).
 
     Why: on a backdoor that responds linearly to the trigger, the shift losses are nearly flat along the
     ray s * delta (mean eps(eps + s g) = lambda s g for every s), so the optimiser finds the trigger's
@@ -630,31 +684,39 @@ def size_search(model, delta, scales, key, n: int = 8) -> tuple[float, dict, np.
     the true trigger's norm, ASR 0.6-0.7 where the true trigger fires 1.0). The consistency criterion of
     SPEC 4 (a firing backdoor sends different noises to one image) does depend on the size, but only at
     the end of the chain. So each candidate s is scored by L_cons = mean_{i<j} mean_pixels (x_i - x_j)^2
-    on ``n`` full DDPM generations from eps_i + s * delta (same noise for every s), and the s of the best
-    score wins (:func:`pick_scale`). On the six BadDiffusion / VillanDiffusion SDE zoo models
-    (experiments/results/inversion_table.md) PureDiffusion's trigger fires 0.56-0.94 before the search
-    and 0.97-1.00 after it (factor 2, or 1.5 once); the true trigger fires 0.97-1.00.
+    on ``n`` full generations from c * eps_i + s * delta (same noise for every s), divided by L_cons of the
+    generations from c * eps_i alone, and the s of the best score wins (:func:`pick_scale`). On the six
+    BadDiffusion / VillanDiffusion SDE zoo models (experiments/results/inversion_table.md) PureDiffusion's
+    trigger fires 0.56-0.94 before the search and 0.97-1.00 after it (factor 2, or 1.5 once); the true
+    trigger fires 0.97-1.00.
+
+    Several ``starts`` (sampler and noise scale c, :class:`pdjax.defense.evaluate.Start`) are compared by
+    the same normalised score: backdoors trained for another sampler (VillanDiffusion ODE: DDIM) or
+    another start noise (TrojDiff: gamma * eps + mu) fire only from their own.
 
     Args:
       model: a :class:`pdjax.model.Model`.
       delta: [H, W, C] the optimised trigger.
       scales: candidate factors (ascending).
-      key: PRNG key of the generations.
-      n: generations per factor.
+      key: PRNG key of the generations (the same noise for every start and factor).
+      n: generations per candidate.
+      starts: start labels, in order of preference.
 
     Returns:
-      (chosen factor, {factor: L_cons}, the chosen factor's generations [n, H, W, C]).
+      :class:`SearchResult`.
     """
-    from pdjax.defense.evaluate import triggered_generations
+    from pdjax.defense.evaluate import Start, triggered_generations
 
-    delta = np.asarray(delta, np.float32)
-    gens = triggered_generations(model, np.stack([s * delta for s in scales]), key, n=n)
-    return _pick(scales, gens)
+    cands = _candidates(delta, scales)
+    gens = [triggered_generations(model, cands, key, n=n, start=Start.parse(a)) for a in starts]
+    return _pick(scales, starts, gens)
 
 
-def _searched(res: InversionResult, scale: float, scores: dict, gens, seconds: float) -> InversionResult:
-    return dataclasses.replace(res, trigger=(scale * res.trigger).astype(np.float32), scale=scale,
-                               scale_scores=scores, generations=gens, seconds=res.seconds + seconds)
+def _searched(res: InversionResult, found: SearchResult, seconds: float) -> InversionResult:
+    return dataclasses.replace(res, trigger=(found.scale * res.trigger).astype(np.float32), scale=found.scale,
+                               scale_scores=found.scores[found.start], start=found.start, start_scores=found.scores,
+                               generations=found.generations, clean_generations=found.clean,
+                               seconds=res.seconds + seconds)
 
 
 def stack_params(models) -> Any:
@@ -696,13 +758,13 @@ def invert_many(models, method: str = "purediffusion", key: jax.Array | None = N
     seeds = [_seed_of(k) for k in keys]
     out = [InversionResult(cfg.method, delta[i].astype(np.float32), losses[i].astype(np.float32), cfg.to_dict(),
                            seeds[i], secs / len(models), comp) for i in range(len(models))]
-    if len(cfg.scales) > 1:  # one stacked sampling program: model i gets the factor size_search gives it
-        from pdjax.defense.evaluate import stacked_generations
+    if cfg.searches:  # one stacked sampling program per start: model i gets what size_search gives it
+        from pdjax.defense.evaluate import Start, stacked_generations
 
         t0 = time.perf_counter()
-        cands = np.stack([np.stack([s * r.trigger for s in cfg.scales]) for r in out])
-        gens = stacked_generations(models[0], params, cands, jax.vmap(size_search_key)(keys), n=cfg.scale_samples,
-                                   mesh=mesh)
+        cands = np.stack([_candidates(r.trigger, cfg.scales) for r in out])
+        gens = [stacked_generations(models[0], params, cands, jax.vmap(size_search_key)(keys), n=cfg.scale_samples,
+                                    mesh=mesh, start=Start.parse(a)) for a in cfg.starts]
         secs = (time.perf_counter() - t0) / len(models)
-        out = [_searched(r, *_pick(cfg.scales, g), secs) for r, g in zip(out, gens)]
+        out = [_searched(r, _pick(cfg.scales, cfg.starts, [g[i] for g in gens]), secs) for i, r in enumerate(out)]
     return out
