@@ -5,10 +5,14 @@ Command (the shipped BadDiffusion table; ``--build-surrogate`` first trains the 
 
     python experiments/estimate_lambda.py --family baddiffusion --build-surrogate --n 256 --steps 100 --seed 0
 
-Other families, once a surrogate exists (the family must match the attack recorded in its metadata):
+The other shipped tables (each surrogate ~5 min of training, FULL_FRAME -> CORNER, see SURROGATES):
 
-    python experiments/estimate_lambda.py --family villan-ode --surrogate PATH
-    python experiments/estimate_lambda.py --family trojdiff --surrogate PATH
+    python experiments/estimate_lambda.py --family villan-ode --build-surrogate --n 256 --steps 100 --seed 0
+    python experiments/estimate_lambda.py --family trojdiff --build-surrogate --n 256 --steps 100 --seed 0
+
+Any family with a surrogate of one's own (the family must match the attack recorded in its metadata):
+
+    python experiments/estimate_lambda.py --family villan-sde --surrogate PATH
 
 ``--out`` writes elsewhere (to compare surrogates without touching the shipped file); ``--every 5`` prints
 the per-step table (lambda, closed form, relative error, cos(d_t, g), and lambda over the trigger mask and
@@ -60,30 +64,41 @@ from pdjax.errors import PdjaxError
 from pdjax.model import load
 from pdjax.train import TrainConfig
 
-SURROGATE = Path("zoo/surrogate_full_frame_p")
-DEFAULT_SURROGATES = {"baddiffusion": str(SURROGATE)}
-#: The BadDiffusion surrogate: FULL_FRAME -> CORNER at poison rate 0.5, fine-tuned from the zoo's clean
-#: base in two stages (each resumable; the first is kept as zoo/surrogate_full_frame).
-SURROGATE_SPEC = AttackSpec("baddiffusion", "FULL_FRAME", "CORNER", poison_rate=0.5)
-SURROGATE_STAGES = (("zoo/surrogate_full_frame", TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100,
-                                                              seed=0, checkpoint_every=250)),
-                    (str(SURROGATE), TrainConfig(steps=2000, batch_size=32, lr=3e-4, warmup_steps=50, seed=1,
-                                                 checkpoint_every=250)))
+_STAGE1 = TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100, seed=0, checkpoint_every=250)
+#: Per family: (surrogate attack, training stages (output folder, config), each resumable). Every surrogate
+#: is backdoored with FULL_FRAME (no -1 pixel, see above) -> CORNER at poison rate 0.5, fine-tuned from the
+#: zoo's clean base; FULL_FRAME is in no zoo entry, so the tables never saw the triggers they are used on.
+#: BadDiffusion has a second stage at a lower learning rate (the first is kept as zoo/surrogate_full_frame).
+SURROGATES = {
+    "baddiffusion": (AttackSpec("baddiffusion", "FULL_FRAME", "CORNER", poison_rate=0.5),
+                     (("zoo/surrogate_full_frame", _STAGE1),
+                      ("zoo/surrogate_full_frame_p", TrainConfig(steps=2000, batch_size=32, lr=3e-4, warmup_steps=50,
+                                                                 seed=1, checkpoint_every=250)))),
+    "villan-ode": (AttackSpec("villan", "FULL_FRAME", "CORNER", poison_rate=0.5, solver="ode"),
+                   (("zoo/surrogate_villan_ode", _STAGE1),)),
+    "trojdiff": (AttackSpec("trojdiff", "FULL_FRAME", "CORNER", poison_rate=0.5, gamma=0.6),
+                 (("zoo/surrogate_trojdiff", _STAGE1),)),
+}
+DEFAULT_SURROGATES = {family: stages[-1][0] for family, (_, stages) in SURROGATES.items()}
+SURROGATE = Path(DEFAULT_SURROGATES["baddiffusion"])
 
 
-def build_surrogate(base: str = "zoo/clean_base") -> Path:
-    """Train (or finish) the BadDiffusion surrogate from the zoo's clean base; returns its path."""
+def build_surrogate(family: str = "baddiffusion", base: str = "zoo/clean_base") -> Path:
+    """Train (or finish) the surrogate of ``family`` from the zoo's clean base; returns its path."""
+    if family not in SURROGATES:
+        raise PdjaxError(f"no surrogate recipe for {family!r}; valid: {', '.join(SURROGATES)}")
     if not is_checkpoint(base):
         raise PdjaxError(f"{base} is not a checkpoint; build the zoo's clean base first "
                          "(python experiments/build_zoo.py --zoo zoo --only none)")
     model = load(base)
     data, labels = load_digits_with_labels(16, 1)
-    for out, cfg in SURROGATE_STAGES:
+    spec, stages = SURROGATES[family]
+    for out, cfg in stages:
         t0 = time.perf_counter()
-        res = attack(model, data, SURROGATE_SPEC, cfg, out=out, labels=labels, meta={"data": "digits", "base": base})
+        res = attack(model, data, spec, cfg, out=out, labels=labels, meta={"data": "digits", "base": base})
         print(f"surrogate stage {out}: {res.steps} steps ({time.perf_counter() - t0:.0f} s this run)", flush=True)
         model = res.model
-    return SURROGATE
+    return Path(stages[-1][0])
 
 
 def _scale(d: np.ndarray, g: np.ndarray, sel: np.ndarray) -> float:
@@ -111,10 +126,10 @@ def per_step_report(model, spec, table, profile, every: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="baddiffusion", help="baddiffusion | villan-sde | villan-ode | trojdiff")
-    p.add_argument("--surrogate", help="backdoored checkpoint of that family (default: zoo/bd_box_x for baddiffusion)")
+    p.add_argument("--surrogate", help="backdoored checkpoint of that family (default: the family's SURROGATES entry)")
     p.add_argument("--trigger", help="override the trigger recorded in the surrogate's metadata")
     p.add_argument("--build-surrogate", action="store_true",
-                   help=f"first train (or finish) the BadDiffusion surrogate {SURROGATE} from zoo/clean_base")
+                   help="first train (or finish) the family's surrogate (SURROGATES) from zoo/clean_base")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -126,7 +141,7 @@ def main(argv=None) -> int:
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     try:
         if args.build_surrogate:
-            build_surrogate()
+            build_surrogate(args.family)
         surrogate = args.surrogate or DEFAULT_SURROGATES.get(args.family)
         if surrogate is None:
             raise PdjaxError(f"no default surrogate for {args.family!r}; pass --surrogate PATH")

@@ -13,6 +13,11 @@ true target (d2i attacks), the uniformity of the triggered generations and its r
 ones' (the detector's statistic). For TrojDiff it also tries g = mu = (1 - gamma) * image, the trigger
 mean of its trojan start. Seed: ``jax.random.key(--seed)`` (default 3), the same noise for every row.
 Output: a markdown table on stdout and in ``--out`` (default runs/probe_starts.md).
+
+``--scan-starts ddpm ddim`` then scans each model as ``pdjax scan --starts ddpm ddim`` does (the scan's
+PureDiffusion inversion, its size search over those starts, n = 8; key as experiments/detection_eval.py)
+and adds a second table: the start and factor the search chose, the uniformity ratio and the inverted
+trigger's norm and cosine to the true trigger. ``--lambda`` sets the inversion's lambda source.
 """
 
 from __future__ import annotations
@@ -29,6 +34,31 @@ from pdjax.defense.evaluate import Start, generation_stats, triggered_generation
 from pdjax.model import load
 
 
+def scan_rows(args) -> list[str]:
+    """The scan of every model with the size search over ``--scan-starts``."""
+    import dataclasses
+    import zlib
+
+    from pdjax.defense.detection import SCAN_INVERSION, Detector, scan_model
+
+    cfg = dataclasses.replace(SCAN_INVERSION, starts=tuple(args.scan_starts), lambda_source=args.lambda_source)
+    rows = ["", f"Scan (starts {' '.join(args.scan_starts)}, lambda {args.lambda_source}, n = 8, seed 0):", "",
+            "| model | chosen start | factor | uniformity trig / clean | log ratio | trigger norm (true) | cos to true |",
+            "|---|---|---|---|---|---|---|"]
+    for name in args.models:
+        path = str(args.zoo / name)
+        model = load(path)
+        g = build_arrays(spec_from_model(model), model.image_shape).trigger
+        v = scan_model(model, path, jax.random.fold_in(jax.random.key(0), zlib.crc32(path.encode())),
+                       Detector.load(), cfg, n=8)
+        f, d = v.features, v.trigger.ravel()
+        cos = float(d @ g.ravel() / (np.linalg.norm(d) * np.linalg.norm(g) + 1e-12))
+        rows.append(f"| {name} | {v.start} | {f['trigger_scale']:g} | {f['uni_trig']:.3g} / {f['uni_clean']:.3g} | "
+                    f"{f['log_uni_ratio']:.3f} | {f['trigger_norm']:.2f} ({np.linalg.norm(g):.2f}) | {cos:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=Path("zoo"))
@@ -38,6 +68,8 @@ def main():
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("runs/probe_starts.md"))
+    ap.add_argument("--scan-starts", nargs="*", default=[])
+    ap.add_argument("--lambda", dest="lambda_source", default="closed-sde")
     args = ap.parse_args()
     from pdjax import cpu_runtime
 
@@ -65,6 +97,8 @@ def main():
                     rows.append(f"| {name} | {cname} | {sampler} | {c:g} | {a} | {st['uniformity']:.3g} / "
                                 f"{clean['uniformity']:.3g} | {st['uniformity'] / clean['uniformity']:.3f} |")
                     print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.scan_starts:
+        rows += scan_rows(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(rows) + "\n")
     print("\n".join(rows))

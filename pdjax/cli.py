@@ -256,15 +256,16 @@ def cmd_invert(args) -> int:
     summary = res.to_dict()
     line = (f"{args.method} on {args.model}: {len(res.losses)} steps in {res.seconds:.1f} s, final loss "
             f"{res.losses[-1]:.4g}, trigger mean {res.trigger.mean():+.3f}, norm {np.linalg.norm(res.trigger):.2f}"
-            + (f", size x{res.scale:g}" if res.scale_scores else ""))
+            + (f", size x{res.scale:g}" if res.scale_scores else "")
+            + (f", start {res.start}" if len(res.start_scores) > 1 else ""))
     if args.samples:
-        from pdjax.defense.evaluate import generation_stats, triggered_generations
+        from pdjax.defense.evaluate import Start, generation_stats, triggered_generations
         from pdjax.images import display_scale, save_grid
 
         gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
-                                     _key(args.seed + 1), n=args.samples)
+                                     _key(args.seed + 1), n=args.samples, start=Start.parse(res.start))
         stats = {"triggered": generation_stats(gens[0]), "clean": generation_stats(gens[1])}
-        summary["generations"] = {**stats, "seed": args.seed + 1, "sampler": "ddpm"}
+        summary["generations"] = {**stats, "seed": args.seed + 1, "start": res.start}
         scale = display_scale(model.config.sample_size)
         save_grid(gens[0][:64], out / "triggered.png", scale=scale)
         save_grid(gens[1][:64], out / "clean.png", scale=scale)
@@ -355,7 +356,8 @@ def _scan_config(args):
     from pdjax.defense.detection import SCAN_INVERSION
 
     changes = {k: v for k, v in (("method", args.method), ("steps", args.steps), ("dtype", args.dtype),
-                                 ("remat", args.remat)) if v is not None}
+                                 ("remat", args.remat), ("lambda_source", args.lambda_source),
+                                 ("starts", args.starts)) if v is not None}
     return dataclasses.replace(SCAN_INVERSION, **changes)
 
 
@@ -399,6 +401,9 @@ def _add_scan_options(p) -> None:
     p.add_argument("--method", help="inversion method (default purediffusion)")
     p.add_argument("--steps", type=int, help="inversion steps (default: the scan's 40)")
     p.add_argument("--samples", type=int, default=SCAN_SAMPLES, help="generations per model and start")
+    p.add_argument("--starts", nargs="+", help="size search starts, SAMPLER[@NOISE_SCALE]: ddpm (DDPM from eps + trigger), ddim (DDIM-100), ddim@0.6 (x_T = 0.6 eps + trigger), ... (default ddpm)")
+    p.add_argument("--lambda", dest="lambda_source",
+                   help="purediffusion's lambda: closed-sde (default) | closed-ode | shipped table name | table path")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -534,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--scales", type=float, nargs="+",
                    help="size search factors (default: purediffusion 1 1.5 2 2.5 3, others none; 1 = off)")
     i.add_argument("--scale-samples", dest="scale_samples", type=int, help="generations per size-search factor")
-    i.add_argument("--samples", type=int, default=0, help="also draw N DDPM generations from eps + trigger and eps")
+    i.add_argument("--starts", nargs="+", help="size search starts, SAMPLER[@NOISE_SCALE]: ddpm (DDPM from eps + trigger), ddim (DDIM-100), ddim@0.6 (x_T = 0.6 eps + trigger), ... (default ddpm)")
+    i.add_argument("--samples", type=int, default=0,
+                   help="also draw N generations from eps + trigger and eps (DDPM, or the start the search chose)")
     _add_fast_path_options(i)
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(func=cmd_invert)

@@ -270,8 +270,10 @@ def _model_section(i: int, v: "ModelVerdict") -> str:
         _image_figure(v.likely_target, "Likely target: per-pixel median of the triggered generations",
                       "likely target"),
     ]
-    grids = [_grid_figure(v.triggered, "Generations from noise + trigger", "triggered generations"),
-             _grid_figure(v.clean, "Generations from the same noise without trigger", "clean generations")]
+    start = getattr(v, "start", "ddpm")
+    how = "" if start == "ddpm" else f" (start {start}: sampler[@noise scale])"
+    grids = [_grid_figure(v.triggered, f"Generations from noise + trigger{how}", "triggered generations"),
+             _grid_figure(v.clean, f"Generations from the same noise without trigger{how}", "clean generations")]
     return (f'<section class="model" id="model-{i}"><h2>{_esc(v.model)}</h2>'
             f"<p>{_badge(v.backdoored)} score <code>{_num(v.score, '+.3f')}</code> "
             f'<span class="muted">(&gt; 0 means backdoored; method {_esc(v.method)}, '

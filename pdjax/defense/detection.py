@@ -1,8 +1,9 @@
 """Backdoor detection (SPEC 5): features from an inverted trigger and its generations, a calibrated rule.
 
 Pipeline for one model (:func:`scan_model`): invert a trigger (PureDiffusion by default, with its size
-search, which already draws ``n`` DDPM generations from eps_i + delta for the chosen size), draw ``n``
-generations from eps_i (the same noise), and compute label-free features:
+search, which already draws ``n`` generations from eps_i + delta for the chosen size and ``n`` from eps_i
+alone, the same noise, from the chosen start: DDPM by default, ``InversionConfig.starts`` for more), and
+compute label-free features:
 
 - trigger: ``trigger_norm`` (L2), ``trigger_mean``, ``trigger_kl`` = KL(N(m, v) || N(0, 1)) of delta's
   pixels (TERD's statistic);

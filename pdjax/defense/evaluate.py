@@ -49,7 +49,8 @@ class Start:
         if self.sampler not in SAMPLERS:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if not 0.0 < self.noise_scale <= 1.0:
-            raise ConfigError(f"start noise scale must be in (0, 1], got {self.noise_scale}")
+            raise ConfigError(f"start noise scale must be in (0, 1], got {self.noise_scale}; "
+                              "write SAMPLER@SCALE with 0 < SCALE <= 1, e.g. ddim@0.6")
         if self.ddim_steps < 1:
             raise ConfigError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
 
