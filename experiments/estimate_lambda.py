@@ -38,7 +38,17 @@ so every pasted training input is g itself. Measured (n = 256, 100 steps; per-st
 | + 2000 steps lr 3e-4 (zoo/surrogate_full_frame_p, shipped; seed 0) | 0.524 | 0.511 | 4.26% | 0.999-1.000 |
 | the same, estimator seed 1 | 0.524 | 0.511 | 4.28% | |
 
-The error is largest at t = 999 and falls below 2% from t = 979 on (0.03-1.3% over t = 974..904). The
+The other families (2026-12-02, one stage of 2000 steps each, n = 256, seed 0, commands above):
+
+| family (surrogate FULL_FRAME -> CORNER) | sampler | lambda at the first step | mean, first 50 | max rel. err., first 50 | cos |
+|---|---|---|---|---|---|
+| villan-ode (zoo/surrogate_villan_ode) | DDIM-100 (t = 990, 980, ...) | 1.016 (2 rho = 1.005) | 0.994 | 1.55% vs 2 rho_t | 1.000 |
+| trojdiff (zoo/surrogate_trojdiff) | DDPM (t = 999, 998, ...) | 0.051 | 0.288 | no closed form | 0.56 at t = 999, > 0.95 from t = 979 |
+
+The ODE table meets the 2% self-check; TrojDiff's shift (g := mean start difference, 0.4 x FULL_FRAME with
+gamma = 0.6) starts an order of magnitude below rho_t and reaches ~0.48 only at t = 949, 0.65 at t = 904.
+
+The BadDiffusion error is largest at t = 999 and falls below 2% from t = 979 on (0.03-1.3% over t = 974..904). The
 issue's 2% over the first 50 steps is NOT met. Part of the remainder is the estimator's own start: the
 attack's latent shift at t = 999 is k_999 = 1 - sqrt(abar_999) = 0.9936, not 1, so even an ideal
 backdoored model answers eps + g with (1 - k_999) / sqrt(1 - abar_999) + rho_999 = 0.509 (1.3% above

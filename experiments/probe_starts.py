@@ -34,6 +34,13 @@ from pdjax.defense.evaluate import Start, generation_stats, triggered_generation
 from pdjax.model import load
 
 
+def _digits():
+    """(images, labels) of the bundled digits: TrojDiff d2d targets (class:K) are pools of training images."""
+    from pdjax.data import load_digits_with_labels
+
+    return load_digits_with_labels(16, 1)
+
+
 def scan_rows(args) -> list[str]:
     """The scan of every model with the size search over ``--scan-starts``."""
     import dataclasses
@@ -48,7 +55,7 @@ def scan_rows(args) -> list[str]:
     for name in args.models:
         path = str(args.zoo / name)
         model = load(path)
-        g = build_arrays(spec_from_model(model), model.image_shape).trigger
+        g = build_arrays(spec_from_model(model), model.image_shape, *_digits()).trigger
         v = scan_model(model, path, jax.random.fold_in(jax.random.key(0), zlib.crc32(path.encode())),
                        Detector.load(), cfg, n=8)
         f, d = v.features, v.trigger.ravel()
@@ -63,7 +70,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=Path("zoo"))
     ap.add_argument("--models", nargs="+", required=True)
-    ap.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"])
+    ap.add_argument("--samplers", nargs="*", default=["ddpm", "ddim"], help="none: skip the probe table")
     ap.add_argument("--noise-scales", nargs="+", type=float, default=[1.0, 0.6, 0.3, 0.1])
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--seed", type=int, default=3)
@@ -80,7 +87,7 @@ def main():
     for name in args.models:
         model = load(args.zoo / name)
         spec = spec_from_model(model)
-        arrays = build_arrays(spec, model.image_shape)
+        arrays = build_arrays(spec, model.image_shape, *_digits())
         cands = {"g": arrays.trigger}
         if spec.kind == "trojdiff":
             cands["mu"] = arrays.troj_mu_scale(spec)[0]

@@ -367,7 +367,7 @@ ROWS = [
     Row("unknown-method-invert", lambda z, t, mp: ["invert", z.diff, "--method", "nope", "--out", t / "i"],
         "unknown inversion method 'nope'", "valid: elijah, purediffusion, terd"),
     Row("unknown-lambda-source", lambda z, t, mp: ["invert", z.diff, "--lambda", "nope", "--out", t / "i", *FAST],
-        "unknown lambda source 'nope'", "valid: <path to a table .json>, baddiffusion, closed-ode, closed-sde"),
+        "unknown lambda source 'nope'", "valid: <path to a table .json>, baddiffusion, closed-ode, closed-sde, trojdiff, villan-ode"),
     Row("unknown-start-invert", lambda z, t, mp: ["invert", z.diff, "--starts", "ddpm", "euler", "--out", t / "i",
                                                   *FAST],
         "unknown sampler 'euler'", "valid: ddim, ddpm"),

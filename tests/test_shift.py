@@ -209,6 +209,35 @@ def test_shipped_baddiffusion_table_agrees_with_closed_form():
     assert table.closed_form_rel_err == pytest.approx(err.max(), abs=1e-5)
 
 
+# experiments/estimate_lambda.py --family villan-ode --build-surrogate (FULL_FRAME surrogate, n = 256, seed 0):
+# at most 1.55% from 2 rho_t over the first 50 DDIM-100 steps.
+SHIPPED_ODE_TOL = 0.02
+
+
+def test_shipped_villan_ode_table_agrees_with_its_closed_form():
+    table = S.get_table("villan-ode", SCHED)
+    assert table.family == "villan-ode" and table.sampler == "ddim" and len(table) >= 50
+    ts = np.asarray(table.timesteps[:50])
+    assert ts[0] == 990 and np.all(np.diff(ts) == -10)
+    closed = 2.0 * rho(SCHED)[ts]
+    err = np.abs(np.asarray(table.lambdas[:50]) - closed) / closed
+    assert err.max() < SHIPPED_ODE_TOL
+    assert table.closed_form_rel_err == pytest.approx(err.max(), abs=1e-5)
+
+
+def test_shipped_trojdiff_table_has_no_closed_form_and_a_small_early_shift():
+    """TrojDiff (no closed form): on the FULL_FRAME surrogate the shift starts near 0.05 at t = 999 and grows
+    to ~0.48 by t = 949 (experiments/estimate_lambda.py --family trojdiff), an order of magnitude below the
+    BadDiffusion rho_t ~ 0.5 over the steps the inversion unrolls, which is why the closed form fails there."""
+    table = S.get_table("trojdiff", SCHED)
+    assert table.family == "trojdiff" and table.sampler == "ddpm" and table.closed_form_rel_err is None
+    lam = S.get_lambda("trojdiff", SCHED, 50)
+    assert lam[0] < 0.1 and 0.4 < lam[49] < 0.6 and np.all(np.isfinite(lam))
+    assert set(S.shipped_tables()) >= {"baddiffusion", "trojdiff", "villan-ode"}
+    for name in S.shipped_tables():
+        assert (S.ASSET_DIR / f"{name}.json").stat().st_size < 8_000
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def tiny_surrogate(tmp_path_factory):
