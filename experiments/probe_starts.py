@@ -55,13 +55,15 @@ def scan_rows(args) -> list[str]:
     for name in args.models:
         path = str(args.zoo / name)
         model = load(path)
-        g = build_arrays(spec_from_model(model), model.image_shape, *_digits()).trigger
+        g = build_arrays(spec_from_model(model), model.image_shape, *_digits()).trigger if "attack" in model.meta \
+            else None  # a clean model: no true trigger
         v = scan_model(model, path, jax.random.fold_in(jax.random.key(0), zlib.crc32(path.encode())),
                        Detector.load(), cfg, n=8)
         f, d = v.features, v.trigger.ravel()
-        cos = float(d @ g.ravel() / (np.linalg.norm(d) * np.linalg.norm(g) + 1e-12))
+        true = "clean" if g is None else f"{np.linalg.norm(g):.2f}"
+        cos = "-" if g is None else f"{float(d @ g.ravel() / (np.linalg.norm(d) * np.linalg.norm(g) + 1e-12)):.2f}"
         rows.append(f"| {name} | {v.start} | {f['trigger_scale']:g} | {f['uni_trig']:.3g} / {f['uni_clean']:.3g} | "
-                    f"{f['log_uni_ratio']:.3f} | {f['trigger_norm']:.2f} ({np.linalg.norm(g):.2f}) | {cos:.2f} |")
+                    f"{f['log_uni_ratio']:.3f} | {f['trigger_norm']:.2f} ({true}) | {cos} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -84,7 +86,7 @@ def main():
     key = jax.random.key(args.seed)
     rows = ["| model | trigger | sampler | noise scale | ASR | uniformity trig / clean | ratio |",
             "|---|---|---|---|---|---|---|"]
-    for name in args.models:
+    for name in args.models if args.samplers else []:
         model = load(args.zoo / name)
         spec = spec_from_model(model)
         arrays = build_arrays(spec, model.image_shape, *_digits())
