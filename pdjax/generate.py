@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.diffusion.samplers import ddim_sample, ddpm_sample
+from pdjax.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.model import Model
 
-SAMPLERS = ("ddpm", "ddim")
 
 
 def start_noise(key: jax.Array, n: int, shape: tuple[int, int, int], trigger=None) -> jax.Array:

@@ -17,7 +17,7 @@ import numpy as np
 from pdjax.backdoor.attacks import AttackArrays, AttackSpec, backdoor_loss, trojan_ddpm_sample, triggered_start
 from pdjax.backdoor.triggers import TROJ_TRIGGERS, get_target, get_trigger, get_troj_trigger, trigger_mask
 from pdjax.data import LETTERS, load_letters_with_labels
-from pdjax.diffusion.samplers import ddim_sample, ddpm_sample
+from pdjax.diffusion.samplers import DDIM_STEPS, ddim_sample, ddpm_sample
 from pdjax.errors import ConfigError
 from pdjax.model import Model
 from pdjax.train import TrainConfig, TrainResult, _check_data, fit
@@ -105,7 +105,7 @@ def sample_attack(model: Model, spec: AttackSpec, arrays: AttackArrays, key: jax
         return np.asarray(trojan_ddpm_sample(model.eps, model.params, model.schedule, x_T, k_chain, mu, scale,
                                              split_batch=True))
     if spec.ode:
-        return np.asarray(ddim_sample(model.eps, model.params, model.schedule, x_T, k_chain, num_steps=100,
+        return np.asarray(ddim_sample(model.eps, model.params, model.schedule, x_T, k_chain, num_steps=DDIM_STEPS,
                                       split_batch=True))
     return np.asarray(ddpm_sample(model.eps, model.params, model.schedule, x_T, k_chain,
                                   variance_type=sc.variance_type, clip_sample=sc.clip_sample, split_batch=True))

@@ -17,13 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.diffusion.samplers import ddim_sample, ddpm_sample
+from pdjax.diffusion.samplers import DDIM_STEPS, SAMPLERS, ddim_sample, ddpm_sample
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.sharding import batch_parallel
 from pdjax.metrics import asr, mse_to_target, total_variation, trigger_l2, uniformity
 
-
-SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +41,7 @@ class Start:
 
     sampler: str = "ddpm"
     noise_scale: float = 1.0
-    ddim_steps: int = 100
+    ddim_steps: int = DDIM_STEPS
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -57,14 +55,14 @@ class Start:
     @property
     def label(self) -> str:
         """Text form, read back by :meth:`parse`: "ddpm", "ddim", "ddim@0.6", "ddim50@0.3"."""
-        name = self.sampler if self.sampler == "ddpm" or self.ddim_steps == 100 else f"ddim{self.ddim_steps}"
+        name = self.sampler if self.sampler == "ddpm" or self.ddim_steps == DDIM_STEPS else f"ddim{self.ddim_steps}"
         return name if self.noise_scale == 1.0 else f"{name}@{self.noise_scale:g}"
 
     @classmethod
     def parse(cls, text: str) -> "Start":
         """A start from its label: SAMPLER[STEPS][@NOISE_SCALE], e.g. "ddpm", "ddim@0.6", "ddim50"."""
         name, _, scale = str(text).strip().partition("@")
-        steps = 100
+        steps = DDIM_STEPS
         if name.startswith("ddim") and name[4:].isdigit():
             name, steps = "ddim", int(name[4:])
         try:

@@ -57,14 +57,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdjax.backdoor.attacks import AttackArrays, AttackSpec, rho, triggered_start, villan_correction
-from pdjax.diffusion.samplers import ddim_update, ddpm_update, timesteps_ddim
+from pdjax.diffusion.samplers import DDIM_STEPS, SAMPLERS, ddim_update, ddpm_update, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, check_variance_type
 from pdjax.errors import ConfigError, UnknownNameError
 
 SOLVERS = ("sde", "ode")
-SAMPLERS = ("ddpm", "ddim")
 CLOSED_SOURCES = {"closed-sde": "sde", "closed-ode": "ode"}
-DDIM_STEPS = 100  # the DDIM sampler of ODE models (SPEC 2.3 evaluation): DDIM-100
 SELF_CHECK_STEPS = 50  # closed_form_rel_err is taken over the first 50 visited steps
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "lambda"
 

@@ -46,6 +46,8 @@ from pdjax.sharding import batch_noise, batch_parallel
 EpsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 # Minimum of the fixed_small variance, as diffusers clamps it (it is 0 at t = 0, where no noise is added).
+SAMPLERS = ("ddpm", "ddim")  # the sampler names every pdjax option accepts
+DDIM_STEPS = 100  # the DDIM-100 sampler of ODE-trained models (SPEC 2.3 evaluation)
 _MIN_VARIANCE = 1e-20
 
 
