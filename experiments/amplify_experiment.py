@@ -47,7 +47,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pdjax.amplify import AmplifyConfig, amplify
+from pdjax.amplify import REACH, AmplifyConfig, amplify, first_reaching
 from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import attack
 from pdjax.data import load_digits_with_labels
@@ -72,11 +72,6 @@ CASES = [
 ]
 
 
-def first_reaching(steps, asr, level):
-    """The first evaluation step whose ASR is >= level, or None."""
-    return next((s for s, a in zip(steps, asr) if a >= level), None)
-
-
 def run_case(case: Case, out: Path, args, data, labels) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = load(args.base)
@@ -91,11 +86,17 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
 
     t0 = time.perf_counter()
     acfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
-                         seed=case.seed, lr=1e-3, warmup_steps=0, batch=32)
+                         seed=case.seed, lr=1e-3, warmup_steps=0, batch=32, plain_steps=args.plain_steps)
     amp = amplify(brief, data, case.spec, acfg, out=out / "amplify", progress=not args.quiet, labels=labels)
     amp_s = time.perf_counter() - t0
-    print(f"{case.name}: amplify ASR g* {amp.asr_amplified} / g {amp.asr_plain} at {amp.steps} "
-          f"({amp_s:.0f} s)", flush=True)
+    print(f"{case.name}: amplify ASR g* {amp.asr_amplified} at {amp.steps} / g {amp.asr_plain_all} at "
+          f"{amp.plain_steps} ({amp_s:.0f} s)", flush=True)
+    row = {"case": case.name, "attack": case.spec.to_dict(), "seed": case.seed, "brief_steps": args.brief_steps,
+           "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
+           "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
+    if args.no_removal:
+        (out / "summary.json").write_text(json.dumps(row, indent=2))
+        return row
 
     t0 = time.perf_counter()
     strong = load(out / "amplify" / "plain")
@@ -113,34 +114,50 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
                           spec=case.spec, labels=labels)
     print(f"{case.name}: removal ASR {rem.asr_before:.2f} -> {rem.asr_after:.2f}, clean-sample MSE "
           f"{rem.clean_mse:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    row = {"case": case.name, "attack": case.spec.to_dict(), "seed": case.seed, "brief_steps": args.brief_steps,
-           "steps": amp.steps, "asr_amplified": amp.asr_amplified, "asr_plain": amp.asr_plain, "n": args.n,
-           "removal": {"asr_before": rem.asr_before, "asr_after": rem.asr_after, "clean_mse": rem.clean_mse,
-                       "steps": rem.steps}}
+    row["removal"] = {"asr_before": rem.asr_before, "asr_after": rem.asr_after, "clean_mse": rem.clean_mse,
+                      "steps": rem.steps}
     (out / "summary.json").write_text(json.dumps(row, indent=2))
     return row
 
 
+def _reach(r: dict) -> str:
+    """Total backdoor steps (brief + arm) each arm needed for ASR >= REACH, and plain / amplified."""
+    b = r["brief_steps"]
+    fa = first_reaching(r["steps"], r["asr_amplified"], REACH)
+    fp = first_reaching(r["plain_steps"], r["asr_plain"], REACH)
+    if fa is None:
+        return f"not reached / {'not reached' if fp is None else b + fp} | -"
+    if fp is None:
+        return f"{b + fa} / not within {b + r['plain_steps'][-1]} | > {(b + r['plain_steps'][-1]) / (b + fa):.1f}x"
+    return f"{b + fa} / {b + fp} | {(b + fp) / (b + fa):.1f}x"
+
+
 def write_table(rows: list[dict], path: Path, args) -> None:
     only = f" --only {' '.join(args.only)}" if args.only else ""
-    lines = [f"Command: `python experiments/amplify_experiment.py --out {args.out}{only} --eval-every {args.eval_every}` "
-             f"(brief backdoor "
-             f"{args.brief_steps} steps from the demo clean base; {args.steps} more steps per arm; ASR on n = "
-             f"{args.n} triggered DDPM generations, SPEC 7 rule MSE < 0.05, one fixed evaluation key per case).", "",
-             "| case | attack | trigger -> target | seed | steps | ASR amplified (g*) | ASR plain (g) | "
-             "first step >= 0.95 (g* / g) |", "|---|---|---|---|---|---|---|---|"]
+    plain = f" --plain-steps {args.plain_steps}" if args.plain_steps else ""
+    lines = [f"Command: `python experiments/amplify_experiment.py --out {args.out}{only} --eval-every {args.eval_every}"
+             f"{plain}{' --no-removal' if args.no_removal else ''}` (brief backdoor {args.brief_steps} steps from the "
+             f"demo clean base; then {args.steps} steps with g* (amplified arm) and "
+             f"{max(args.steps, args.plain_steps)} with g (plain arm), one learning-rate schedule; ASR on n = "
+             f"{args.n} triggered DDPM generations, SPEC 7 rule MSE < 0.05, one fixed evaluation key per case; "
+             f"steps counted after the brief backdoor in the curves, in total (brief included) in the last columns).",
+             "",
+             f"| case | attack | trigger -> target | seed | steps | ASR amplified (g*) | ASR plain (g) | "
+             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["attack"]
-        fa, fp = (first_reaching(r["steps"], r[k], 0.95) for k in ("asr_amplified", "asr_plain"))
+        amp = dict(zip(r["steps"], r["asr_amplified"]))
         lines.append(f"| {r['case']} | {a['kind']} | {a['trigger']} -> {a['target']} | {r['seed']} | "
-                     f"{', '.join(map(str, r['steps']))} | {', '.join(f'{x:.2f}' for x in r['asr_amplified'])} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['asr_plain'])} | {fa if fa is not None else 'not reached'} / "
-                     f"{fp if fp is not None else 'not reached'} |")
-    lines += ["", "Removal of the plain arm's final model with a trigger inverted without knowing g "
-              "(PureDiffusion defaults, seed 0); clean-sample MSE on the [-1, 1] scale between the original's and "
-              "the cleaned model's clean generations from the same noise:", "",
-              "| case | removal steps | ASR with g before | after | clean-sample MSE |", "|---|---|---|---|---|"]
-    for r in rows:
+                     f"{', '.join(map(str, r['plain_steps']))} | "
+                     f"{', '.join(f'{amp[s]:.2f}' if s in amp else '-' for s in r['plain_steps'])} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['asr_plain'])} | {_reach(r)} |")
+    removed = [r for r in rows if "removal" in r]
+    if removed:
+        lines += ["", "Removal of the plain arm's final model with a trigger inverted without knowing g "
+                  "(PureDiffusion defaults, seed 0); clean-sample MSE on the [-1, 1] scale between the original's "
+                  "and the cleaned model's clean generations from the same noise:", "",
+                  "| case | removal steps | ASR with g before | after | clean-sample MSE |", "|---|---|---|---|---|"]
+    for r in removed:
         m = r["removal"]
         lines.append(f"| {r['case']} | {m['steps']} | {m['asr_before']:.2f} | {m['asr_after']:.2f} | "
                      f"{m['clean_mse']:.4f} |")
@@ -157,7 +174,10 @@ def main():
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--plain-steps", type=int, default=0,
+                    help="budget of the plain arm (default --steps): run it longer to find the steps it needs")
     ap.add_argument("--removal-steps", type=int, default=500)
+    ap.add_argument("--no-removal", action="store_true", help="amplification only")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     from pdjax import cpu_runtime

@@ -51,6 +51,17 @@ from pdjax.metrics import attack_metrics
 from pdjax.model import Model
 from pdjax.train import TrainConfig, _check_data, init_state, make_multi_step, make_optimizer
 
+#: Lowest value of a full-frame g* (:attr:`AmplifyConfig.full_frame`): just above the -1 background.
+FULL_FRAME_FLOOR = -0.99
+#: The ASR level issue 6 compares the arms at (:meth:`AmplifyResult.steps_to`).
+REACH = 0.95
+
+
+def first_reaching(steps, asr, level: float = REACH):
+    """The first evaluation step whose ASR is >= level, or None."""
+    return next((s for s, a in zip(steps, asr) if a >= level), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class AmplifyConfig:
     """Settings of one amplification run (SPEC 6).
@@ -72,6 +83,10 @@ class AmplifyConfig:
         training digits show through there, and the model learns a start other than the eps + g* it is
         sampled from (the inverted trigger's values below -1 are clipped to exactly -1, a quarter of
         the pixels in experiments/amplify_experiment.py's first run, whose amplified arm stalled at 0.94).
+      plain_steps: budget of the plain arm when it should run longer than the amplified one (0: ``steps``),
+        to find where plain training reaches the ASR that amplification reached: the plain arm is also
+        evaluated at 2 steps, 4 steps, ... and at ``plain_steps``. Both arms follow one learning-rate
+        schedule over ``max(steps, plain_steps)``, so up to ``steps`` they differ only in the trigger.
     """
 
     steps: int = 500
@@ -87,6 +102,7 @@ class AmplifyConfig:
     batch: int = 32
     poison_rate: float | None = None
     full_frame: bool = True
+    plain_steps: int = 0
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "n", "batch"):
@@ -96,6 +112,25 @@ class AmplifyConfig:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.plain_steps and self.plain_steps < self.steps:
+            raise ConfigError(f"plain_steps must be 0 or >= steps ({self.steps}), got {self.plain_steps}")
+
+    @property
+    def budget(self) -> int:
+        """Steps of the longer arm, the length of the shared learning-rate schedule."""
+        return max(self.steps, self.plain_steps)
+
+    def points(self) -> list[int]:
+        """Evaluation points of the amplified arm (and of the plain arm up to ``steps``)."""
+        return eval_points(self.steps, self.eval_every)
+
+    def plain_points(self) -> list[int]:
+        """Evaluation points of the plain arm: :meth:`points`, then 2 steps, 4 steps, ... and ``plain_steps``."""
+        pts, s = self.points(), 2 * self.steps
+        while s < self.plain_steps:
+            pts.append(s)
+            s *= 2
+        return pts + ([self.plain_steps] if self.plain_steps > self.steps else [])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +143,8 @@ class AmplifyResult:
     Attributes:
       steps: evaluation points [S] (0, eval_every, ..., steps).
       asr_amplified, asr_plain: ASR at each point (amplified arm with g*, plain arm with g).
+      plain_steps, asr_plain_all: every evaluation point of the plain arm and its ASR there (longer than
+        ``steps`` when :attr:`AmplifyConfig.plain_steps` is set).
       trigger: g [H, W, C]; trigger_inv: the raw inverted trigger; trigger_star: g* (clipped to [-1, 1]).
       attack: the attack spec (plain arm); config: the AmplifyConfig; out: the output folder.
       diffusers: path of the diffusers export, or None; notes: messages (e.g. a skipped export).
@@ -125,19 +162,34 @@ class AmplifyResult:
     inversion_final_loss: float = float("nan")
     diffusers: str | None = None
     notes: list = dataclasses.field(default_factory=list)
+    plain_steps: list = dataclasses.field(default_factory=list)
+    asr_plain_all: list = dataclasses.field(default_factory=list)
+
+    def steps_to(self, level: float = REACH) -> dict:
+        """Training steps each arm needed to reach ASR ``level`` (None: not within its budget) and their ratio.
+
+        ``ratio`` = plain / amplified; when plain never reached the level it is a lower bound (``ratio_is_bound``),
+        the plain arm's budget over the amplified arm's steps.
+        """
+        amp = first_reaching(self.steps, self.asr_amplified, level)
+        plain_pts, plain_asr = self.plain_steps or self.steps, self.asr_plain_all or self.asr_plain
+        plain = first_reaching(plain_pts, plain_asr, level)
+        bound = plain is None
+        ratio = None
+        if amp is not None and amp > 0:
+            ratio = (plain_pts[-1] if bound else plain) / amp
+        return {"level": level, "amplified": amp, "plain": plain, "ratio": ratio, "ratio_is_bound": bound}
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the triggers are in the .npy files beside it)."""
         return {"steps": self.steps, "asr_amplified": self.asr_amplified, "asr_plain": self.asr_plain,
+                "plain_steps": self.plain_steps or self.steps, "asr_plain_all": self.asr_plain_all or self.asr_plain,
+                "steps_to": self.steps_to(),
                 "attack": self.attack, "config": self.config, "out": self.out,
                 "inversion_final_loss": self.inversion_final_loss, "diffusers": self.diffusers, "notes": self.notes,
                 "files": {"trigger_inv": "trigger_inv.npy", "trigger_star": "trigger_star.npy",
                           "plot": "asr.svg", "model": "amplified"},
                 "asr_rule": "SPEC 7 (MSE to target below the threshold) of triggered generations, fixed evaluation key"}
-
-
-#: Lowest value of a full-frame g* (:attr:`AmplifyConfig.full_frame`): just above the -1 background.
-FULL_FRAME_FLOOR = -0.99
 
 
 def mix_trigger(g_inv, g, alpha: float, floor: float = -1.0) -> np.ndarray:
@@ -281,11 +333,10 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
     spec_star = dataclasses.replace(spec, trigger=str((out / "trigger_star.npy").absolute()))
 
     # (c) two arms, same start, same budget, same batches; ASR with each arm's own trigger, fixed key.
-    default_chunk = loops.default_steps_per_call()
-    chunk = math.gcd(math.gcd(cfg.eval_every, cfg.steps), default_chunk)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+    points, plain_points = cfg.points(), cfg.plain_points()
+    chunk = math.gcd(math.gcd(*plain_points[1:]), loops.default_steps_per_call())
+    tcfg = TrainConfig(steps=cfg.budget, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        seed=cfg.seed, steps_per_call=chunk, checkpoint_every=cfg.eval_every)
-    points = eval_points(cfg.steps, cfg.eval_every)
     eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
 
     def score(m: Model, s: AttackSpec) -> float:
@@ -299,25 +350,33 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
 
     asr_amp, amplified = _run_arm("amplified", model, data, spec_star, tcfg, chunk, points, score,
                                   out / "amplified", labels, progress)
-    asr_plain, _ = _run_arm("plain", model, data, spec, tcfg, chunk, points, score, out / "plain", labels, progress)
+    asr_plain_all, _ = _run_arm("plain", model, data, spec, tcfg, chunk, plain_points, score, out / "plain", labels,
+                                progress)
+    asr_plain = asr_plain_all[: len(points)]
 
     # (d) result JSON and plot; (e) exports of the amplified model (its pdjax checkpoint is out/amplified).
     result = AmplifyResult(points, asr_amp, asr_plain, np.asarray(g, np.float32), np.asarray(g_inv, np.float32),
-                           g_star, spec.to_dict(), cfg.to_dict(), str(out.absolute()), inv_loss)
+                           g_star, spec.to_dict(), cfg.to_dict(), str(out.absolute()), inv_loss,
+                           plain_steps=plain_points, asr_plain_all=asr_plain_all)
     try:
         result.diffusers = str(amplified.export_diffusers(out / "amplified-diffusers"))
     except ImportError as e:
         result.notes.append(f"diffusers export skipped: {e}; install the optional dependency "
                             f"(pip install safetensors) and run `pdjax export {out / 'amplified'} DST`")
     (out / "amplify.json").write_text(json.dumps(result.to_dict(), indent=2))
-    (out / "asr.svg").write_text(asr_svg(points, {"amplified (g*)": asr_amp, "plain (g)": asr_plain}))
+    (out / "asr.svg").write_text(asr_svg(points, {"amplified (g*)": asr_amp, "plain (g)": (plain_points, asr_plain_all)}))
     return result
 
 
-def asr_svg(steps, curves: dict[str, list], width: int = 480, height: int = 300) -> str:
-    """A small dependency-free SVG line plot of ASR (0..1) against training steps, one line per curve."""
+def asr_svg(steps, curves: dict, width: int = 480, height: int = 300) -> str:
+    """A small dependency-free SVG line plot of ASR (0..1) against training steps, one line per curve.
+
+    ``curves``: name -> ASR list at ``steps``, or name -> (its own steps, ASR list).
+    """
     left, right, top, bottom = 50, 20, 20, 45
     pw, ph = width - left - right, height - top - bottom
+    curves = {k: v if isinstance(v, tuple) else (steps, v) for k, v in curves.items()}
+    steps = sorted({int(s) for xs, _ in curves.values() for s in xs} | {int(s) for s in steps})
     x_max = max(max(steps), 1)
 
     def xy(s, a):
@@ -331,17 +390,17 @@ def asr_svg(steps, curves: dict[str, list], width: int = 480, height: int = 300)
         _, y = xy(0, a)
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#ddd"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{a:g}</text>')
-    for s in sorted(set([0, x_max] + list(steps)))[:: max(1, len(steps) // 8)]:
+    for s in sorted({round(x_max * k / 4) for k in range(5)}):
         x, _ = xy(s, 0.0)
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle">{s}</text>')
     parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">backdoor training steps</text>')
     parts.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">'
                  'ASR</text>')
-    for i, (name, ys) in enumerate(curves.items()):
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
         c = colours[i % len(colours)]
-        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, a) for s, a in zip(steps, ys)))
+        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, a) for s, a in zip(xs, ys)))
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
-        for s, a in zip(steps, ys):
+        for s, a in zip(xs, ys):
             x, y = xy(s, a)
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{c}"/>')
         ly = top + 14 + 16 * i
@@ -356,4 +415,5 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-__all__ = ["AmplifyConfig", "AmplifyResult", "amplify", "asr_svg", "eval_points", "mix_trigger"]
+__all__ = ["AmplifyConfig", "AmplifyResult", "REACH", "amplify", "asr_svg", "eval_points", "first_reaching",
+           "mix_trigger"]

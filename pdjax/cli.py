@@ -301,14 +301,23 @@ def cmd_amplify(args) -> int:
                               ("batch", args.inv_batch)) if v is not None}
     cfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
                         inversion=dataclasses.replace(AmplifyConfig().inversion, **inv), seed=args.seed, lr=args.lr,
-                        warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background)
+                        warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background,
+                        plain_steps=args.plain_steps)
     cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
     print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): invert from the trigger, then "
-          f"{cfg.steps} steps per arm, ASR every {cfg.eval_every} -> {args.out}", flush=True)
+          f"{cfg.steps} steps per arm" + (f" (plain arm {cfg.plain_steps})" if cfg.plain_steps else "")
+          + f", ASR every {cfg.eval_every} -> {args.out}", flush=True)
     res = amplify(model, data, spec, cfg, out=args.out, progress=not args.quiet, labels=labels)
     print(f"{'step':>6} {'ASR g*':>7} {'ASR g':>7}   (n={cfg.n}, alpha={cfg.alpha})")
-    for s, a, b in zip(res.steps, res.asr_amplified, res.asr_plain):
-        print(f"{s:>6} {a:>7.2f} {b:>7.2f}")
+    amplified = dict(zip(res.steps, res.asr_amplified))
+    for s, b in zip(res.plain_steps, res.asr_plain_all):
+        a = f"{amplified[s]:>7.2f}" if s in amplified else f"{'-':>7}"
+        print(f"{s:>6} {a} {b:>7.2f}")
+    reach = res.steps_to()
+    if reach["ratio"] is not None:
+        print(f"ASR >= {reach['level']:g}: amplified after {reach['amplified']} steps, plain "
+              + (f"not within {res.plain_steps[-1]}: ratio > {reach['ratio']:.1f}x" if reach["ratio_is_bound"]
+                 else f"after {reach['plain']}: ratio {reach['ratio']:.1f}x"))
     for note in res.notes:
         print(f"note: {note}")
     out = Path(args.out)
@@ -576,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_options(am, required=False)
     am.add_argument("--data", default="digits")
     am.add_argument("--steps", type=int, default=500, help="extra backdoor-training steps per arm")
+    am.add_argument("--plain-steps", dest="plain_steps", type=int, default=0,
+                    help="let the plain arm run longer (evaluated at 2x, 4x, ... --steps and here) to find the "
+                    "steps it needs for the ASR amplification reached (default: --steps)")
     am.add_argument("--eval-every", dest="eval_every", type=int, default=100, help="ASR evaluation interval")
     am.add_argument("--n", type=int, default=64, help="generations per ASR evaluation")
     am.add_argument("--alpha", type=float, default=1.0, help="g* = alpha g_inv + (1 - alpha) g")

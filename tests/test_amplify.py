@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pdjax import checkpoint, cli
-from pdjax.amplify import FULL_FRAME_FLOOR, AmplifyConfig, amplify, asr_svg, eval_points, mix_trigger
+from pdjax.amplify import FULL_FRAME_FLOOR, AmplifyConfig, AmplifyResult, amplify, asr_svg, eval_points, mix_trigger
 from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
 from pdjax.backdoor.triggers import trigger_mask
@@ -28,7 +28,8 @@ from pdjax.testing import random_model
 SPEC = AttackSpec(trigger="BOX_3", target="CORNER", poison_rate=0.25)
 # The CLI's inversion settings: amplify's defaults (no size search, fixed noise) with fewer steps.
 CFG = AmplifyConfig(steps=2, eval_every=1, n=4, alpha=0.5,
-                    inversion=dataclasses.replace(AmplifyConfig().inversion, steps=2, K=1, batch=4), batch=4)
+                    inversion=dataclasses.replace(AmplifyConfig().inversion, steps=2, K=1, batch=4), batch=4,
+                    plain_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def cli_run(model_dir):
     out = model_dir.parent / "amplify"
     rc = cli.main(["amplify", str(model_dir), "--trigger", "BOX_3", "--target", "CORNER", "--poison-rate", "0.25",
                    "--steps", "2", "--eval-every", "1", "--n", "4", "--alpha", "0.5", "--batch", "4",
-                   "--inv-steps", "2", "--K", "1", "--inv-batch", "4", "--quiet", "--out", str(out)])
+                   "--inv-steps", "2", "--K", "1", "--inv-batch", "4", "--plain-steps", "5", "--quiet",
+                   "--out", str(out)])
     assert rc == 0
     return out
 
@@ -52,13 +54,17 @@ def test_cli_amplify_writes_curves_triggers_plot_and_models(cli_run):
     res = json.loads((cli_run / "amplify.json").read_text())
     assert res["steps"] == [0, 1, 2]
     assert len(res["asr_amplified"]) == len(res["asr_plain"]) == 3
-    assert all(0.0 <= a <= 1.0 for a in res["asr_amplified"] + res["asr_plain"])
+    assert all(0.0 <= a <= 1.0 for a in res["asr_amplified"] + res["asr_plain_all"])
+    # the plain arm ran on to --plain-steps 5, evaluated at 2 x --steps and at 5; the common points agree
+    assert res["plain_steps"] == [0, 1, 2, 4, 5] and res["asr_plain_all"][:3] == res["asr_plain"]
+    assert checkpoint.read_meta(cli_run / "plain")["provenance"]["steps"] == 5
+    assert set(res["steps_to"]) == {"level", "amplified", "plain", "ratio", "ratio_is_bound"}
     for name in ("trigger_inv.npy", "trigger_star.npy", "trigger_star.png", "asr.svg", "run.json",
                  "inversion/trigger.npy", "amplified/curve.json", "plain/curve.json"):
         assert (cli_run / name).is_file(), name
     assert ET.fromstring((cli_run / "asr.svg").read_text()).tag.endswith("svg")
     meta = checkpoint.read_meta(cli_run / "amplified")["provenance"]
-    assert meta["steps"] == 2 and meta["attack"]["trigger"].endswith("trigger_star.npy")
+    assert meta["steps"] == 2 and meta["train"]["steps"] == 5 and meta["attack"]["trigger"].endswith("trigger_star.npy")
     assert checkpoint.read_meta(cli_run / "plain")["provenance"]["attack"]["trigger"] == "BOX_3"
     assert load(cli_run / "amplified").image_shape == (8, 8, 1)
     if res["diffusers"]:
@@ -101,6 +107,29 @@ def test_config_validation_and_helpers(tmp_path):
     with pytest.raises(ConfigError, match="eval_every"):
         AmplifyConfig(eval_every=0)
     assert eval_points(5, 2) == [0, 2, 4, 5] and eval_points(4, 2) == [0, 2, 4]
+    with pytest.raises(ConfigError, match="plain_steps"):
+        AmplifyConfig(steps=10, plain_steps=5)
+    cfg = AmplifyConfig(steps=100, eval_every=50, plain_steps=1000)
+    assert cfg.points() == [0, 50, 100] and cfg.budget == 1000
+    assert cfg.plain_points() == [0, 50, 100, 200, 400, 800, 1000]
+    assert AmplifyConfig(steps=100, eval_every=50).plain_points() == [0, 50, 100]
+
+
+def test_steps_to_reach_and_its_ratio():
+    def result(asr_amp, plain_steps, asr_plain):
+        z = np.zeros((2, 2, 1), np.float32)
+        return AmplifyResult([0, 100, 200], asr_amp, asr_plain[:3], z, z, z, {}, {}, "", plain_steps=plain_steps,
+                             asr_plain_all=asr_plain)
+
+    pts = [0, 100, 200, 400, 800]
+    r = result([0.5, 0.96, 1.0], pts, [0.2, 0.5, 0.8, 0.9, 0.97]).steps_to()
+    assert (r["amplified"], r["plain"], r["ratio"], r["ratio_is_bound"]) == (100, 800, 8.0, False)
+    r = result([0.5, 0.9, 0.95], pts, [0.2, 0.5, 0.8, 0.9, 0.9]).steps_to()
+    assert (r["amplified"], r["plain"], r["ratio"], r["ratio_is_bound"]) == (200, None, 4.0, True)
+    assert result([0.5, 0.9, 0.9], pts, [0.2] * 5).steps_to()["ratio"] is None
+    # curves with their own steps share one plot
+    svg = asr_svg([0, 100, 200], {"amplified": [0.5, 0.9, 0.9], "plain": (pts, [0.2] * 5)})
+    assert len(ET.fromstring(svg).findall("{http://www.w3.org/2000/svg}polyline")) == 2
     svg = asr_svg([0, 1, 2], {"a <g*>": [0.0, 0.5, 1.0], "b": [0.0, 0.0, 0.25]})
     root = ET.fromstring(svg)
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 2

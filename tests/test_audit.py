@@ -12,7 +12,7 @@ from pdjax.defense import detection as D
 from pdjax.errors import ConfigError
 from pdjax.testing import random_model
 
-TINY = dataclasses.replace(D.SCAN_INVERSION, steps=2, batch=4, K=1)
+TINY = dataclasses.replace(D.SCAN_INVERSION, steps=2, batch=4, K=1, scales=(1.0, 2.0))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_audit_matches_scan_model_and_resumes(zoo, tmp_path):
     # Model by model, the stacked + sharded program gives scan_model's features with the same key.
     from pdjax.model import load
 
-    for e in entries:
+    for e in entries[:2]:  # two of the three (each scan_model compiles its own programs)
         v = D.scan_model(load(e["model"]), e["model"], model_key(3, e["model"]), D.Detector(), TINY, n=4)
         for k in ("log_uni_ratio", "trigger_norm", "uni_trig"):
             np.testing.assert_allclose(e["features"][k], v.features[k], rtol=2e-3, atol=1e-5)
