@@ -49,9 +49,10 @@ import numpy as np
 
 from pdjax.amplify import REACH, AmplifyConfig, amplify, first_reaching
 from pdjax.backdoor.attacks import AttackSpec
-from pdjax.backdoor.train import attack
+from pdjax.backdoor.train import attack, build_arrays, sample_attack
 from pdjax.data import load_digits_with_labels
 from pdjax.defense.inversion import InversionConfig, invert
+from pdjax.metrics import attack_metrics
 from pdjax.model import load
 from pdjax.removal import RemovalConfig, remove_backdoor
 from pdjax.train import TrainConfig
@@ -94,6 +95,9 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     row = {"case": case.name, "attack": case.spec.to_dict(), "seed": case.seed, "brief_steps": args.brief_steps,
            "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
            "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
+    if args.confirm_n:
+        row["confirm"] = confirm_final(out / "amplify", case, args.confirm_n, data, labels)
+        print(f"{case.name}: final models at n = {args.confirm_n}: {row['confirm']}", flush=True)
     if args.no_removal:
         (out / "summary.json").write_text(json.dumps(row, indent=2))
         return row
@@ -120,6 +124,23 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     return row
 
 
+def confirm_final(amp_dir: Path, case: Case, n: int, data, labels) -> dict:
+    """ASR of both arms' final models on n fresh triggered generations (a key no curve point used), cached."""
+    path = amp_dir / f"confirm_n{n}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    key = jax.random.fold_in(jax.random.key(case.seed), 99)
+    res = {}
+    for arm, trigger in (("amplified", str((amp_dir / "trigger_star.npy").absolute())), ("plain", case.spec.trigger)):
+        m = load(amp_dir / arm)
+        spec = dataclasses.replace(case.spec, trigger=trigger)
+        arrays = build_arrays(spec, m.image_shape, data, labels)
+        x = sample_attack(m, spec, arrays, key, n, triggered=True)
+        res[arm] = {"steps": int(m.meta["steps"]), "asr": float(attack_metrics(x, arrays.target).asr), "n": n}
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
 def _reach(r: dict) -> str:
     """Total backdoor steps (brief + arm) each arm needed for ASR >= REACH, and plain / amplified."""
     b = r["brief_steps"]
@@ -132,25 +153,35 @@ def _reach(r: dict) -> str:
     return f"{b + fa} / {b + fp} | {(b + fp) / (b + fa):.1f}x"
 
 
+def _confirmed(r: dict) -> str:
+    c = r.get("confirm")
+    if not c:
+        return "-"
+    a, p = c["amplified"], c["plain"]
+    b = r["brief_steps"]
+    return f"{a['asr']:.2f} at {b + a['steps']} / {p['asr']:.2f} at {b + p['steps']} (n = {a['n']})"
+
+
 def write_table(rows: list[dict], path: Path, args) -> None:
     only = f" --only {' '.join(args.only)}" if args.only else ""
     plain = f" --plain-steps {args.plain_steps}" if args.plain_steps else ""
     lines = [f"Command: `python experiments/amplify_experiment.py --out {args.out}{only} --eval-every {args.eval_every}"
-             f"{plain}{' --no-removal' if args.no_removal else ''}` (brief backdoor {args.brief_steps} steps from the "
+             f"{plain}{f' --confirm-n {args.confirm_n}' if args.confirm_n else ''}{' --no-removal' if args.no_removal else ''}` (brief backdoor {args.brief_steps} steps from the "
              f"demo clean base; then {args.steps} steps with g* (amplified arm) and "
              f"{max(args.steps, args.plain_steps)} with g (plain arm), one learning-rate schedule; ASR on n = "
              f"{args.n} triggered DDPM generations, SPEC 7 rule MSE < 0.05, one fixed evaluation key per case; "
              f"steps counted after the brief backdoor in the curves, in total (brief included) in the last columns).",
              "",
              f"| case | attack | trigger -> target | seed | steps | ASR amplified (g*) | ASR plain (g) | "
-             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified |", "|---|---|---|---|---|---|---|---|---|"]
+             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified | final models, fresh key (g* / g) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["attack"]
         amp = dict(zip(r["steps"], r["asr_amplified"]))
         lines.append(f"| {r['case']} | {a['kind']} | {a['trigger']} -> {a['target']} | {r['seed']} | "
                      f"{', '.join(map(str, r['plain_steps']))} | "
                      f"{', '.join(f'{amp[s]:.2f}' if s in amp else '-' for s in r['plain_steps'])} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['asr_plain'])} | {_reach(r)} |")
+                     f"{', '.join(f'{x:.2f}' for x in r['asr_plain'])} | {_reach(r)} | {_confirmed(r)} |")
     removed = [r for r in rows if "removal" in r]
     if removed:
         lines += ["", "Removal of the plain arm's final model with a trigger inverted without knowing g "
@@ -178,6 +209,8 @@ def main():
                     help="budget of the plain arm (default --steps): run it longer to find the steps it needs")
     ap.add_argument("--removal-steps", type=int, default=500)
     ap.add_argument("--no-removal", action="store_true", help="amplification only")
+    ap.add_argument("--confirm-n", type=int, default=0,
+                    help="also score both arms' final models on this many fresh triggered generations")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     from pdjax import cpu_runtime
