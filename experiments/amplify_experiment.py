@@ -87,7 +87,8 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
 
     t0 = time.perf_counter()
     acfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
-                         seed=case.seed, lr=1e-3, warmup_steps=0, batch=32, plain_steps=args.plain_steps)
+                         seed=case.seed, lr=1e-3, warmup_steps=0, batch=32, plain_steps=args.plain_steps,
+                         keep_models=True)
     amp = amplify(brief, data, case.spec, acfg, out=out / "amplify", progress=not args.quiet, labels=labels)
     amp_s = time.perf_counter() - t0
     print(f"{case.name}: amplify ASR g* {amp.asr_amplified} at {amp.steps} / g {amp.asr_plain_all} at "
@@ -96,7 +97,7 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
            "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
            "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
     if args.confirm_n:
-        row["confirm"] = confirm_final(out / "amplify", case, args.confirm_n, data, labels)
+        row["confirm"] = confirm_points(out / "amplify", row, case, args.confirm_n, data, labels)
         print(f"{case.name}: final models at n = {args.confirm_n}: {row['confirm']}", flush=True)
     if args.no_removal:
         (out / "summary.json").write_text(json.dumps(row, indent=2))
@@ -124,19 +125,34 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     return row
 
 
-def confirm_final(amp_dir: Path, case: Case, n: int, data, labels) -> dict:
-    """ASR of both arms' final models on n fresh triggered generations (a key no curve point used), cached."""
+CONFIRM_FROM = 0.85  # re-score the points whose n-generation ASR is at least this (the ones near REACH)
+
+
+def confirm_points(amp_dir: Path, row: dict, case: Case, n: int, data, labels) -> dict:
+    """Re-score, on n fresh triggered generations (a key no curve point used), the points that decide the
+    comparison: per arm, in step order, each kept model (``AmplifyConfig.keep_models``) whose curve ASR is
+    >= CONFIRM_FROM, until one reaches REACH. Without kept models, the arm's final model. Cached in the folder.
+    Returns {arm: [{"steps", "asr", "n"}, ...]}.
+    """
     path = amp_dir / f"confirm_n{n}.json"
     if path.is_file():
         return json.loads(path.read_text())
     key = jax.random.fold_in(jax.random.key(case.seed), 99)
     res = {}
-    for arm, trigger in (("amplified", str((amp_dir / "trigger_star.npy").absolute())), ("plain", case.spec.trigger)):
-        m = load(amp_dir / arm)
+    for arm, trigger, steps, asr in (
+            ("amplified", str((amp_dir / "trigger_star.npy").absolute()), row["steps"], row["asr_amplified"]),
+            ("plain", case.spec.trigger, row["plain_steps"], row["asr_plain"])):
         spec = dataclasses.replace(case.spec, trigger=trigger)
-        arrays = build_arrays(spec, m.image_shape, data, labels)
-        x = sample_attack(m, spec, arrays, key, n, triggered=True)
-        res[arm] = {"steps": int(m.meta["steps"]), "asr": float(attack_metrics(x, arrays.target).asr), "n": n}
+        kept = amp_dir / arm / "at"
+        todo = [kept / f"{s:06d}" for s, a in zip(steps, asr) if a >= CONFIRM_FROM] if kept.is_dir() else [amp_dir / arm]
+        res[arm] = []
+        for folder in todo:
+            m = load(folder)
+            arrays = build_arrays(spec, m.image_shape, data, labels)
+            x = sample_attack(m, spec, arrays, key, n, triggered=True)
+            res[arm].append({"steps": int(m.meta["steps"]), "asr": float(attack_metrics(x, arrays.target).asr), "n": n})
+            if res[arm][-1]["asr"] >= REACH:
+                break
     path.write_text(json.dumps(res, indent=2))
     return res
 
@@ -154,12 +170,14 @@ def _reach(r: dict) -> str:
 
 
 def _confirmed(r: dict) -> str:
+    """The re-scored points: per arm 'steps: ASR' (total steps, brief included)."""
     c = r.get("confirm")
     if not c:
         return "-"
-    a, p = c["amplified"], c["plain"]
     b = r["brief_steps"]
-    return f"{a['asr']:.2f} at {b + a['steps']} / {p['asr']:.2f} at {b + p['steps']} (n = {a['n']})"
+    arms = [", ".join(f"{b + p['steps']}: {p['asr']:.2f}" for p in c[arm]) or "none" for arm in ("amplified", "plain")]
+    n = next((p["n"] for arm in c.values() for p in arm), "")
+    return f"{arms[0]} / {arms[1]} (n = {n})"
 
 
 def write_table(rows: list[dict], path: Path, args) -> None:
@@ -173,7 +191,7 @@ def write_table(rows: list[dict], path: Path, args) -> None:
              f"steps counted after the brief backdoor in the curves, in total (brief included) in the last columns).",
              "",
              f"| case | attack | trigger -> target | seed | steps | ASR amplified (g*) | ASR plain (g) | "
-             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified | final models, fresh key (g* / g) |",
+             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified | re-scored on fresh generations, total steps: ASR (g* / g) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["attack"]

@@ -87,6 +87,8 @@ class AmplifyConfig:
         to find where plain training reaches the ASR that amplification reached: the plain arm is also
         evaluated at 2 steps, 4 steps, ... and at ``plain_steps``. Both arms follow one learning-rate
         schedule over ``max(steps, plain_steps)``, so up to ``steps`` they differ only in the trigger.
+      keep_models: also keep each arm's model (EMA params) at every evaluation point, in ``out/<arm>/at/<step>``
+        (to re-score the points that decide a comparison on more generations).
     """
 
     steps: int = 500
@@ -103,6 +105,7 @@ class AmplifyConfig:
     poison_rate: float | None = None
     full_frame: bool = True
     plain_steps: int = 0
+    keep_models: bool = False
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "n", "batch"):
@@ -232,8 +235,10 @@ def _state_numpy(state) -> dict:
 
 
 def _run_arm(name: str, model: Model, data, spec: AttackSpec, tcfg: TrainConfig, chunk: int, points: list[int],
-             score, out: Path, labels, progress: bool) -> tuple[list[float], Model]:
+             score, out: Path, labels, progress: bool, keep: bool = False) -> tuple[list[float], Model]:
     """Train one arm to ``points[-1]`` steps, checkpointing and scoring at each point; resumes from ``out``.
+
+    ``keep``: also save the model at each point to ``out/at/<step>``.
 
     Returns the ASR at each point and the final model (EMA params, as ``attack`` returns).
     """
@@ -257,6 +262,8 @@ def _run_arm(name: str, model: Model, data, spec: AttackSpec, tcfg: TrainConfig,
         return model.replace(params=state.ema_params, meta={**provenance, "steps": step})
 
     def record():
+        if keep:
+            current().save(out / "at" / f"{step:06d}")
         curve[step] = score(current(), spec)
         curve_path.parent.mkdir(parents=True, exist_ok=True)
         curve_path.write_text(json.dumps({str(k): v for k, v in sorted(curve.items())}, indent=1))
@@ -307,7 +314,8 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
         raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
     if cfg.poison_rate is not None:
         spec = dataclasses.replace(spec, poison_rate=cfg.poison_rate)
-    run = {"attack": spec.to_dict(), "config": cfg.to_dict(), "model": model.config.to_dict(),
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "keep_models"}  # keeping files changes no number
+    run = {"attack": spec.to_dict(), "config": settings, "model": model.config.to_dict(),
            "schedule": model.schedule_config.to_dict()}
     run_path = out / "run.json"
     if run_path.is_file() and json.loads(run_path.read_text()) != json.loads(json.dumps(run)):
@@ -349,9 +357,9 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
         return float(attack_metrics(x, arrays.target).asr)
 
     asr_amp, amplified = _run_arm("amplified", model, data, spec_star, tcfg, chunk, points, score,
-                                  out / "amplified", labels, progress)
+                                  out / "amplified", labels, progress, cfg.keep_models)
     asr_plain_all, _ = _run_arm("plain", model, data, spec, tcfg, chunk, plain_points, score, out / "plain", labels,
-                                progress)
+                                progress, cfg.keep_models)
     asr_plain = asr_plain_all[: len(points)]
 
     # (d) result JSON and plot; (e) exports of the amplified model (its pdjax checkpoint is out/amplified).

@@ -302,7 +302,7 @@ def cmd_amplify(args) -> int:
     cfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
                         inversion=dataclasses.replace(AmplifyConfig().inversion, **inv), seed=args.seed, lr=args.lr,
                         warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background,
-                        plain_steps=args.plain_steps)
+                        plain_steps=args.plain_steps, keep_models=args.keep_models)
     cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
     print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): invert from the trigger, then "
           f"{cfg.steps} steps per arm" + (f" (plain arm {cfg.plain_steps})" if cfg.plain_steps else "")
@@ -594,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--keep-background", dest="keep_background", action="store_true",
                     help="clip g* to [-1, 1] (default [-0.99, 1]: no -1 background pixel, so training pastes "
                     "no training image into g*)")
+    am.add_argument("--keep-models", dest="keep_models", action="store_true",
+                    help="keep each arm's model at every evaluation point (OUT/<arm>/at/<step>)")
     am.add_argument("--batch", type=int, default=32)
     am.add_argument("--lr", type=float, default=2e-4)
     am.add_argument("--warmup", type=int, default=0)

@@ -44,7 +44,7 @@ def cli_run(model_dir):
     out = model_dir.parent / "amplify"
     rc = cli.main(["amplify", str(model_dir), "--trigger", "BOX_3", "--target", "CORNER", "--poison-rate", "0.25",
                    "--steps", "2", "--eval-every", "1", "--n", "4", "--alpha", "0.5", "--batch", "4",
-                   "--inv-steps", "2", "--K", "1", "--inv-batch", "4", "--plain-steps", "5", "--quiet",
+                   "--inv-steps", "2", "--K", "1", "--inv-batch", "4", "--plain-steps", "5", "--keep-models", "--quiet",
                    "--out", str(out)])
     assert rc == 0
     return out
@@ -58,6 +58,10 @@ def test_cli_amplify_writes_curves_triggers_plot_and_models(cli_run):
     # the plain arm ran on to --plain-steps 5, evaluated at 2 x --steps and at 5; the common points agree
     assert res["plain_steps"] == [0, 1, 2, 4, 5] and res["asr_plain_all"][:3] == res["asr_plain"]
     assert checkpoint.read_meta(cli_run / "plain")["provenance"]["steps"] == 5
+    # --keep-models: each arm's model at each of its points, loadable, at the step it says
+    for arm, points in (("amplified", res["steps"]), ("plain", res["plain_steps"])):
+        for p in points:
+            assert load(cli_run / arm / "at" / f"{p:06d}").meta["steps"] == p
     assert set(res["steps_to"]) == {"level", "amplified", "plain", "ratio", "ratio_is_bound"}
     for name in ("trigger_inv.npy", "trigger_star.npy", "trigger_star.png", "asr.svg", "run.json",
                  "inversion/trigger.npy", "amplified/curve.json", "plain/curve.json"):
