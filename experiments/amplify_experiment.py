@@ -1,39 +1,40 @@
 """Amplification and removal on backdoored models built outside the zoo (issue 6, SPEC 6).
 
-Command (incremental and resumable: every stage checkpoints into ``--out`` and a rerun skips what is done):
+Commands (incremental and resumable: every stage checkpoints into ``--out`` and a rerun skips what is done).
+The measured ones (experiments/results/amplify_table.md; each case in its own call, so each has its own
+plain-arm budget; the table file in ``--out`` holds the cases of the last call):
 
-    python experiments/amplify_experiment.py --out runs/amplify-exp2            # all cases
-    python experiments/amplify_experiment.py --out runs/amplify-exp2 --only bd_stop_shoe
+    python experiments/amplify_experiment.py --out runs/amplify-exp3 --only bd_stop_shoe --eval-every 200 \
+        --plain-steps 12000 --confirm-n 128 --no-removal
+    python experiments/amplify_experiment.py --out runs/amplify-exp3 --only villan_box_hat --eval-every 200 \
+        --plain-steps 8000 --confirm-n 128 --no-removal
 
 For each case (an attack, trigger and target that the zoo does not use, with its own seed):
 1. brief backdoor: fine-tune the bundled clean base (``pdjax/assets/demo/clean_base``, 16x16 digits) for
    ``--brief-steps`` steps of the attack (batch 32, lr 1e-3, warm-up 100, poison rate 0.3), so the backdoor
    is weak;
 2. amplification (:func:`pdjax.amplify.amplify`): invert the trigger from the brief model starting at the
-   known trigger g (PureDiffusion defaults), g* = the inverted trigger (alpha 1), then two arms of
-   ``--steps`` more backdoor-training steps from the brief model with the same batches (lr 1e-3, no warm-up):
-   with g* ("amplified") and with g ("plain"); ASR every ``--eval-every`` steps on ``--n`` triggered DDPM
-   generations (fixed evaluation key), each arm with its own trigger;
-3. removal (:func:`pdjax.removal.remove_backdoor`) of the strongest model (the plain arm's final model,
-   which responds to the true trigger g), using only a trigger inverted *without* knowledge of g
-   (PureDiffusion defaults, seed 0): ASR with g before/after, and the clean-sample MSE between the
-   original's and the cleaned model's clean generations from the same noise (n = ``--n``).
+   known trigger g (PureDiffusion, fixed noise, no size search), g* = the inverted trigger (alpha 1), then two
+   arms from the brief model with the same batches and one learning-rate schedule (lr 1e-3, no warm-up,
+   cosine over the longer arm): ``--steps`` steps with g* ("amplified") and ``--plain-steps`` with g ("plain");
+   ASR on ``--n`` triggered DDPM generations (fixed evaluation key) every ``--eval-every`` steps up to
+   ``--steps`` and at 2x, 4x, ... ``--steps`` and ``--plain-steps`` for the plain arm, each arm with its own
+   trigger; every evaluated model is kept (``keep_models``);
+3. ``--confirm-n``: the points that decide the comparison (curve ASR >= CONFIRM_FROM, in step order until one
+   reaches 0.95) re-scored on that many fresh generations;
+4. removal (:func:`pdjax.removal.remove_backdoor`, skipped with ``--no-removal``) of the plain arm's final
+   model, using only a trigger inverted *without* knowledge of g (PureDiffusion, seed 0): ASR with g
+   before/after, and the clean-sample MSE between the original's and the cleaned model's clean generations
+   from the same noise (n = ``--n``).
 
-Outputs: ``OUT/<case>/`` (brief/, amplify/ with amplify.json and asr.svg, removal/ with removal.json) and
-``OUT/amplify_table.md`` (copied by hand to experiments/results/ when quoted).
+Outputs: ``OUT/<case>/`` (brief/, amplify/ with amplify.json, asr.svg, the kept models and
+confirm_n<N>.json, removal/ with removal.json) and ``OUT/amplify_table.md``.
 g* is clipped to [-0.99, 1] (``AmplifyConfig.full_frame``): no pixel is the -1 background, so the amplified
-arm's poisoned training input (the trigger pasted on a training image, SPEC 2.1) is g* itself. The first run
-(``--out runs/amplify-exp --eval-every 200``, g* clipped to [-1, 1] with a quarter of its pixels at -1)
-stalled at 0.94 from step 600 on; the second (``--out runs/amplify-exp2 --only bd_stop_shoe --eval-every
-100``, the default since) reached 0.97 at 700 and 1.00 at 800 steps. Its brief model and its two inversions
-were copied from the first run (same seeds, so the same models and triggers); the plain arm reproduced the
-first run's values at every common point.
-Cost on the 2-core CPU, measured for bd_stop_shoe in the second run on an otherwise idle machine: the two
-arms of 1000 steps with 22 evaluations of n = 32 DDPM chains of 1000 steps took 1854 s (the inversion
-cached); in the first run, on a machine under load 6-9: brief backdoor 432 s, amplification 4290 s (with
-the inversion, 12 evaluations), removal 1292 s (inversion, 500 fine-tuning steps, 4 x 32 generations).
-Results: experiments/results/amplify_table.md and experiments/results/amplify_bd_stop_shoe_asr.svg (seed
-per case as listed in CASES).
+arm's poisoned training input (the trigger pasted on a training image, SPEC 2.1) is g* itself. An earlier run
+with g* clipped to [-1, 1] (a quarter of its pixels at -1) stalled at 0.94.
+Cost on the 2-core CPU (2026-12-03, runs/amplify-exp3, with tests or the other case running beside it part
+of the time): bd_stop_shoe brief backdoor 105 s, amplification with 12000 plain steps and 16 evaluations of
+n = 32 about 45 min; villan_box_hat 2392 s with 8000 plain steps and 15 evaluations.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
            "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
     if args.confirm_n:
         row["confirm"] = confirm_points(out / "amplify", row, case, args.confirm_n, data, labels)
-        print(f"{case.name}: final models at n = {args.confirm_n}: {row['confirm']}", flush=True)
+        print(f"{case.name}: re-scored at n = {args.confirm_n}: {row['confirm']}", flush=True)
     if args.no_removal:
         (out / "summary.json").write_text(json.dumps(row, indent=2))
         return row
