@@ -172,7 +172,8 @@ class AmplifyResult:
         """Training steps each arm needed to reach ASR ``level`` (None: not within its budget) and their ratio.
 
         ``ratio`` = plain / amplified; when plain never reached the level it is a lower bound (``ratio_is_bound``),
-        the plain arm's budget over the amplified arm's steps.
+        the plain arm's budget over the amplified arm's steps. None when the amplified arm never reached it, or
+        reached it at step 0 (the inverted trigger alone, no training: no finite ratio).
         """
         amp = first_reaching(self.steps, self.asr_amplified, level)
         plain_pts, plain_asr = self.plain_steps or self.steps, self.asr_plain_all or self.asr_plain

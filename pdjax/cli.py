@@ -314,7 +314,9 @@ def cmd_amplify(args) -> int:
         a = f"{amplified[s]:>7.2f}" if s in amplified else f"{'-':>7}"
         print(f"{s:>6} {a} {b:>7.2f}")
     reach = res.steps_to()
-    if reach["ratio"] is not None:
+    if reach["amplified"] == 0:
+        print(f"ASR >= {reach['level']:g}: the inverted trigger reaches it with no further training")
+    elif reach["ratio"] is not None:
         print(f"ASR >= {reach['level']:g}: amplified after {reach['amplified']} steps, plain "
               + (f"not within {res.plain_steps[-1]}: ratio > {reach['ratio']:.1f}x" if reach["ratio_is_bound"]
                  else f"after {reach['plain']}: ratio {reach['ratio']:.1f}x"))

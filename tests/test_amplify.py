@@ -131,6 +131,8 @@ def test_steps_to_reach_and_its_ratio():
     r = result([0.5, 0.9, 0.95], pts, [0.2, 0.5, 0.8, 0.9, 0.9]).steps_to()
     assert (r["amplified"], r["plain"], r["ratio"], r["ratio_is_bound"]) == (200, None, 4.0, True)
     assert result([0.5, 0.9, 0.9], pts, [0.2] * 5).steps_to()["ratio"] is None
+    r = result([0.97, 1.0, 1.0], pts, [0.2] * 5).steps_to()  # the inverted trigger alone: no finite ratio
+    assert r["amplified"] == 0 and r["ratio"] is None
     # curves with their own steps share one plot
     svg = asr_svg([0, 100, 200], {"amplified": [0.5, 0.9, 0.9], "plain": (pts, [0.2] * 5)})
     assert len(ET.fromstring(svg).findall("{http://www.w3.org/2000/svg}polyline")) == 2
