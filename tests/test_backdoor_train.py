@@ -63,25 +63,6 @@ def test_build_arrays_errors():
         build_arrays(AttackSpec(trigger="BOX_3", target="NOPE"), (8, 8, 1))
 
 
-def test_cli_attack_then_evaluate(tmp_path, capsys):
-    out = tmp_path / "bd"
-    rc = cli.main(["attack", "scratch", "--preset", "tiny", "--size", "8", "--trigger", "BOX_3", "--target", "CORNER",
-                   "--steps", "3", "--batch", "4", "--poison-rate", "0.25", "--quiet", "--out", str(out)])
-    assert rc == 0
-    meta = checkpoint.read_meta(out)["provenance"]
-    assert meta["attack"]["kind"] == "baddiffusion" and meta["attack"]["trigger"] == "BOX_3"
-    assert meta["attack"]["poison_rate"] == 0.25 and meta["steps"] == 3 and meta["seed"] == 0
-    ev = tmp_path / "ev"
-    assert cli.main(["evaluate", str(out), "--n", "4", "--out", str(ev)]) == 0
-    res = json.loads((ev / "metrics.json").read_text())
-    for part in ("clean", "triggered"):
-        assert set(res[part]) >= {"mse", "asr", "ssim", "n", "threshold"} and res[part]["n"] == 4
-        assert 0.0 <= res[part]["asr"] <= 1.0
-    assert (ev / "clean.png").is_file() and (ev / "triggered.png").is_file()
-    text = capsys.readouterr().out
-    assert "triggered" in text and "ASR" in text
-
-
 def test_cli_evaluate_without_attack_metadata_is_one_line_error(tmp_path, capsys):
     from pdjax.model import new_model
     from pdjax.models.config import PRESETS
@@ -100,8 +81,9 @@ def test_class_classifier_recognises_held_out_digits():
     assert np.mean(classify(data[1400:]) == labels[1400:]) > 0.85
 
 
-def test_cli_attack_with_user_trigger_and_target_pictures(tmp_path):
-    """A trigger picture and a target picture outside the library, end to end through `pdjax attack`."""
+def test_cli_attack_with_user_trigger_and_target_pictures_then_evaluate(tmp_path, capsys):
+    """A trigger picture and a target picture outside the library, end to end through `pdjax attack` and
+    `pdjax evaluate` (one tiny scratch attack: the metadata, the arrays rebuilt from it, the metrics files)."""
     from PIL import Image
 
     from pdjax.backdoor.triggers import get_target, get_trigger
@@ -115,8 +97,11 @@ def test_cli_attack_with_user_trigger_and_target_pictures(tmp_path):
     Image.fromarray(tgt).save(tmp_path / "tgt.png")
     out = tmp_path / "bd"
     assert cli.main(["attack", "scratch", "--preset", "tiny", "--size", "8", "--trigger", str(tmp_path / "trig.png"),
-                     "--target", str(tmp_path / "tgt.png"), "--steps", "2", "--batch", "4", "--quiet",
-                     "--out", str(out)]) == 0
+                     "--target", str(tmp_path / "tgt.png"), "--steps", "3", "--batch", "4", "--poison-rate", "0.25",
+                     "--quiet", "--out", str(out)]) == 0
+    meta = checkpoint.read_meta(out)["provenance"]
+    assert meta["attack"]["kind"] == "baddiffusion" and meta["attack"]["poison_rate"] == 0.25
+    assert meta["steps"] == 3 and meta["seed"] == 0
     model = load(out)
     spec = model.meta["attack"]
     assert spec["trigger"] == str(tmp_path / "trig.png") and spec["target"] == str(tmp_path / "tgt.png")
@@ -125,8 +110,16 @@ def test_cli_attack_with_user_trigger_and_target_pictures(tmp_path):
     np.testing.assert_array_equal(arr.target, get_target(tmp_path / "tgt.png", 8, 1))
     assert arr.mask[0, 6, 0] == 1 and arr.mask[6, 0, 0] == 0 and arr.target[3, 0, 0] > arr.target[0, 0, 0]
     ev = tmp_path / "ev"
-    assert cli.main(["evaluate", str(out), "--n", "2", "--out", str(ev)]) == 0
-    assert json.loads((ev / "metrics.json").read_text())["attack"]["target"] == str(tmp_path / "tgt.png")
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), "--n", "4", "--out", str(ev)]) == 0
+    res = json.loads((ev / "metrics.json").read_text())
+    assert res["attack"]["target"] == str(tmp_path / "tgt.png")
+    for part in ("clean", "triggered"):
+        assert set(res[part]) >= {"mse", "asr", "ssim", "n", "threshold"} and res[part]["n"] == 4
+        assert 0.0 <= res[part]["asr"] <= 1.0
+    assert (ev / "clean.png").is_file() and (ev / "triggered.png").is_file()
+    text = capsys.readouterr().out
+    assert "triggered" in text and "ASR" in text
 
 
 def test_evaluate_reuses_given_clean_generations():
