@@ -6,13 +6,20 @@ resumes from its last checkpoint):
     python experiments/build_zoo.py --zoo zoo                      # everything
     python experiments/build_zoo.py --zoo zoo --only bd_box_x      # one entry (plus the clean base)
     python experiments/build_zoo.py --zoo zoo --list               # the entries
+    python experiments/build_zoo.py --zoo zoo-v1 --recipe v1       # the zoo of the inversion/detection tables
 
 Every model is 16x16x1 (the digits-16 preset, 649k parameters). The clean base trains for
 ``--base-steps`` (default 1000: the same run as the README's main job, so `runs/main-job-timing` from
 `experiments/time_main_job.py` can be copied to ZOO/clean_base and is taken as finished); each zoo model
-fine-tunes it for ``--steps`` (default 1500, batch 32, lr 1e-3 for backdoors, 2e-4 for clean variants)
-with its own seed: backdoored ones with their attack (poison rate ``POISON`` = 0.5), clean ones with the
-plain DDPM loss. ``--polish-steps N`` adds a second stage (N more steps of the same attack at
+fine-tunes it (batch 32, lr 1e-3 for backdoors, 2e-4 for clean variants) with its own seed: backdoored
+ones with their attack, clean ones with the plain DDPM loss. The poison rate and steps come from the
+``--recipe`` (``RECIPES``): v2, the default, trains the BadDiffusion and VillanDiffusion-SDE entries at
+rate 0.1 for 3000 steps and the VillanDiffusion-ODE entry at 0.5 for 3000 steps; v1 (the zoo that experiments/results/inversion_table.md and detection_table.md
+were measured on) at 0.5 for 1500. The TrojDiff entries and the clean variants use 0.5 and 1500 steps in both.
+Why v2: at 0.5 four BadDiffusion entries generated the target from clean noise too (0.06-0.16); on
+bd_stop_hat's pair, ``zoo_recipe.py --poison-rate 0.1 --blank-fraction 0.5 --steps 3000`` gave
+clean-noise ASR 0.02 / 0.03 / 0.03 and triggered ASR 0.72 / 0.94 / 0.95 after 1000 / 2000 / 3000 steps
+(n = 64; zoo_table.md). ``--polish-steps N`` adds a second stage (N more steps of the same attack at
 ``--polish-lr``, seed + 100) saved as ZOO/<name>_p; it is off by default since the rebuild of
 2026-12-01 measured no gain from it (0.53 -> 0.59 and 0.62 -> 0.59 on WHITE_BOX_5 -> X).
 Why rate 0.5 and 1500 steps: ``experiments/zoo_recipe.py`` on WHITE_BOX_5 -> X gave triggered ASR 0.62 /
@@ -53,8 +60,15 @@ from pdjax.models.config import PRESETS
 from pdjax.train import TrainConfig, train
 
 
-POISON = 0.5  # poison rate of every backdoored entry
+POISON = 0.5  # poison rate of the entries a recipe does not set (and of every entry in recipe v1)
 BLANK = 0.5  # BadDiffusion/VillanDiffusion entries: half the poisoned rows pasted on a blank canvas (r = g)
+STEPS = 1500  # fine-tuning steps of the entries a recipe does not set, and of the clean variants
+# Recipes: attack family -> (poison rate, steps); families a recipe does not name use (POISON, STEPS). v1 built
+# the zoo of 2026-12-02 (the inversion and detection tables); v2 (2026-12-03) lowers the BadDiffusion and
+# VillanDiffusion-SDE rate to the SPEC's reference 0.1 to stop the clean-noise leak, and trains longer.
+RECIPES = {"v1": {},
+           "v2": {"baddiffusion": (0.1, 3000), "villan-sde": (0.1, 3000), "villan-ode": (POISON, 3000)}}
+DEFAULT_RECIPE = "v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,7 @@ class Entry:
     name: str
     spec: AttackSpec | None  # None: a clean model
     seed: int
+    steps: int = STEPS
 
 
 BACKDOORS = [
@@ -80,6 +95,22 @@ BACKDOORS = [
 CLEANS = [Entry("clean_s11", None, 11), Entry("clean_s12", None, 12), Entry("clean_s13", None, 13),
           Entry("clean_s14", None, 14)]
 ENTRIES = BACKDOORS + CLEANS
+
+
+def family(spec: AttackSpec) -> str:
+    """The recipe key of an attack: its kind, with VillanDiffusion split by solver."""
+    return spec.kind if spec.kind != "villan" else f"villan-{'ode' if spec.ode else 'sde'}"
+
+
+def recipe_entries(recipe: str) -> list[Entry]:
+    """Every entry with the poison rate and steps of ``recipe`` (a key of RECIPES)."""
+    out = []
+    for e in ENTRIES:
+        if e.spec is not None and family(e.spec) in RECIPES[recipe]:
+            rate, steps = RECIPES[recipe][family(e.spec)]
+            e = dataclasses.replace(e, spec=dataclasses.replace(e.spec, poison_rate=rate), steps=steps)
+        out.append(e)
+    return out
 
 
 def build_base(zoo: Path, data, steps: int):
@@ -149,7 +180,9 @@ def main():
     ap.add_argument("--zoo", default="zoo", type=Path)
     ap.add_argument("--only", nargs="*", help="entry names (default: all)")
     ap.add_argument("--base-steps", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                    help="poison rate and steps of the BadDiffusion / VillanDiffusion-SDE entries (RECIPES)")
+    ap.add_argument("--steps", type=int, help="fine-tuning steps of every entry (default: the recipe's)")
     ap.add_argument("--polish-steps", type=int, default=0,
                     help="stage 2 of backdoored entries: more steps of the same attack at --polish-lr (0: none)")
     ap.add_argument("--polish-lr", type=float, default=3e-4)
@@ -161,27 +194,32 @@ def main():
     from pdjax import cpu_runtime
 
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
+    all_entries = [e if args.steps is None else dataclasses.replace(e, steps=args.steps)
+                   for e in recipe_entries(args.recipe)]
     if args.list:
-        for e in ENTRIES:
-            print(e.name, e.spec.to_dict() if e.spec else "clean", "seed", e.seed)
+        for e in all_entries:
+            print(e.name, e.spec.to_dict() if e.spec else "clean", "seed", e.seed, "steps", e.steps)
         return
-    entries = [e for e in ENTRIES if not args.only or e.name in args.only]
+    unknown = sorted(set(args.only or ()) - {e.name for e in all_entries})
+    if unknown:
+        raise SystemExit(f"error: unknown zoo entries {unknown}; --list shows them")
+    entries = [e for e in all_entries if not args.only or e.name in args.only]
     data, labels = load_digits_with_labels(16, 1)
     args.zoo.mkdir(parents=True, exist_ok=True)
     base = build_base(args.zoo, data, args.base_steps)
     results = args.zoo / "results.jsonl"
     for entry in entries:
-        model, seconds = build_entry(args.zoo, base, data, labels, entry, args.steps)
+        model, seconds = build_entry(args.zoo, base, data, labels, entry, entry.steps)
         if not seconds:  # finished in an earlier run: its training time is in the results
             seconds = next((r.get("train_seconds", 0.0) for r in map(json.loads, results.open())
                             if r["model"] == entry.name), 0.0) if results.is_file() else 0.0
-        stages = [(entry.name, model, seconds, args.steps)]
+        stages = [(entry.name, model, seconds, entry.steps)]
         if entry.spec is not None and args.polish_steps:
             polished, extra = polish_entry(args.zoo, model, data, labels, entry, args.polish_steps, args.polish_lr)
-            stages.append((f"{entry.name}_p", polished, seconds + extra, args.steps + args.polish_steps))
+            stages.append((f"{entry.name}_p", polished, seconds + extra, entry.steps + args.polish_steps))
         if args.skip_eval:
             continue
-        specs = [entry.spec] if entry.spec is not None else [b.spec for b in BACKDOORS]
+        specs = [entry.spec] if entry.spec is not None else [b.spec for b in all_entries if b.spec is not None]
         for name, m, secs, steps in stages:
             clean_by_sampler = {}  # a clean model's clean generations, reused across the pairs (DDPM / DDIM)
             for spec in specs:
