@@ -8,6 +8,11 @@ two torch thread settings included, and ~13 min for the cifar10 size, 5 min of i
     python experiments/bench_inversion.py --sizes ddpm-cifar10-32 --steps 2 --batch 4 --K 10 --torch-threads 1 \
         --json experiments/results/bench_inversion_cifar10.json
 
+pdjax runs with the ``pdjax`` command's XLA:CPU settings (``--runtime pdjax``, the default:
+``pdjax.cpu_runtime``, YNNPACK kernels and one device per core with the noise batch split over them);
+``--runtime xla`` measures XLA's own kernels on one device, the setting of the JSON files written before
+2026-12-03 (they have no ``runtime`` in their args).
+
 For each size (a ``pdjax.models.config.PRESETS`` name; random weights from ``pdjax.testing.random_params``,
 nothing downloaded) and each method (Elijah; PureDiffusion with K reverse steps, L1 shift loss) it
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -103,6 +109,8 @@ def bench_pdjax(model: Model, cfg: inv.InversionConfig, noise: np.ndarray, delta
     key = jax.random.key(0)  # per-step randomness (unused by elijah / purediffusion)
     d0 = jnp.asarray(delta0)
     state0 = inv.InvState(jnp.zeros((), jnp.int32), d0, phase.optimizer.init(d0))
+    if hasattr(run, "place"):  # the noise batch split over several devices: arguments placed as the library does
+        state0, params, fixed, key = run.place(state0, params, fixed, key)
     t0 = time.perf_counter()
     lowered = run.lower(state0, params, fixed, key)
     t1 = time.perf_counter()
@@ -140,7 +148,10 @@ def chain_noise(chain_key, K: int, T: int, shape) -> np.ndarray:
 
 def bench_one(size: str, method: str, steps: int, batch: int, K: int, spc: int, torch_threads: list[int],
               workdir: Path, model: Model, export_dir: Path) -> dict:
-    cfg = inv.InversionConfig(method=method, steps=steps, batch=batch, K=K, steps_per_call=spc).resolved()
+    # One fixed noise batch, fed to both (the torch reference has no per-step fresh noise; drawing it costs
+    # pdjax one normal() per step).
+    cfg = inv.InversionConfig(method=method, steps=steps, batch=batch, K=K, steps_per_call=spc,
+                              fresh_noise=False if method == "purediffusion" else None).resolved()
     n = cfg.steps_per_call or (1 if jax.default_backend() == "cpu" else cfg.steps)
     shape = tuple(model.image_shape)
     rng = np.random.default_rng(0)
@@ -195,7 +206,7 @@ def write_json(path, payload: dict) -> None:
 
 def environment() -> dict:
     env = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-           "devices": [d.device_kind for d in jax.devices()]}
+           "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", "")}
     try:
         import jaxlib
 
@@ -226,8 +237,15 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the torch reference")
     ap.add_argument("--torch-threads", default="0",
                     help="torch intra-op threads, comma list (0 = torch's default); the fastest is the reference")
+    ap.add_argument("--runtime", choices=("pdjax", "xla"), default="pdjax",
+                    help="pdjax: the pdjax command's XLA:CPU settings (pdjax.cpu_runtime: YNNPACK kernels, one "
+                         "device per core, the noise batch split over them); xla: XLA's own kernels, one device")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = ap.parse_args(argv)
+    if args.runtime == "pdjax":
+        from pdjax import cpu_runtime
+
+        cpu_runtime.enable()  # before JAX starts its backend, as the pdjax command does
     sizes = [s for s in args.sizes.split(",") if s]
     for s in sizes:
         if s not in PRESETS:

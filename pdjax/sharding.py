@@ -87,20 +87,31 @@ def batch_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> ja
     return batch_slice(jax.random.normal(key, (shape[0] * shard[0], *shape[1:]), dtype))
 
 
-def pinned(fn, mesh, specs):
+class Pinned:
     """``fn`` (jitted) called with its arguments first placed as ``specs`` (a tuple of PartitionSpec
     prefixes, one per argument) on ``mesh``. A loop that feeds a program's output back as its input would
     otherwise compile the program twice (once for the first call's one-device arguments, once for the mesh
-    shardings its outputs come back with)."""
-    from jax.sharding import NamedSharding
+    shardings its outputs come back with). ``place`` and ``lower`` serve ahead-of-time compilation
+    (benchmarks: ``run.lower(*run.place(*args)).compile()`` then called with the placed arguments)."""
 
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    def __init__(self, fn, mesh, specs):
+        from jax.sharding import NamedSharding
 
-    def call(*args):
-        return fn(*jax.device_put(args, shardings))
+        self.fn = fn
+        self.shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
-    return call
+    def place(self, *args) -> tuple:
+        return jax.device_put(args, self.shardings)
+
+    def lower(self, *args):
+        return self.fn.lower(*self.place(*args))
+
+    def __call__(self, *args):
+        return self.fn(*self.place(*args))
+
+
+pinned = Pinned
 
 
 _PARALLEL: dict = {}
