@@ -13,7 +13,7 @@ import pytest
 from pdjax import cpu_runtime
 from pdjax.cli import main
 from pdjax.errors import ConfigError
-from pdjax.sharding import batch_mesh, batch_noise, batch_parallel
+from pdjax.sharding import AXIS, batch_mesh, batch_noise, batch_parallel, pinned
 
 
 def test_choices_from_environment(monkeypatch):
@@ -103,6 +103,20 @@ def test_batch_parallel_splits_the_batch_and_keeps_the_noise():
     # inside another trace it is the plain call (the caller decides the sharding)
     traced = jax.jit(lambda x: batch_parallel(f, jnp.float32(2.0), x, batch_axes=(None, 1), out_axis=1, size=12))(x)
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(want))
+
+
+def test_pinned_places_its_arguments_and_compiles_ahead_of_time():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = batch_mesh(8)
+    specs = (P(AXIS), P())
+    run = pinned(jax.jit(jax.shard_map(lambda x, s: jax.lax.psum(jnp.sum(x * s), AXIS), mesh=mesh,
+                                       in_specs=specs, out_specs=P())), mesh, specs)
+    x, s = jnp.arange(16.0), jnp.float32(3.0)
+    placed = run.place(x, s)
+    assert len(placed[0].sharding.device_set) == 8 and placed[0].sharding.spec == P(AXIS)
+    compiled = run.lower(x, s).compile()  # ahead of time, as experiments/bench_inversion.py does
+    assert float(compiled(*placed)) == float(run(x, s)) == 3.0 * 120.0
 
 
 def test_sharded_samplers_equal_one_device():
