@@ -53,6 +53,8 @@ def main():
     ap.add_argument("--trigger", default="WHITE_BOX_5")
     ap.add_argument("--target", default="X")
     ap.add_argument("--solver", default="sde")
+    ap.add_argument("--gamma", type=float, default=0.6, help="TrojDiff noise scale (AttackSpec.gamma)")
+    ap.add_argument("--mode", default="d2i", help="TrojDiff mode: d2i, in-d2d or out-d2d")
     ap.add_argument("--poison-rate", type=float, default=0.5)
     ap.add_argument("--blank-fraction", type=float, default=0.0,
                     help="fraction of poisoned rows pasted on a blank canvas (AttackSpec.blank_fraction)")
@@ -69,9 +71,11 @@ def main():
 
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     spec = AttackSpec(args.attack, args.trigger, args.target, poison_rate=args.poison_rate,
-                      blank_fraction=args.blank_fraction, **({"solver": args.solver} if args.attack == "villan" else {}))
+                      blank_fraction=args.blank_fraction, **({"solver": args.solver} if args.attack == "villan" else {}),
+                      **({"gamma": args.gamma, "mode": args.mode} if args.attack == "trojdiff" else {}))
     out = args.out or Path("runs/zoo-recipe") / (f"{args.attack}-{args.trigger}-{args.target}-p{args.poison_rate}-"
                                                  f"{f'blank{args.blank_fraction}-' if args.blank_fraction else ''}"
+                                                 f"{f'g{args.gamma}-{args.mode}-' if args.attack == 'trojdiff' else ''}"
                                                  f"lr{args.lr}-b{args.batch}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
