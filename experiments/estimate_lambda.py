@@ -37,6 +37,11 @@ so every pasted training input is g itself. Measured (n = 256, 100 steps; per-st
 | 2000 steps lr 1e-3 (zoo/surrogate_full_frame) | 0.523 | 0.511 | 4.14% | 0.999 |
 | + 2000 steps lr 3e-4 (zoo/surrogate_full_frame_p, shipped; seed 0) | 0.524 | 0.511 | 4.26% | 0.999-1.000 |
 | the same, estimator seed 1 | 0.524 | 0.511 | 4.28% | |
+| v2 zoo bd_box_x (WHITE_BOX_5 -> X, blank-canvas recipe, ASR 1.00; ``--surrogate zoo/bd_box_x``, 2026-12-03) | 0.522 | 0.513 | 3.90% | 0.996-1.000 |
+
+The v2 zoo model, which learned the bare trigger (blank-canvas pasting), no longer shows the -1-background
+shortfall of the first table, but its excess at the last timesteps is the same as the FULL_FRAME
+surrogate's (3.9% at t = 999, 1.7% at t = 979), so a better-learned surrogate does not close the gap.
 
 The other families (2026-12-02, one stage of 2000 steps each, n = 256, seed 0, commands above):
 
