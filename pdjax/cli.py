@@ -368,7 +368,7 @@ def _scan_config(args):
 
     changes = {k: v for k, v in (("method", args.method), ("steps", args.steps), ("dtype", args.dtype),
                                  ("remat", args.remat), ("lambda_source", args.lambda_source),
-                                 ("starts", args.starts)) if v is not None}
+                                 ("starts", args.starts), ("chain", args.chain)) if v is not None}
     return dataclasses.replace(SCAN_INVERSION, **changes)
 
 
@@ -415,6 +415,8 @@ def _add_scan_options(p) -> None:
     p.add_argument("--starts", nargs="+", help="size search starts, SAMPLER[@NOISE_SCALE]: ddpm (DDPM from eps + trigger), ddim (DDIM-100), ddim@0.6 (x_T = 0.6 eps + trigger), ... (default ddpm)")
     p.add_argument("--lambda", dest="lambda_source",
                    help="purediffusion's lambda: closed-sde (default) | closed-ode | shipped table name | table path")
+    p.add_argument("--chain", choices=("ddpm", "ddim"),
+                   help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -547,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--shift-weight", dest="shift_weight", type=float)
     i.add_argument("--cons-weight", dest="cons_weight", type=float, help="purediffusion: weight of L_cons")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
+    i.add_argument("--chain", choices=("ddpm", "ddim"),
+                   help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")
     i.add_argument("--scales", type=float, nargs="+",
                    help="size search factors (default: purediffusion 1 1.5 2 2.5 3, others none; 1 = off)")
     i.add_argument("--scale-samples", dest="scale_samples", type=int, help="generations per size-search factor")

@@ -62,6 +62,37 @@ def test_purediffusion_loss_matches_sampler_trajectory(models):
     np.testing.assert_allclose(float(got), shift + 0.5 * np.mean(cons), rtol=1e-4)
 
 
+def test_purediffusion_ddim_chain_matches_the_ddim_formula(models):
+    """chain="ddim": the K steps are DDIM-100's t = 990, 980, 970, recomputed here with the deterministic DDIM
+    update in numpy, and lambda (closed-ode) is taken at those timesteps."""
+    from pdjax.defense.shift import closed_form_lambda
+
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = dataclass_replace(PD, K=3, chain="ddim", lambda_source="closed-ode").resolved()
+    assert inv.chain_timesteps(prob, cfg) == [990, 980, 970]
+    (phase,) = inv._phases(prob, cfg)
+    delta = 0.3 * jax.random.normal(jax.random.key(5), m.image_shape)
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    got = jax.jit(phase.loss)(delta, m.params, fixed, None)
+    lam = closed_form_lambda(m.schedule, "ode")[[990, 980, 970]]
+    abar = np.asarray(m.schedule.alphas_cumprod, np.float64)
+    x, d = np.asarray(fixed["noise"] + delta, np.float64), np.asarray(delta)
+    shift, cons = [], []
+    for i, t in enumerate((990, 980, 970)):
+        e = np.asarray(m.eps(m.params, jnp.asarray(x, jnp.float32), jnp.full((4,), t, jnp.int32)), np.float64)
+        shift.append(np.mean(np.abs(e.mean(0) - lam[i] * d)))
+        s = (x - np.sqrt(1 - abar[t]) * e)[:3].reshape(3, -1)
+        cons.append(np.mean([np.mean((s[a] - s[b]) ** 2) for a in range(3) for b in range(a + 1, 3)]))
+        x0 = (x - np.sqrt(1 - abar[t]) * e) / np.sqrt(abar[t])
+        x = np.sqrt(abar[t - 10]) * x0 + np.sqrt(1 - abar[t - 10]) * e
+    np.testing.assert_allclose(float(got), np.mean(shift) + 0.5 * np.mean(cons), rtol=1e-4)
+    with pytest.raises(UnknownNameError, match="valid: ddim, ddpm"):
+        InversionConfig(chain="dpm").resolved()
+    with pytest.raises(ConfigError, match="exceeds"):
+        inv.chain_timesteps(prob, dataclass_replace(cfg, K=101))
+
+
 def dataclass_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 

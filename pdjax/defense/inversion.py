@@ -56,6 +56,10 @@ METHODS = ("purediffusion", "elijah", "terd")
 INITS = ("neg-uniform", "zeros", "normal")
 NORMS = ("l1", "l2")
 DTYPES = ("float32", "bfloat16")
+CHAINS = ("ddpm", "ddim")
+#: Steps of the DDIM schedule a ``chain="ddim"`` inversion walks (the first K of them): DDIM-100, the
+#: sampler of the "ddim" start and of the closed-ode / villan-ode lambda tables.
+DDIM_CHAIN_STEPS = 100
 
 # SPEC 4 defaults per method: fresh noise per step, optimiser steps, learning rate, noise batch, size search
 # (see ``fresh_noise`` and ``scales``).
@@ -83,6 +87,9 @@ class InversionConfig:
       shift_weight, cons_weight: purediffusion: weights of L_shift and L_cons.
       cons_batch: purediffusion: samples entering L_cons (the first ones of the batch).
       lambda_source: purediffusion: "closed-sde", "closed-ode", a shipped table name or a table path.
+      chain: purediffusion: the sampler unrolled for the K steps: "ddpm" (t = T-1, T-2, ...) or "ddim"
+        (deterministic DDIM-100, t = 990, 980, ...; lambda is then taken at those timesteps). An ODE-trained
+        backdoor (VillanDiffusion ODE) keeps its shift only along its own (DDIM) chain.
       elijah_lambda: elijah's constant (0.5; 1.0 for ODE-trained models).
       terd_refine_steps, terd_ddim_steps, terd_l1: TERD phase 2 steps, its DDIM chain length, L1 weight.
       steps_per_call: optimiser steps per jitted call; 0 = 1 on CPU, all steps elsewhere.
@@ -117,6 +124,7 @@ class InversionConfig:
     cons_weight: float = 0.0
     cons_batch: int = 8
     lambda_source: str = "closed-sde"
+    chain: str = "ddpm"
     elijah_lambda: float = 0.5
     terd_refine_steps: int = 1000
     terd_ddim_steps: int = 10
@@ -139,6 +147,8 @@ class InversionConfig:
             raise UnknownNameError("norm", self.norm, NORMS)
         if self.dtype not in DTYPES:
             raise UnknownNameError("inversion dtype", self.dtype, DTYPES)
+        if self.chain not in CHAINS:
+            raise UnknownNameError("inversion chain", self.chain, CHAINS)
         d = _DEFAULTS[self.method]
         scales = d["scales"] if self.scales is None else tuple(float(v) for v in self.scales)
         if any(not v > 0 for v in scales):
@@ -322,28 +332,48 @@ def elijah_loss(prob: Problem, cfg: InversionConfig):
     return loss
 
 
-def _clean_chain_eps(prob: Problem, params, noise, chain_key, K):
-    """eps_hat along the clean chain from ``noise`` for K DDPM steps: [K, B, H, W, C] (no gradient)."""
+def chain_timesteps(prob: Problem, cfg: InversionConfig) -> list[int]:
+    """The K timesteps a purediffusion loss visits: T-1, ..., T-K (ddpm) or the first K of DDIM-100 (ddim)."""
     T = prob.schedule.num_timesteps
+    if cfg.chain == "ddim":
+        ts = timesteps_ddim(T, min(DDIM_CHAIN_STEPS, T))
+        if cfg.K > len(ts):
+            raise ConfigError(f"K = {cfg.K} exceeds the {len(ts)} steps of the DDIM chain")
+        return [int(t) for t in ts[: cfg.K]]
+    return [T - 1 - i for i in range(cfg.K)]
+
+
+def _chain_step(prob: Problem, cfg: InversionConfig):
+    """One reverse step of ``cfg.chain``: (params, x, t, key) -> (x_prev, eps_hat); t a Python int."""
+    sched = prob.schedule
+    if cfg.chain == "ddim":
+        stride = sched.num_timesteps // min(DDIM_CHAIN_STEPS, sched.num_timesteps)
+        return lambda params, x, t, k: ddim_step(prob.eps_fn, params, sched, x, t, t - stride,
+                                                 clip_sample=prob.clip_sample)
+    return lambda params, x, t, k: ddpm_step(prob.eps_fn, params, sched, x, t, k,
+                                             variance_type=prob.variance_type, clip_sample=prob.clip_sample)
+
+
+def _clean_chain_eps(prob: Problem, cfg: InversionConfig, params, noise, chain_key):
+    """eps_hat along the clean chain from ``noise`` for the K steps of ``cfg.chain``: [K, B, H, W, C] (no gradient)."""
+    step = _chain_step(prob, cfg)
     x, out = noise, []
-    for i in range(K):
-        x, e = ddpm_step(prob.eps_fn, params, prob.schedule, x, T - 1 - i, chain_key,
-                         variance_type=prob.variance_type, clip_sample=prob.clip_sample)
+    for t in chain_timesteps(prob, cfg):
+        x, e = step(params, x, t, chain_key)
         out.append(e)
     return jax.lax.stop_gradient(jnp.stack(out))
 
 
 def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
-    """PureDiffusion (SPEC 4): shift_weight L_shift + cons_weight L_cons over K unrolled DDPM steps.
+    """PureDiffusion (SPEC 4): shift_weight L_shift + cons_weight L_cons over K unrolled reverse steps of
+    ``cfg.chain`` (DDPM by default, or DDIM-100).
 
-    ``lambdas``: [K] float32, lambda of the first K reverse steps.
+    ``lambdas``: [K] float32, lambda at the K visited timesteps (:func:`chain_timesteps`).
     """
-    T = prob.schedule.num_timesteps
     sched = prob.schedule
     lambdas = jnp.asarray(lambdas, jnp.float32)
-    step = _step(lambda params, x, t, k: ddpm_step(prob.eps_fn, params, sched, x, t, k,
-                                                   variance_type=prob.variance_type, clip_sample=prob.clip_sample),
-                 cfg)
+    step = _step(_chain_step(prob, cfg), cfg)
+    timesteps = chain_timesteps(prob, cfg)
 
     def loss(delta, params, fixed, key):
         noise, chain_key = fixed["noise"], fixed["chain_key"]
@@ -352,8 +382,7 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
             chain_key = jax.random.fold_in(key, 1)
         x = noise + delta
         shift = cons = 0.0
-        for i in range(cfg.K):  # unrolled: K straight-line model calls, gradients through the chain
-            t = T - 1 - i
+        for i, t in enumerate(timesteps):  # unrolled: K straight-line model calls, gradients through the chain
             x_next, e = step(params, x, t, chain_key)
             if cfg.shift_weight:
                 if cfg.per_sample:
@@ -415,7 +444,8 @@ def _phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
     if cfg.method == "purediffusion":
         from pdjax.defense.shift import get_lambda
 
-        lambdas = get_lambda(cfg.lambda_source, prob.schedule, cfg.K)
+        ts = chain_timesteps(prob, cfg) if cfg.chain == "ddim" else None  # ddpm: the table's own first K steps
+        lambdas = get_lambda(cfg.lambda_source, prob.schedule, cfg.K, timesteps=ts)
         return [_Phase(purediffusion_loss(prob, cfg, lambdas), optax.adam(cfg.lr), cfg.steps)]
     p1, p2 = terd_losses(prob, cfg)
     phases = [_Phase(p1, optax.sgd(cfg.lr), cfg.steps)]
@@ -445,7 +475,7 @@ def _prepare(prob: Problem, cfg: InversionConfig, params, key) -> dict:
     noise = jax.random.normal(k_noise, (cfg.batch, *prob.shape))
     fixed = {"noise": noise, "chain_key": k_chain}
     if _uses_clean_chain(cfg):
-        fixed["clean_eps"] = _clean_chain_eps(prob, params, noise, k_chain, cfg.K)
+        fixed["clean_eps"] = _clean_chain_eps(prob, cfg, params, noise, k_chain)
     return fixed
 
 
