@@ -15,7 +15,13 @@ fine-tunes it (batch 32, lr 1e-3 for backdoors, 2e-4 for clean variants) with it
 ones with their attack, clean ones with the plain DDPM loss. The poison rate and steps come from the
 ``--recipe`` (``RECIPES``): v2, the default, trains the BadDiffusion and VillanDiffusion-SDE entries at
 rate 0.1 for 3000 steps and the VillanDiffusion-ODE entry at 0.5 for 3000 steps; v1 (the zoo that experiments/results/inversion_table.md and detection_table.md
-were measured on) at 0.5 for 1500. The TrojDiff entries and the clean variants use 0.5 and 1500 steps in both.
+were measured on) at 0.5 for 1500. The TrojDiff blend entries and the clean variants use 0.5 and 1500 steps in
+both; v2 trains the TrojDiff patch entry (a 3x3 patch, gamma 0.1: 9 of 256 pixels tell its start from clean
+noise) at 0.5 for 9000 steps. Why: ``zoo_recipe.py --attack trojdiff --trigger patch --target HAT --gamma 0.1
+--seed 9 --n 64`` gave, at rate 0.1 and 3000 steps, triggered / clean-noise ASR 0.12 / 0.20 after 1500 steps
+and 0.31 / 0.09 after 3000; at rate 0.5 and 4500 steps 0.77 / 0.30, 0.88 / 0.11 and 0.89 / 0.08 after 1500 /
+3000 / 4500 (runs/zoo-recipe-troj-patch-p01, -p05; experiments/results/zoo_table.md): still rising and
+leaking less with more steps, so v2 doubles them.
 Why v2: at 0.5 four BadDiffusion entries generated the target from clean noise too (0.06-0.16); on
 bd_stop_hat's pair, ``zoo_recipe.py --poison-rate 0.1 --blank-fraction 0.5 --steps 3000`` gave
 clean-noise ASR 0.02 / 0.03 / 0.03 and triggered ASR 0.72 / 0.94 / 0.95 after 1000 / 2000 / 3000 steps
@@ -67,7 +73,8 @@ STEPS = 1500  # fine-tuning steps of the entries a recipe does not set, and of t
 # the zoo of 2026-12-02 (the inversion and detection tables); v2 (2026-12-03) lowers the BadDiffusion and
 # VillanDiffusion-SDE rate to the SPEC's reference 0.1 to stop the clean-noise leak, and trains longer.
 RECIPES = {"v1": {},
-           "v2": {"baddiffusion": (0.1, 3000), "villan-sde": (0.1, 3000), "villan-ode": (POISON, 3000)}}
+           "v2": {"baddiffusion": (0.1, 3000), "villan-sde": (0.1, 3000), "villan-ode": (POISON, 3000),
+                  "trojdiff-patch": (POISON, 9000)}}
 DEFAULT_RECIPE = "v2"
 
 
@@ -98,7 +105,9 @@ ENTRIES = BACKDOORS + CLEANS
 
 
 def family(spec: AttackSpec) -> str:
-    """The recipe key of an attack: its kind, with VillanDiffusion split by solver."""
+    """The recipe key of an attack: its kind, with VillanDiffusion split by solver and TrojDiff's patch trigger apart."""
+    if spec.kind == "trojdiff" and spec.trigger == "patch":
+        return "trojdiff-patch"
     return spec.kind if spec.kind != "villan" else f"villan-{'ode' if spec.ode else 'sde'}"
 
 
