@@ -38,15 +38,12 @@ def main() -> None:
     from pdjax import cpu_runtime
 
     cpu_runtime.enable()
-    from pdjax.backdoor.attacks import AttackSpec
-    from pdjax.backdoor.train import build_arrays
+    from pdjax.backdoor.train import build_arrays, spec_from_model
     from pdjax.defense import inversion as inv
     from pdjax.model import load
 
     m = load(args.model)
-    fields = {f.name for f in dataclasses.fields(AttackSpec)}
-    spec = AttackSpec(**{k: v for k, v in m.meta["attack"].items() if k in fields})
-    g = np.asarray(build_arrays(spec, m.image_shape).trigger, np.float32)
+    g = np.asarray(build_arrays(spec_from_model(m), m.image_shape).trigger, np.float32)
     cands = {"zero": np.zeros_like(g), "true g": g, "0.5 g": 0.5 * g}
     cands.update({t: np.load(t).astype(np.float32) for t in args.triggers})
     prob = inv.problem_of(m)

@@ -46,7 +46,7 @@ import optax
 
 from pdjax import loops
 from pdjax.configs import from_dict_strict
-from pdjax.diffusion.samplers import ddim_step, ddpm_step, timesteps_ddim
+from pdjax.diffusion.samplers import DDIM_STEPS, ddim_step, ddpm_step, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.models.unet import make_eps_fn
@@ -56,10 +56,7 @@ METHODS = ("purediffusion", "elijah", "terd")
 INITS = ("neg-uniform", "zeros", "normal")
 NORMS = ("l1", "l2")
 DTYPES = ("float32", "bfloat16")
-CHAINS = ("ddpm", "ddim")
-#: Steps of the DDIM schedule a ``chain="ddim"`` inversion walks (the first K of them): DDIM-100, the
-#: sampler of the "ddim" start and of the closed-ode / villan-ode lambda tables.
-DDIM_CHAIN_STEPS = 100
+CHAINS = ("ddpm", "ddim")  # chain="ddim" walks the first K steps of DDIM-100 (samplers.DDIM_STEPS)
 
 # SPEC 4 defaults per method: fresh noise per step, optimiser steps, learning rate, noise batch, size search
 # (see ``fresh_noise`` and ``scales``).
@@ -334,20 +331,23 @@ def elijah_loss(prob: Problem, cfg: InversionConfig):
 
 def chain_timesteps(prob: Problem, cfg: InversionConfig) -> list[int]:
     """The K timesteps a purediffusion loss visits: T-1, ..., T-K (ddpm) or the first K of DDIM-100 (ddim)."""
+    from pdjax.defense.shift import _visited_timesteps
+
     T = prob.schedule.num_timesteps
-    if cfg.chain == "ddim":
-        ts = timesteps_ddim(T, min(DDIM_CHAIN_STEPS, T))
-        if cfg.K > len(ts):
-            raise ConfigError(f"K = {cfg.K} exceeds the {len(ts)} steps of the DDIM chain")
-        return [int(t) for t in ts[: cfg.K]]
-    return [T - 1 - i for i in range(cfg.K)]
+    if cfg.chain == "ddim" and cfg.K > _ddim_steps(T):
+        raise ConfigError(f"K = {cfg.K} exceeds the {_ddim_steps(T)} steps of the DDIM chain")
+    return [int(t) for t in _visited_timesteps(T, cfg.chain, cfg.K, _ddim_steps(T))]
+
+
+def _ddim_steps(T: int) -> int:
+    return min(DDIM_STEPS, T)
 
 
 def _chain_step(prob: Problem, cfg: InversionConfig):
     """One reverse step of ``cfg.chain``: (params, x, t, key) -> (x_prev, eps_hat); t a Python int."""
     sched = prob.schedule
     if cfg.chain == "ddim":
-        stride = sched.num_timesteps // min(DDIM_CHAIN_STEPS, sched.num_timesteps)
+        stride = sched.num_timesteps // _ddim_steps(sched.num_timesteps)
         return lambda params, x, t, k: ddim_step(prob.eps_fn, params, sched, x, t, t - stride,
                                                  clip_sample=prob.clip_sample)
     return lambda params, x, t, k: ddpm_step(prob.eps_fn, params, sched, x, t, k,
