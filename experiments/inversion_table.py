@@ -8,7 +8,8 @@ Command (incremental and resumable: finished inversions and evaluations are skip
 For every zoo model (backdoored ones: the attack is read from its metadata; clean ones: no trigger) and
 every variant, the trigger is inverted with key ``jax.random.key(--seed)`` (default 0) and stored in
 WORK/triggers/<variant>/<model>.npy. Each model's candidates (its true trigger, no trigger, every
-inverted one) are then evaluated in one paired DDPM sampling call (``--n`` generations each, default 32,
+inverted one) are then evaluated in one paired sampling call (DDPM; DDIM-100 for ODE-trained models, the
+sampler their attack uses) (``--n`` generations each, default 32,
 same start and chain noise for every candidate, key ``jax.random.key(7)``): ASR against the true target
 (SPEC 7), uniformity and TV of the generations (SPEC 5), and the trigger's L2 to the true one inside its
 mask and overall. Rows go to WORK/evals.jsonl; the markdown table to WORK/inversion_table.md (and
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 
 from pdjax.backdoor.train import build_arrays, spec_from_model
-from pdjax.defense.evaluate import fidelity, generation_stats, triggered_generations
+from pdjax.defense.evaluate import Start, fidelity, generation_stats, triggered_generations
 from pdjax.defense.inversion import InversionConfig, size_search_key, invert, size_search
 from pdjax.model import load
 
@@ -43,6 +44,11 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
         "elijah": ("elijah", InversionConfig()),
         "terd": ("terd", InversionConfig(steps=args.terd_steps, terd_refine_steps=args.terd_refine)),
         "pd": ("purediffusion", InversionConfig()),
+        # pdjax's L_final (collapse of 10-step DDIM generations), with the shift loss, and alone; the size
+        # search also tries the DDIM-100 start, so an ODE backdoor's collapse can be seen there.
+        "pd_final": ("purediffusion", InversionConfig(final_weight=1.0, batch=16, starts=("ddpm", "ddim"))),
+        "final_only": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=8, init="normal",
+                                                        scales=(1.0,), starts=("ddpm", "ddim"))),
     }
     abl = {
         "pd_K1": ("purediffusion", InversionConfig(K=1)),
@@ -105,6 +111,12 @@ def invert_all(args, models: list[str]) -> None:
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}", flush=True)
 
 
+def eval_start(model) -> Start:
+    """The start the attack is sampled with, as far as an additive trigger allows: DDIM-100 for an
+    ODE-trained (VillanDiffusion ODE) model, DDPM from eps + trigger otherwise (clean models too)."""
+    return Start("ddim") if "attack" in model.meta and spec_from_model(model).ode else Start()
+
+
 def evaluate_all(args, models: list[str]) -> None:
     evals = args.work / "evals.jsonl"
     for name in models:
@@ -132,10 +144,12 @@ def evaluate_all(args, models: list[str]) -> None:
         if not todo:
             continue
         t0 = time.perf_counter()
-        gens = triggered_generations(model, np.stack(trigs), jax.random.key(7), n=args.n)
+        start = eval_start(model)
+        gens = triggered_generations(model, np.stack(trigs), jax.random.key(7), n=args.n, start=start)
         with evals.open("a") as f:
             for vname, g, x in zip(todo, trigs, gens):
                 row = {"model": name, "variant": vname, "backdoored": attacked, "n": args.n, "eval_key": 7,
+                       "start": start.label,
                        "seed": args.seed, **generation_stats(x, arrays.target if attacked else None)}
                 if attacked and vname not in ("true", "none"):
                     row.update(fidelity(g, arrays.trigger))
@@ -147,7 +161,7 @@ def write_table(args) -> str:
     rows = load_rows(args.work / "evals.jsonl")
     by = {(r["model"], r["variant"]): r for r in rows}
     models = sorted({r["model"] for r in rows})
-    vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_K1", "pd_K5", "pd_l2",
+    vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_final", "final_only", "pd_K1", "pd_K5", "pd_l2",
                           "pd_per_sample", "pd_cons",
                           "pd_cons_only", "pd_table", "pd_fresh", "pd_fresh_unsized"]
               if any(r["variant"] == v for r in rows)]

@@ -548,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="purediffusion: per-sample shift residual against the clean chain")
     i.add_argument("--shift-weight", dest="shift_weight", type=float)
     i.add_argument("--cons-weight", dest="cons_weight", type=float, help="purediffusion: weight of L_cons")
+    i.add_argument("--final-weight", dest="final_weight", type=float,
+                   help="purediffusion: weight of L_final, the collapse of short-DDIM-chain generations (default 0)")
+    i.add_argument("--final-steps", dest="final_steps", type=int, help="purediffusion: DDIM steps of L_final's chain")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--chain", choices=("ddpm", "ddim"),
                    help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")

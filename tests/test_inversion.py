@@ -391,3 +391,40 @@ def test_fresh_noise_draws_the_batch_from_the_step_key(models):
     np.testing.assert_array_equal(a.trigger, b.trigger)
     with pytest.raises(ConfigError, match="fresh_noise"):
         InversionConfig(fresh_noise=True, per_sample=True).resolved()
+
+
+def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models):
+    """L_final: cons_batch noises through a final_steps-step deterministic DDIM chain from T-1 (recomputed here
+    in numpy), log pairwise_sq_mean with delta minus without; zero at delta = 0; added to L_shift with its weight."""
+    m = models[0]
+    prob = inv.problem_of(m)
+    assert inv.final_timesteps(1000, 4) == [999, 749, 499, 249]
+    cfg = dataclass_replace(PD, shift_weight=0.0, cons_weight=0.0, final_weight=2.0, final_steps=4).resolved()
+    (phase,) = inv._phases(prob, cfg)
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    delta = 0.5 * jax.random.normal(jax.random.key(5), m.image_shape)
+    abar = np.asarray(m.schedule.alphas_cumprod, np.float64)
+
+    def chain(x):
+        x = np.asarray(x, np.float64)
+        for t in (999, 749, 499, 249):
+            e = np.asarray(m.eps(m.params, jnp.asarray(x, jnp.float32), jnp.full((len(x),), t, jnp.int32)), np.float64)
+            x0 = (x - np.sqrt(1 - abar[t]) * e) / np.sqrt(abar[t])
+            prev = abar[t - 250] if t >= 250 else 1.0
+            x = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * e
+        flat = x.reshape(len(x), -1)
+        return np.mean([np.mean((flat[a] - flat[b]) ** 2) for a in range(len(x)) for b in range(a + 1, len(x))])
+
+    z = np.asarray(fixed["noise"])[:3]
+    want = np.log(chain(z + np.asarray(delta))) - np.log(chain(z))
+    np.testing.assert_allclose(float(jax.jit(phase.loss)(delta, m.params, fixed, None)), 2.0 * want, rtol=1e-3)
+    np.testing.assert_allclose(float(phase.loss(jnp.zeros_like(delta), m.params, fixed, None)), 0.0, atol=1e-6)
+    both = dataclass_replace(cfg, shift_weight=1.0)
+    lam = np.full((both.K,), 0.5, np.float32)
+    only_shift = inv.purediffusion_loss(prob, dataclass_replace(both, final_weight=0.0), lam)(delta, m.params, fixed, None)
+    np.testing.assert_allclose(float(inv.purediffusion_loss(prob, both, lam)(delta, m.params, fixed, None)),
+                               float(only_shift) + 2.0 * want, rtol=1e-3)
+    with pytest.raises(ConfigError, match="final_steps"):
+        InversionConfig(final_weight=1.0, final_steps=0).resolved()
+    with pytest.raises(ConfigError, match="final_weight"):
+        InversionConfig(shift_weight=0.0).resolved()

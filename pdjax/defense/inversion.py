@@ -19,7 +19,8 @@ Methods (each a loss ``loss(delta, params, fixed, key_i)``; SPEC 4 has the formu
   sample against the clean chain from the same noise, eps(x^bd_b) - eps(x^clean_b) - lambda_i delta);
   L_cons = mean_i mean_{j<k} mean_pixels (s_j - s_k)^2 over the first ``cons_batch`` samples, where
   s = x_t - sqrt(1 - abar_t) eps_hat = sqrt(abar_t) x0_hat is the scaled x0-prediction (the scale keeps
-  the term finite near t = T, where 1/sqrt(abar_t) ~ 150); L = shift_weight L_shift + cons_weight L_cons.
+  the term finite near t = T, where 1/sqrt(abar_t) ~ 150); L = shift_weight L_shift + cons_weight L_cons
+  (+ final_weight L_final, pdjax's addition: the collapse of short-DDIM-chain generations, off by default).
   lambda_i comes from :func:`pdjax.defense.shift.get_lambda` (closed form or a shipped surrogate table).
 
 Loop layout: the optimiser loop is :func:`pdjax.loops.repeat` inside one jit. On GPU/TPU the whole run
@@ -82,7 +83,12 @@ class InversionConfig:
       norm: purediffusion: "l1" (mean |r|) or "l2" (mean r^2) of the shift residual.
       per_sample: purediffusion: per-sample residual against the clean chain instead of the batch mean.
       shift_weight, cons_weight: purediffusion: weights of L_shift and L_cons.
-      cons_batch: purediffusion: samples entering L_cons (the first ones of the batch).
+      cons_batch: purediffusion: samples entering L_cons and L_final (the first ones of the batch).
+      final_weight, final_steps: purediffusion: weight of L_final, the collapse of final generations: the
+        first ``cons_batch`` noises run a deterministic ``final_steps``-step DDIM chain from T-1 to x0, once
+        from eps + delta and once from eps alone; L_final = log L_cons(x0 | delta) - log L_cons(x0 | 0)
+        (:func:`final_log_ratio`). It sees a backdoor that only shows at the end of the chain (VillanDiffusion
+        ODE: the first steps' shift is that of any model, experiments/results/start_search.md section 3).
       lambda_source: purediffusion: "closed-sde", "closed-ode", a shipped table name or a table path.
       chain: purediffusion: the sampler unrolled for the K steps: "ddpm" (t = T-1, T-2, ...) or "ddim"
         (deterministic DDIM-100, t = 990, 980, ...; lambda is then taken at those timesteps). An ODE-trained
@@ -120,6 +126,8 @@ class InversionConfig:
     shift_weight: float = 1.0
     cons_weight: float = 0.0
     cons_batch: int = 8
+    final_weight: float = 0.0
+    final_steps: int = 10
     lambda_source: str = "closed-sde"
     chain: str = "ddpm"
     elijah_lambda: float = 0.5
@@ -166,11 +174,13 @@ class InversionConfig:
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.method == "purediffusion":
-            if cfg.shift_weight == 0 and cfg.cons_weight == 0:
-                raise ConfigError("purediffusion needs shift_weight or cons_weight > 0")
+            if cfg.shift_weight == 0 and cfg.cons_weight == 0 and cfg.final_weight == 0:
+                raise ConfigError("purediffusion needs shift_weight, cons_weight or final_weight > 0")
             if cfg.fresh_noise and cfg.per_sample:  # only when asked for explicitly
                 raise ConfigError("fresh_noise needs the batch-mean shift loss, not per_sample")
-            if cfg.cons_weight and not 2 <= cfg.cons_batch <= cfg.batch:
+            if cfg.final_weight and cfg.final_steps < 1:
+                raise ConfigError(f"final_steps must be >= 1, got {cfg.final_steps}")
+            if (cfg.cons_weight or cfg.final_weight) and not 2 <= cfg.cons_batch <= cfg.batch:
                 raise ConfigError(f"cons_batch must be in [2, batch={cfg.batch}], got {cfg.cons_batch}")
         if cfg.method == "terd" and (cfg.terd_refine_steps < 0 or cfg.terd_ddim_steps < 1):
             raise ConfigError("terd_refine_steps must be >= 0 and terd_ddim_steps >= 1")
@@ -364,16 +374,51 @@ def _clean_chain_eps(prob: Problem, cfg: InversionConfig, params, noise, chain_k
     return jax.lax.stop_gradient(jnp.stack(out))
 
 
+def final_timesteps(T: int, steps: int) -> list[int]:
+    """The deterministic chain of L_final: ``steps`` DDIM steps from T-1 down, stride T // steps (the last
+    step lands on x0): [T-1, T-1-stride, ...]."""
+    stride = T // steps
+    return [T - 1 - i * stride for i in range(steps)]
+
+
+def final_log_ratio(prob: Problem, cfg: InversionConfig):
+    """L_final as a function ``(params, noise [n, H, W, C], delta [H, W, C]) -> scalar``.
+
+    x0(z) = the ``cfg.final_steps``-step deterministic DDIM chain (:func:`final_timesteps`) from z;
+    L_final = log pairwise_sq_mean(x0(noise + delta)) - log pairwise_sq_mean(x0(noise)), the second term
+    without gradient: < 0 when the trigger makes different noises end on the same image. The chain from the
+    noise alone is the scale: a trigger that only enlarges or saturates the outputs does not score.
+    """
+    sched = prob.schedule
+    T = sched.num_timesteps
+    ts = final_timesteps(T, cfg.final_steps)
+    stride = T // cfg.final_steps
+    step = _step(lambda params, x, t: ddim_step(prob.eps_fn, params, sched, x, t, t - stride,
+                                                clip_sample=prob.clip_sample)[0], cfg)
+
+    def x0(params, x):
+        for t in ts:  # unrolled, gradients through the chain
+            x = step(params, x, t)
+        return x
+
+    def loss(params, noise, delta):
+        clean = jax.lax.stop_gradient(pairwise_sq_mean(x0(params, noise)))
+        return jnp.log(pairwise_sq_mean(x0(params, noise + delta)) + 1e-12) - jnp.log(clean + 1e-12)
+
+    return loss
+
+
 def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
     """PureDiffusion (SPEC 4): shift_weight L_shift + cons_weight L_cons over K unrolled reverse steps of
-    ``cfg.chain`` (DDPM by default, or DDIM-100).
+    ``cfg.chain`` (DDPM by default, or DDIM-100), + final_weight L_final (:func:`final_log_ratio`).
 
     ``lambdas``: [K] float32, lambda at the K visited timesteps (:func:`chain_timesteps`).
     """
     sched = prob.schedule
     lambdas = jnp.asarray(lambdas, jnp.float32)
     step = _step(_chain_step(prob, cfg), cfg)
-    timesteps = chain_timesteps(prob, cfg)
+    timesteps = chain_timesteps(prob, cfg) if cfg.shift_weight or cfg.cons_weight else []
+    final = final_log_ratio(prob, cfg) if cfg.final_weight else None
 
     def loss(delta, params, fixed, key):
         noise, chain_key = fixed["noise"], fixed["chain_key"]
@@ -394,7 +439,10 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
                 s = batch_gather(x - sched.sqrt_one_minus_abar[t] * e)[: cfg.cons_batch]
                 cons = cons + batch_agree(pairwise_sq_mean(s))
             x = x_next
-        return (cfg.shift_weight * shift + cfg.cons_weight * cons) / cfg.K
+        total = (cfg.shift_weight * shift + cfg.cons_weight * cons) / cfg.K
+        if final is not None:  # computed whole on every device (a few samples), marked as one value
+            total = total + cfg.final_weight * batch_agree(final(params, batch_gather(noise)[: cfg.cons_batch], delta))
+        return total
 
     return loss
 
