@@ -551,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--final-weight", dest="final_weight", type=float,
                    help="purediffusion: weight of L_final, the collapse of short-DDIM-chain generations (default 0)")
     i.add_argument("--final-steps", dest="final_steps", type=int, help="purediffusion: DDIM steps of L_final's chain")
+    i.add_argument("--cells", type=int, help="optimise the trigger on blocks of CELLS x CELLS pixels (default 1)")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--chain", choices=("ddpm", "ddim"),
                    help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")

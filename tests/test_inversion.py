@@ -428,3 +428,28 @@ def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models):
         InversionConfig(final_weight=1.0, final_steps=0).resolved()
     with pytest.raises(ConfigError, match="final_weight"):
         InversionConfig(shift_weight=0.0).resolved()
+
+
+def test_cells_optimise_a_coarse_grid(models):
+    """cells = c: the loss sees the grid repeated over c x c blocks, the trigger comes back block-constant at
+    full size, a start trigger is block-averaged, and a size that c does not divide is refused."""
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = dataclass_replace(PD, cells=4).resolved()
+    H, W, C = m.image_shape
+    grid = jax.random.normal(jax.random.key(5), (H // 4, W // 4, C))
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    full = inv.expand_cells(grid, 4)
+    assert full.shape == tuple(m.image_shape)
+    np.testing.assert_array_equal(np.asarray(full)[4:8, 0:4, 0], float(grid[1, 0, 0]))
+    coarse_loss = inv._phases(prob, cfg)[0].loss(grid, m.params, fixed, None)
+    pixel_loss = inv._phases(prob, dataclass_replace(cfg, cells=1))[0].loss(full, m.params, fixed, None)
+    np.testing.assert_allclose(float(coarse_loss), float(pixel_loss), rtol=1e-6)
+    start = np.zeros(m.image_shape, np.float32)
+    start[:4, :4] = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    res = invert(m, "purediffusion", jax.random.key(3), dataclass_replace(PD, cells=4, steps=1), start=start)
+    t = res.trigger[..., 0]
+    assert t.shape == (H, W) and np.all(t == np.repeat(np.repeat(t[::4, ::4], 4, 0), 4, 1))
+    assert abs(t[0, 0] - 7.5) < 0.2 and abs(t[4, 4]) < 0.2  # one Adam step of lr 0.1 from the block means
+    with pytest.raises(ConfigError, match="cells = 3"):
+        invert(m, "purediffusion", jax.random.key(3), dataclass_replace(PD, cells=3))

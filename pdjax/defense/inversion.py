@@ -89,6 +89,9 @@ class InversionConfig:
         from eps + delta and once from eps alone; L_final = log L_cons(x0 | delta) - log L_cons(x0 | 0)
         (:func:`final_log_ratio`). It sees a backdoor that only shows at the end of the chain (VillanDiffusion
         ODE: the first steps' shift is that of any model, experiments/results/start_search.md section 3).
+      cells: the trigger is optimised on a grid of cells x cells pixel blocks and upsampled (nearest) to the
+        image, 1 = one value per pixel. Coarse cells keep the optimiser off high-frequency patterns that collapse
+        a short chain without being a trigger (a start trigger is block-averaged onto the grid).
       lambda_source: purediffusion: "closed-sde", "closed-ode", a shipped table name or a table path.
       chain: purediffusion: the sampler unrolled for the K steps: "ddpm" (t = T-1, T-2, ...) or "ddim"
         (deterministic DDIM-100, t = 990, 980, ...; lambda is then taken at those timesteps). An ODE-trained
@@ -128,6 +131,7 @@ class InversionConfig:
     cons_batch: int = 8
     final_weight: float = 0.0
     final_steps: int = 10
+    cells: int = 1
     lambda_source: str = "closed-sde"
     chain: str = "ddpm"
     elijah_lambda: float = 0.5
@@ -170,7 +174,7 @@ class InversionConfig:
                                   fresh_noise=bool(fresh), starts=starts)
         if cfg.searches and cfg.scale_samples < 2:
             raise ConfigError(f"scale_samples must be >= 2 for a size search, got {cfg.scale_samples}")
-        for name in ("steps", "batch", "K"):
+        for name in ("steps", "batch", "K", "cells"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.method == "purediffusion":
@@ -487,6 +491,28 @@ class _Phase(NamedTuple):
 
 
 def _phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
+    """The method's optimisation phases; each loss takes the optimised parameter (the trigger itself, or its
+    coarse grid when ``cfg.cells`` > 1)."""
+    phases = _method_phases(prob, cfg)
+    if cfg.cells == 1:
+        return phases
+    return [p._replace(loss=lambda d, *a, f=p.loss: f(expand_cells(d, cfg.cells), *a)) for p in phases]
+
+
+def expand_cells(p, cells: int):
+    """[..., h, w, C] -> [..., h * cells, w * cells, C], each value repeated over a cells x cells block."""
+    return p if cells == 1 else jnp.repeat(jnp.repeat(p, cells, axis=-3), cells, axis=-2)
+
+
+def _cell_shape(cfg: InversionConfig, shape) -> tuple:
+    """The optimised parameter's shape [h, w, C] for an image [H, W, C] (ConfigError if cells does not divide)."""
+    H, W, C = shape
+    if H % cfg.cells or W % cfg.cells:
+        raise ConfigError(f"cells = {cfg.cells} must divide the image size {H}x{W}")
+    return (H // cfg.cells, W // cfg.cells, C)
+
+
+def _method_phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
     if cfg.method == "elijah":
         return [_Phase(elijah_loss(prob, cfg), optax.adam(cfg.lr), cfg.steps)]
     if cfg.method == "purediffusion":
@@ -508,7 +534,8 @@ def _keys(key):
 
 
 def initial_delta(cfg: InversionConfig, shape, key) -> jax.Array:
-    """delta_0 [H, W, C] from the init rule and the key's init branch."""
+    """delta_0 of ``shape`` ([H, W, C], or the coarse grid with ``cfg.cells``) from the init rule and the key's
+    init branch."""
     k_init = _keys(key)[0]
     if cfg.init == "neg-uniform":
         return -jax.random.uniform(k_init, shape)
@@ -620,16 +647,19 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
     stacked = num_models is not None
     t0 = time.perf_counter()
     phases = _phases(prob, cfg)  # first: an unknown --lambda source fails before any jax work
+    shape = _cell_shape(cfg, prob.shape)
     if start is not None:  # an explicit delta_0 (e.g. the known trigger, for amplification, SPEC 6)
         delta = jnp.asarray(start, jnp.float32)
         if delta.shape != tuple(prob.shape):
             raise ConfigError(f"start trigger has shape {tuple(delta.shape)}, the model needs {tuple(prob.shape)}")
+        c = cfg.cells
+        delta = delta.reshape(shape[0], c, shape[1], c, shape[2]).mean(axis=(1, 3))  # block mean (c = 1: itself)
         if stacked:
             delta = jnp.broadcast_to(delta, (num_models, *delta.shape))
     elif stacked:
-        delta = jax.vmap(lambda k: initial_delta(cfg, prob.shape, k))(key)
+        delta = jax.vmap(lambda k: initial_delta(cfg, shape, k))(key)
     else:
-        delta = initial_delta(cfg, prob.shape, key)
+        delta = initial_delta(cfg, shape, key)
     all_losses, compile_s = [], 0.0
     for p, phase in enumerate(phases):
         n = _chunk(cfg, phase.steps)
@@ -655,7 +685,7 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
             compile_s += max(0.0, times[0] - float(np.median(times[1:])))
         delta = state.delta
     losses = np.concatenate(all_losses, axis=-1)  # pieces [n] or [M, n] -> [S] or [M, S]
-    return np.asarray(delta), losses, time.perf_counter() - t0, compile_s
+    return np.asarray(expand_cells(delta, cfg.cells)), losses, time.perf_counter() - t0, compile_s
 
 
 def _progress(total: int, desc: str, enabled: bool):
