@@ -16,6 +16,7 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 ``fold_in(key(seed), crc32(path))``), and the method's statistic is read from the features:
 
 - purediffusion: ``log_uni_ratio`` (log uniformity of triggered over clean generations; the shipped rule);
+- pd-final: the same statistic, with L_final added to the inversion and the DDIM-100 start in its search;
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
 
@@ -43,7 +44,11 @@ import numpy as np
 from pdjax.defense.detection import SCAN_INVERSION, Detector, calibrate, scan_model
 from pdjax.defense.inversion import InversionConfig
 
-STATISTIC = {"purediffusion": "log_uni_ratio", "elijah": "uni_trig", "terd": "trigger_kl"}
+STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "elijah": "uni_trig",
+             "terd": "trigger_kl"}
+# pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
+# search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
+FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
 
 
 def is_backdoored(model) -> bool:
@@ -54,6 +59,8 @@ def is_backdoored(model) -> bool:
 def inversion_config(method: str, steps: int) -> InversionConfig:
     if method == "purediffusion":
         return dataclasses.replace(SCAN_INVERSION, steps=steps)
+    if method == "pd-final":
+        return dataclasses.replace(SCAN_INVERSION, steps=steps, **FINAL)
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 
@@ -130,7 +137,7 @@ def evaluate_method(cal: dict, held: dict, method: str) -> dict:
 
 def roc_svg(results: list[dict], size: int = 320) -> str:
     pad = 40
-    colours = {"purediffusion": "#c0392b", "elijah": "#2471a3", "terd": "#229954"}
+    colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "elijah": "#2471a3", "terd": "#229954"}
     w = size - 2 * pad
     px = lambda x: pad + x * w  # noqa: E731
     py = lambda y: size - pad - y * w  # noqa: E731
