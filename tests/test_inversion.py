@@ -435,7 +435,7 @@ def test_cells_optimise_a_coarse_grid(models):
     full size, a start trigger is block-averaged, and a size that c does not divide is refused."""
     m = models[0]
     prob = inv.problem_of(m)
-    cfg = dataclass_replace(PD, cells=4).resolved()
+    cfg = dataclass_replace(ELIJAH, method="elijah", cells=4).resolved()
     H, W, C = m.image_shape
     grid = jax.random.normal(jax.random.key(5), (H // 4, W // 4, C))
     fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
@@ -447,9 +447,9 @@ def test_cells_optimise_a_coarse_grid(models):
     np.testing.assert_allclose(float(coarse_loss), float(pixel_loss), rtol=1e-6)
     start = np.zeros(m.image_shape, np.float32)
     start[:4, :4] = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
-    res = invert(m, "purediffusion", jax.random.key(3), dataclass_replace(PD, cells=4, steps=1), start=start)
+    res = invert(m, "elijah", jax.random.key(3), dataclass_replace(ELIJAH, cells=4, steps=1), start=start)
     t = res.trigger[..., 0]
     assert t.shape == (H, W) and np.all(t == np.repeat(np.repeat(t[::4, ::4], 4, 0), 4, 1))
     assert abs(t[0, 0] - 7.5) < 0.2 and abs(t[4, 4]) < 0.2  # one Adam step of lr 0.1 from the block means
     with pytest.raises(ConfigError, match="cells = 3"):
-        invert(m, "purediffusion", jax.random.key(3), dataclass_replace(PD, cells=3))
+        invert(m, "elijah", jax.random.key(3), dataclass_replace(ELIJAH, cells=3))
