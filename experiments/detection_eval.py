@@ -17,6 +17,8 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 
 - purediffusion: ``log_uni_ratio`` (log uniformity of triggered over clean generations; the shipped rule);
 - pd-final: the same statistic, with L_final added to the inversion and the DDIM-100 start in its search;
+- final-only: the same statistic from an inversion by L_final alone (FINAL_ONLY);
+- pd+final: purediffusion's and final-only's scans both, the lower of their two log_uni_ratio values;
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
 
@@ -44,11 +46,17 @@ import numpy as np
 from pdjax.defense.detection import SCAN_INVERSION, Detector, calibrate, scan_model
 from pdjax.defense.inversion import InversionConfig
 
-STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "elijah": "uni_trig",
-             "terd": "trigger_kl"}
+STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
+             "pd+final": "log_uni_ratio", "elijah": "uni_trig", "terd": "trigger_kl"}
 # pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
 # search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
 FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
+# final-only: L_final alone (no shift term), 8 noises, normal init, no size factor, starts DDPM and DDIM-100.
+FINAL_ONLY = {"shift_weight": 0.0, "final_weight": 1.0, "batch": 8, "cons_batch": 8, "init": "normal",
+              "scales": (1.0,), "starts": ("ddpm", "ddim")}
+# pd+final: two scans per model (purediffusion and final-only); the statistic is the lower log_uni_ratio of
+# the two (whichever trigger collapses the generations more), read from their caches.
+COMBINED = {"pd+final": ("purediffusion", "final-only")}
 
 
 def is_backdoored(model) -> bool:
@@ -61,6 +69,8 @@ def inversion_config(method: str, steps: int) -> InversionConfig:
         return dataclasses.replace(SCAN_INVERSION, steps=steps)
     if method == "pd-final":
         return dataclasses.replace(SCAN_INVERSION, steps=steps, **FINAL)
+    if method == "final-only":
+        return dataclasses.replace(SCAN_INVERSION, steps=steps, **FINAL_ONLY)
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 
@@ -91,6 +101,16 @@ def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps:
         print(f"  {method:13} {p}: {'backdoored' if row['label'] else 'clean':10} "
               f"{STATISTIC[method]} = {v.features[STATISTIC[method]]:.4g} ({v.seconds:.0f} s)", flush=True)
     return {p: done[p] for p in paths}
+
+
+def scan_combined(paths: list[str], method: str, out: Path, seed: int, n: int, steps: int) -> dict[str, dict]:
+    """A COMBINED method: each part's scan (cached as usual), the lower log_uni_ratio of the parts per model."""
+    parts = [scan_all(paths, m, out, seed, n, steps) for m in COMBINED[method]]
+    rows = {}
+    for p in paths:
+        best = min((r[p] for r in parts), key=lambda r: r["features"]["log_uni_ratio"])
+        rows[p] = {**best, "seconds": sum(r[p]["seconds"] for r in parts)}
+    return rows
 
 
 def roc_auc(scores, labels) -> float:
@@ -137,7 +157,8 @@ def evaluate_method(cal: dict, held: dict, method: str) -> dict:
 
 def roc_svg(results: list[dict], size: int = 320) -> str:
     pad = 40
-    colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "elijah": "#2471a3", "terd": "#229954"}
+    colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
+               "elijah": "#2471a3", "terd": "#229954"}
     w = size - 2 * pad
     px = lambda x: pad + x * w  # noqa: E731
     py = lambda y: size - pad - y * w  # noqa: E731
@@ -206,8 +227,9 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for method in methods:
-        cal = scan_all(args.calibrate, method, args.out, args.seed, args.n, args.steps)
-        held = scan_all(args.held_out, method, args.out, args.seed, args.n, args.steps)
+        scan = scan_combined if method in COMBINED else scan_all
+        cal = scan(args.calibrate, method, args.out, args.seed, args.n, args.steps)
+        held = scan(args.held_out, method, args.out, args.seed, args.n, args.steps)
         r = evaluate_method(cal, held, method)
         results.append(r)
         if method == "purediffusion" and args.detector_out:

@@ -54,3 +54,19 @@ def test_overlap_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         de.main(["--calibrate", "a", "b", "--held-out", "b", "--out", str(tmp_path)])
     assert np.isnan(de.roc_auc([1.0], [True]))
+
+
+def test_combined_method_takes_the_lower_log_ratio_of_its_parts(tmp_path):
+    """pd+final reads both parts' cached scans (nothing is rescanned) and keeps, per model, the row whose
+    log_uni_ratio is lower, with the two scans' seconds summed."""
+    pd_part, final_part = de.COMBINED["pd+final"]
+    values = {pd_part: {"a": -2.0, "b": -0.1}, final_part: {"a": -0.3, "b": -1.5}}
+    for part, per in values.items():
+        with (tmp_path / f"{part}.jsonl").open("w") as f:
+            for model, v in per.items():
+                f.write(json.dumps({"model": model, "label": model == "a", "seconds": 10.0,
+                                    "features": {"log_uni_ratio": v, "part": part}}) + "\n")
+    rows = de.scan_combined(["a", "b"], "pd+final", tmp_path, seed=0, n=2, steps=2)
+    assert rows["a"]["features"] == {"log_uni_ratio": -2.0, "part": pd_part}
+    assert rows["b"]["features"] == {"log_uni_ratio": -1.5, "part": final_part}
+    assert rows["a"]["seconds"] == 20.0 and de.STATISTIC["pd+final"] == "log_uni_ratio"
