@@ -43,7 +43,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pdjax.defense.detection import SCAN_INVERSION, Detector, calibrate, scan_model
+from pdjax.defense.detection import FINAL_PROBE, SCAN_INVERSION, Detector, calibrate, scan_model
 from pdjax.defense.inversion import InversionConfig
 
 STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
@@ -51,11 +51,10 @@ STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "fin
 # pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
 # search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
 FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
-# final-only: L_final alone (no shift term), 8 noises, normal init, no size factor, starts DDPM and DDIM-100.
-FINAL_ONLY = {"shift_weight": 0.0, "final_weight": 1.0, "batch": 8, "cons_batch": 8, "init": "normal",
-              "scales": (1.0,), "starts": ("ddpm", "ddim")}
-# pd+final: two scans per model (purediffusion and final-only); the statistic is the lower log_uni_ratio of
-# the two (whichever trigger collapses the generations more), read from their caches.
+# final-only: the scan's probe alone (FINAL_PROBE: L_final, no shift term, 8 noises, normal init, starts DDPM
+# and DDIM-100). pd+final: two scans per model (purediffusion and final-only); the statistic is the lower
+# log_uni_ratio of the two, read from their caches: what `pdjax scan --final-probe` decides on (scan_model with
+# probe=FINAL_PROBE, both inversions with the model's key).
 COMBINED = {"pd+final": ("purediffusion", "final-only")}
 
 
@@ -70,7 +69,7 @@ def inversion_config(method: str, steps: int) -> InversionConfig:
     if method == "pd-final":
         return dataclasses.replace(SCAN_INVERSION, steps=steps, **FINAL)
     if method == "final-only":
-        return dataclasses.replace(SCAN_INVERSION, steps=steps, **FINAL_ONLY)
+        return dataclasses.replace(FINAL_PROBE, steps=steps)
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 

@@ -372,11 +372,23 @@ def _scan_config(args):
     return dataclasses.replace(SCAN_INVERSION, **changes)
 
 
+def _scan_probe(args):
+    """--final-probe: the scan's second inversion (FINAL_PROBE, with --steps and the fast-path options)."""
+    import dataclasses
+
+    from pdjax.defense.detection import FINAL_PROBE
+
+    if not args.final_probe:
+        return None
+    changes = {k: v for k, v in (("steps", args.steps), ("dtype", args.dtype), ("remat", args.remat)) if v is not None}
+    return dataclasses.replace(FINAL_PROBE, **changes)
+
+
 def cmd_scan(args) -> int:
     from pdjax.audit import scan
 
     verdicts = scan(args.models, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, progress=not args.quiet)
+                    n=args.samples, progress=not args.quiet, probe=_scan_probe(args))
     flagged = sum(v.backdoored for v in verdicts)
     print(f"{flagged} of {len(verdicts)} model(s) flagged as backdoored; wrote {Path(args.out) / 'scan.json'} "
           f"and {Path(args.out) / 'report.html'}")
@@ -391,7 +403,7 @@ def cmd_audit(args) -> int:
     if args.distributed:
         jax.distributed.initialize()
     entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, stack=args.stack, progress=not args.quiet)
+                    n=args.samples, stack=args.stack, progress=not args.quiet, probe=_scan_probe(args))
     flagged = sum(e["backdoored"] for e in entries)
     print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
     return 0
@@ -401,7 +413,7 @@ def cmd_calibrate(args) -> int:
     from pdjax.audit import calibrate_models
 
     calibrate_models(args.clean or [], args.backdoored or [], args.out, seed=args.seed, config=_scan_config(args),
-                     n=args.samples, feature=args.feature, progress=not args.quiet)
+                     n=args.samples, feature=args.feature, progress=not args.quiet, probe=_scan_probe(args))
     return 0
 
 
@@ -417,6 +429,9 @@ def _add_scan_options(p) -> None:
                    help="purediffusion's lambda: closed-sde (default) | closed-ode | shipped table name | table path")
     p.add_argument("--chain", choices=("ddpm", "ddim"),
                    help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")
+    p.add_argument("--final-probe", dest="final_probe", action="store_true",
+                   help="also invert by L_final alone (collapse of short DDIM-chain generations, DDPM and DDIM starts) "
+                   "and decide on whichever trigger collapses the generations more; about doubles the scan time")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 

@@ -134,3 +134,42 @@ def test_cli_scan_and_calibrate(tmp_path, capsys):
     rc = main(["scan", str(tmp_path / "missing"), "--out", str(tmp_path / "s2"), *opts])
     _, err = capsys.readouterr()
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_final_probe_decides_on_the_more_collapsing_trigger():
+    """scan_model(probe=...) runs both inversions with the model's key and keeps the one whose generations
+    collapse more (lower log_uni_ratio); --final-probe builds the probe from FINAL_PROBE with --steps."""
+    from pdjax.cli import _scan_probe, build_parser
+
+    m = random_model("tiny", seed=0, timesteps=50)
+    probe = dataclasses.replace(D.FINAL_PROBE, steps=2, batch=4, cons_batch=3, final_steps=2)
+    key = jax.random.key(0)
+    both = D.scan_model(m, "tiny", key, Detector(), TINY_SCAN, n=4, probe=probe)
+    alone = [D.scan_model(m, "tiny", key, Detector(), c, n=4) for c in (TINY_SCAN, probe)]
+    best = min(alone, key=lambda a: a.features["log_uni_ratio"])
+    np.testing.assert_array_equal(both.trigger, best.trigger)
+    assert both.features["log_uni_ratio"] == pytest.approx(best.features["log_uni_ratio"])
+    args = build_parser().parse_args(["scan", "--final-probe", "--steps", "3"])
+    assert _scan_probe(args) == dataclasses.replace(D.FINAL_PROBE, steps=3)
+    assert _scan_probe(build_parser().parse_args(["scan"])) is None
+
+
+def test_scan_stack_keeps_each_models_more_collapsing_candidate(monkeypatch):
+    """scan_stack with a probe: per model, the candidate (main or probe) with the lower log_uni_ratio."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    diverse, collapsed = rng.normal(size=(4, 8, 8, 1)), 0.01 * rng.normal(size=(4, 8, 8, 1))
+
+    def fake(models, keys, config, n, mesh, progress):
+        res = [SimpleNamespace(trigger=np.full((8, 8, 1), i + (10 if config is probe else 0), np.float32),
+                               losses=np.zeros(2), method="purediffusion", scale=1.0, start="ddpm")
+               for i in range(len(models))]
+        trig = [collapsed, diverse] if config is probe else [diverse, collapsed]  # probe wins on model 0 only
+        return [(r, (t, diverse)) for r, t in zip(res, trig)]
+
+    probe = D.FINAL_PROBE
+    monkeypatch.setattr(D, "_invert_and_generate_many", fake)
+    vs = D.scan_stack([None, None], ["a", "b"], None, Detector(), TINY_SCAN, n=4, probe=probe)
+    assert [float(v.trigger[0, 0, 0]) for v in vs] == [10.0, 1.0]
+    assert all(v.features["log_uni_ratio"] < -3 for v in vs)

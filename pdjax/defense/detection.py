@@ -49,6 +49,12 @@ FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "tr
 # generations of the chosen factor (n per factor), paired with n clean ones from the same noise.
 SCAN_INVERSION = InversionConfig(method="purediffusion", steps=40, batch=16, K=5)
 SCAN_SAMPLES = 8
+# The scan's optional second inversion (``pdjax scan --final-probe``): L_final alone (the collapse of 10-step
+# DDIM generations, no shift term) on 8 noises from a normal init, scored from the DDPM and the DDIM-100 start.
+# It looks for a backdoor the shift loss cannot see (VillanDiffusion ODE); the scan keeps whichever of its two
+# triggers collapses the generations more (lower log_uni_ratio).
+FINAL_PROBE = InversionConfig(method="purediffusion", steps=40, shift_weight=0.0, final_weight=1.0, batch=8,
+                              cons_batch=8, init="normal", scales=(1.0,), starts=("ddpm", "ddim"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +186,13 @@ def features_of(trigger, triggered, clean, final_loss: float) -> dict:
     st, sc = generation_stats(triggered), generation_stats(clean)
     f = {"uni_trig": st["uniformity"], "uni_clean": sc["uniformity"], "tv_trig": st["tv"], "tv_clean": sc["tv"],
          "final_loss": float(final_loss), **trigger_features(trigger)}
-    f["log_uni_ratio"] = math.log(max(f["uni_trig"], 1e-8) / max(f["uni_clean"], 1e-8))
+    f["log_uni_ratio"] = log_uni_ratio(f["uni_trig"], f["uni_clean"])
     return f
+
+
+def log_uni_ratio(uni_trig: float, uni_clean: float) -> float:
+    """log(uniformity of triggered generations / uniformity of clean ones), both floored at 1e-8."""
+    return math.log(max(uni_trig, 1e-8) / max(uni_clean, 1e-8))
 
 
 def explain(det: Detector, features: dict, backdoored: bool) -> str:
@@ -198,18 +209,38 @@ def explain(det: Detector, features: dict, backdoored: bool) -> str:
 
 
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
-               config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False) -> ModelVerdict:
-    """Invert, generate, featurise and decide for one model (see the module docstring)."""
+               config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
+               probe: InversionConfig | None = None) -> ModelVerdict:
+    """Invert, generate, featurise and decide for one model (see the module docstring).
+
+    ``probe``: a second inversion (e.g. :data:`FINAL_PROBE`), run with the same key; the verdict is made on
+    whichever of the two triggers gives the lower ``log_uni_ratio``.
+    """
     det = detector or Detector.load()
     t0 = time.perf_counter()
+    found = [_invert_and_generate(model, key, c, n, progress) for c in (config, probe) if c is not None]
+    res, gens = _most_collapsing(found)
+    return _verdict(name, res, gens, det, time.perf_counter() - t0)
+
+
+def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: bool):
+    """(inversion result, (triggered, clean) generations) of one config."""
     config = dataclasses.replace(config, scale_samples=n)
     res = invert(model, config.method, jax.random.fold_in(key, 0), config, progress=progress)
     if res.generations is not None:  # the size search drew both, from the start it chose
-        gens = (res.generations, res.clean_generations)
-    else:
-        gens = triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
-                                     jax.random.fold_in(key, 1), n=n)
-    return _verdict(name, res, gens, det, time.perf_counter() - t0)
+        return res, (res.generations, res.clean_generations)
+    return res, triggered_generations(model, np.stack([res.trigger, np.zeros_like(res.trigger)]),
+                                      jax.random.fold_in(key, 1), n=n)
+
+
+def _log_ratio(gens) -> float:
+    return log_uni_ratio(*(generation_stats(x)["uniformity"] for x in gens))
+
+
+def _most_collapsing(found):
+    """The (result, generations) pair whose triggered generations collapse most (lowest log_uni_ratio; the
+    first on ties)."""
+    return min(found, key=lambda rg: _log_ratio(rg[1]))
 
 
 def _verdict(name: str, res, gens, det: Detector, seconds: float) -> ModelVerdict:
@@ -222,25 +253,31 @@ def _verdict(name: str, res, gens, det: Detector, seconds: float) -> ModelVerdic
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
-               n: int = SCAN_SAMPLES, mesh=None, progress: bool = False) -> list[ModelVerdict]:
+               n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
+               probe: InversionConfig | None = None) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
-    keys[i], ...)`` up to float rounding. ``keys``: [N] typed keys."""
+    keys[i], ..., probe=probe)`` up to float rounding. ``keys``: [N] typed keys."""
+    t0 = time.perf_counter()
+    found = [_invert_and_generate_many(models, keys, c, n, mesh, progress) for c in (config, probe) if c is not None]
+    secs = (time.perf_counter() - t0) / len(models)
+    return [_verdict(name, *_most_collapsing([f[i] for f in found]), detector, secs) for i, name in enumerate(names)]
+
+
+def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mesh, progress: bool):
+    """[(result, (triggered, clean))] per model: :func:`_invert_and_generate` for a stack of models."""
     from pdjax.defense.evaluate import stacked_generations
     from pdjax.defense.inversion import invert_many, stack_params
 
-    t0 = time.perf_counter()
     config = dataclasses.replace(config, scale_samples=n)
     inv_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     results = invert_many(models, config.method, config=config, keys=inv_keys, mesh=mesh, progress=progress)
     if results[0].generations is not None:  # as scan_model: the size search's generations
-        gens = [(r.generations, r.clean_generations) for r in results]
-    else:
-        trig = np.stack([np.stack([r.trigger, np.zeros_like(r.trigger)]) for r in results])
-        gens = stacked_generations(models[0], stack_params(models), trig,
-                                   jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), n=n, mesh=mesh)
-    secs = (time.perf_counter() - t0) / len(models)
-    return [_verdict(name, r, g, detector, secs) for name, r, g in zip(names, results, gens)]
+        return [(r, (r.generations, r.clean_generations)) for r in results]
+    trig = np.stack([np.stack([r.trigger, np.zeros_like(r.trigger)]) for r in results])
+    gens = stacked_generations(models[0], stack_params(models), trig,
+                               jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), n=n, mesh=mesh)
+    return list(zip(results, gens))
 
 
 def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_ratio",
