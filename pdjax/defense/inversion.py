@@ -90,8 +90,8 @@ class InversionConfig:
         (:func:`final_log_ratio`). It sees a backdoor that only shows at the end of the chain (VillanDiffusion
         ODE: the first steps' shift is that of any model, experiments/results/start_search.md section 3).
       cells: the trigger is optimised on a grid of cells x cells pixel blocks and upsampled (nearest) to the
-        image, 1 = one value per pixel. Coarse cells keep the optimiser off high-frequency patterns that collapse
-        a short chain without being a trigger (a start trigger is block-averaged onto the grid).
+        image, 1 = one value per pixel (a start trigger is block-averaged onto the grid). Meant to keep the
+        optimiser off pixel-level patterns; no kept experiment measures it yet.
       lambda_source: purediffusion: "closed-sde", "closed-ode", a shipped table name or a table path.
       chain: purediffusion: the sampler unrolled for the K steps: "ddpm" (t = T-1, T-2, ...) or "ddim"
         (deterministic DDIM-100, t = 990, 980, ...; lambda is then taken at those timesteps). An ODE-trained
@@ -379,8 +379,8 @@ def _clean_chain_eps(prob: Problem, cfg: InversionConfig, params, noise, chain_k
 
 
 def final_timesteps(T: int, steps: int) -> list[int]:
-    """The deterministic chain of L_final: ``steps`` DDIM steps from T-1 down, stride T // steps (the last
-    step lands on x0): [T-1, T-1-stride, ...]."""
+    """The deterministic chain of L_final: ``steps`` DDIM steps from T-1 down, stride T // steps:
+    [T-1, T-1-stride, ...]; the last step goes to x0 (see :func:`final_log_ratio`)."""
     stride = T // steps
     return [T - 1 - i * stride for i in range(steps)]
 
@@ -396,13 +396,13 @@ def final_log_ratio(prob: Problem, cfg: InversionConfig):
     sched = prob.schedule
     T = sched.num_timesteps
     ts = final_timesteps(T, cfg.final_steps)
-    stride = T // cfg.final_steps
-    step = _step(lambda params, x, t: ddim_step(prob.eps_fn, params, sched, x, t, t - stride,
-                                                clip_sample=prob.clip_sample)[0], cfg)
+    prevs = ts[1:] + [-1]  # the last step lands on x0 even when final_steps does not divide T
+    step = _step(lambda params, x, t, t_prev: ddim_step(prob.eps_fn, params, sched, x, t, t_prev,
+                                                        clip_sample=prob.clip_sample)[0], cfg)
 
     def x0(params, x):
-        for t in ts:  # unrolled, gradients through the chain
-            x = step(params, x, t)
+        for t, t_prev in zip(ts, prevs):  # unrolled, gradients through the chain
+            x = step(params, x, t, t_prev)
         return x
 
     def loss(params, noise, delta):
