@@ -186,13 +186,8 @@ def features_of(trigger, triggered, clean, final_loss: float) -> dict:
     st, sc = generation_stats(triggered), generation_stats(clean)
     f = {"uni_trig": st["uniformity"], "uni_clean": sc["uniformity"], "tv_trig": st["tv"], "tv_clean": sc["tv"],
          "final_loss": float(final_loss), **trigger_features(trigger)}
-    f["log_uni_ratio"] = log_uni_ratio(f["uni_trig"], f["uni_clean"])
+    f["log_uni_ratio"] = math.log(max(f["uni_trig"], 1e-8) / max(f["uni_clean"], 1e-8))
     return f
-
-
-def log_uni_ratio(uni_trig: float, uni_clean: float) -> float:
-    """log(uniformity of triggered generations / uniformity of clean ones), both floored at 1e-8."""
-    return math.log(max(uni_trig, 1e-8) / max(uni_clean, 1e-8))
 
 
 def explain(det: Detector, features: dict, backdoored: bool) -> str:
@@ -219,8 +214,7 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     det = detector or Detector.load()
     t0 = time.perf_counter()
     found = [_invert_and_generate(model, key, c, n, progress) for c in (config, probe) if c is not None]
-    res, gens = _most_collapsing(found)
-    return _verdict(name, res, gens, det, time.perf_counter() - t0)
+    return _verdict(name, found, det, time.perf_counter() - t0)
 
 
 def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: bool):
@@ -233,19 +227,11 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
                                       jax.random.fold_in(key, 1), n=n)
 
 
-def _log_ratio(gens) -> float:
-    return log_uni_ratio(*(generation_stats(x)["uniformity"] for x in gens))
-
-
-def _most_collapsing(found):
-    """The (result, generations) pair whose triggered generations collapse most (lowest log_uni_ratio; the
-    first on ties)."""
-    return min(found, key=lambda rg: _log_ratio(rg[1]))
-
-
-def _verdict(name: str, res, gens, det: Detector, seconds: float) -> ModelVerdict:
-    """The verdict of one inversion result and its (triggered, clean) generations."""
-    feats = {**features_of(res.trigger, gens[0], gens[1], res.losses[-1]), "trigger_scale": res.scale}
+def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
+    """The verdict from one model's candidates ``found`` = [(inversion result, (triggered, clean) generations)]:
+    the candidate whose generations collapse most (lowest log_uni_ratio; the first on ties)."""
+    scored = [({**features_of(r.trigger, g[0], g[1], r.losses[-1]), "trigger_scale": r.scale}, r, g) for r, g in found]
+    feats, res, gens = min(scored, key=lambda s: s[0]["log_uni_ratio"])
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
@@ -261,7 +247,7 @@ def scan_stack(models, names: list[str], keys, detector: Detector, config: Inver
     t0 = time.perf_counter()
     found = [_invert_and_generate_many(models, keys, c, n, mesh, progress) for c in (config, probe) if c is not None]
     secs = (time.perf_counter() - t0) / len(models)
-    return [_verdict(name, *_most_collapsing([f[i] for f in found]), detector, secs) for i, name in enumerate(names)]
+    return [_verdict(name, [f[i] for f in found], detector, secs) for i, name in enumerate(names)]
 
 
 def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mesh, progress: bool):

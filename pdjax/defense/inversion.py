@@ -378,6 +378,22 @@ def _clean_chain_eps(prob: Problem, cfg: InversionConfig, params, noise, chain_k
     return jax.lax.stop_gradient(jnp.stack(out))
 
 
+def _ddim_chain(prob: Problem, cfg: InversionConfig, timesteps):
+    """``(params, x) -> x0``: a deterministic DDIM chain over ``timesteps`` (descending; each step goes to the
+    next one, the last to x0), unrolled with gradients through it (each step rematerialised with ``cfg.remat``)."""
+    ts = [int(t) for t in timesteps]
+    prevs = ts[1:] + [-1]
+    step = _step(lambda params, x, t, t_prev: ddim_step(prob.eps_fn, params, prob.schedule, x, t, t_prev,
+                                                        clip_sample=prob.clip_sample)[0], cfg)
+
+    def run(params, x):
+        for t, t_prev in zip(ts, prevs):
+            x = step(params, x, t, t_prev)
+        return x
+
+    return run
+
+
 def final_timesteps(T: int, steps: int) -> list[int]:
     """The deterministic chain of L_final: ``steps`` DDIM steps from T-1 down, stride T // steps:
     [T-1, T-1-stride, ...]; the last step goes to x0 (see :func:`final_log_ratio`)."""
@@ -393,17 +409,7 @@ def final_log_ratio(prob: Problem, cfg: InversionConfig):
     without gradient: < 0 when the trigger makes different noises end on the same image. The chain from the
     noise alone is the scale: a trigger that only enlarges or saturates the outputs does not score.
     """
-    sched = prob.schedule
-    T = sched.num_timesteps
-    ts = final_timesteps(T, cfg.final_steps)
-    prevs = ts[1:] + [-1]  # the last step lands on x0 even when final_steps does not divide T
-    step = _step(lambda params, x, t, t_prev: ddim_step(prob.eps_fn, params, sched, x, t, t_prev,
-                                                        clip_sample=prob.clip_sample)[0], cfg)
-
-    def x0(params, x):
-        for t, t_prev in zip(ts, prevs):  # unrolled, gradients through the chain
-            x = step(params, x, t, t_prev)
-        return x
+    x0 = _ddim_chain(prob, cfg, final_timesteps(prob.schedule.num_timesteps, cfg.final_steps))
 
     def loss(params, noise, delta):
         clean = jax.lax.stop_gradient(pairwise_sq_mean(x0(params, noise)))
@@ -468,16 +474,11 @@ def terd_losses(prob: Problem, cfg: InversionConfig):
         p2 = prob.eps_fn(params, sa * x_start + s1 * e2 + delta, t)
         return 0.5 * jnp.mean(((e1 - p1) - (e2 - p2)) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
 
-    ts = timesteps_ddim(T, cfg.terd_ddim_steps)
-    stride = T // cfg.terd_ddim_steps
-    step = _step(lambda params, x, t: ddim_step(prob.eps_fn, params, sched, x, t, t - stride,
-                                                clip_sample=prob.clip_sample)[0], cfg)
+    chain = _ddim_chain(prob, cfg, timesteps_ddim(T, cfg.terd_ddim_steps))
 
     def phase2(delta, params, fixed, key):
         k1, k2 = jax.random.split(key)
-        x = jnp.concatenate([jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2)]) + delta
-        for t in ts:  # unrolled deterministic DDIM chain
-            x = step(params, x, int(t))
+        x = chain(params, jnp.concatenate([jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2)]) + delta)
         return 0.5 * jnp.mean((x[:B] - x[B:]) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
 
     return phase1, phase2
