@@ -5,7 +5,7 @@ Command:
     python experiments/detection_eval.py --calibrate M1 M2 ... --held-out H1 H2 ... [--out runs/detection-eval]
         [--methods purediffusion,elijah,terd] [--seed 0] [--n 16] [--steps 40]
         [--table experiments/results/detection_table.md] [--roc experiments/results/detection_roc.svg]
-        [--detector-out pdjax/assets/detector.json]
+        [--detector-out pdjax/assets/detector.json] [--detector-method pd+probe]
 
 Every model (a pdjax checkpoint or diffusers folder) is labelled by its own metadata: backdoored when its
 provenance records an attack (``pdjax attack`` writes it; the demo and zoo models have it), clean otherwise.
@@ -19,13 +19,17 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 - pd-final: the same statistic, with L_final added to the inversion and the DDIM-100 start in its search;
 - final-only: the same statistic from an inversion by L_final alone (FINAL_ONLY);
 - pd+final: purediffusion's and final-only's scans both, the lower of their two log_uni_ratio values;
+- pd+probe: the same two scans, two thresholds: purediffusion's ``log_uni_ratio`` as above, and final-only's
+  (``probe_log_uni_ratio``) below mean - 3 sd of the clean calibration models' values; flagged when either
+  fires (what `pdjax calibrate --final-probe` fits and `pdjax scan --final-probe` then applies);
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
 
 Each statistic gets a threshold from :func:`pdjax.defense.detection.calibrate` on the calibration models;
 held-out accuracy, TPR, TNR and ROC AUC (rank statistic of the signed score; ties count one half) follow.
-``--detector-out`` writes purediffusion's rule, calibrated on the calibration models only, as a detector
-file (the shipped ``pdjax/assets/detector.json`` is made this way, so the held-out numbers evaluate it).
+``--detector-out`` writes the rule of ``--detector-method`` (purediffusion, or pd+probe with its probe
+threshold), calibrated on the calibration models only, as a detector file (the shipped
+``pdjax/assets/detector.json`` is made this way, so the held-out numbers evaluate it).
 Scans are cached in ``OUT/<method>.jsonl`` (one line per model), so an interrupted run resumes. Writes a
 markdown table and an SVG ROC plot. Cost on a 2-core CPU: about 1 minute per model and method.
 """
@@ -43,11 +47,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pdjax.defense.detection import FINAL_PROBE, SCAN_INVERSION, Detector, calibrate, scan_model
+from pdjax.defense.detection import FINAL_PROBE, PROBE_FEATURE, SCAN_INVERSION, Detector, calibrate, scan_model
 from pdjax.defense.inversion import InversionConfig
 
 STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
-             "pd+final": "log_uni_ratio", "elijah": "uni_trig", "terd": "trigger_kl"}
+             "pd+final": "log_uni_ratio", "pd+probe": "log_uni_ratio", "elijah": "uni_trig", "terd": "trigger_kl"}
 # pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
 # search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
 FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
@@ -55,7 +59,7 @@ FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
 # and DDIM-100). pd+final: two scans per model (purediffusion and final-only); the statistic is the lower
 # log_uni_ratio of the two, read from their caches: what `pdjax scan --final-probe` decides on (scan_model with
 # probe=FINAL_PROBE, both inversions with the model's key).
-COMBINED = {"pd+final": ("purediffusion", "final-only")}
+COMBINED = {"pd+final": ("purediffusion", "final-only"), "pd+probe": ("purediffusion", "final-only")}
 
 
 def is_backdoored(model) -> bool:
@@ -107,7 +111,11 @@ def scan_combined(paths: list[str], method: str, out: Path, seed: int, n: int, s
     parts = [scan_all(paths, m, out, seed, n, steps) for m in COMBINED[method]]
     rows = {}
     for p in paths:
-        best = min((r[p] for r in parts), key=lambda r: r["features"]["log_uni_ratio"])
+        if method == "pd+probe":  # the main scan's features plus the probe's ratio, for the two-threshold rule
+            best = {**parts[0][p], "features": {**parts[0][p]["features"],
+                                                PROBE_FEATURE: parts[1][p]["features"]["log_uni_ratio"]}}
+        else:
+            best = min((r[p] for r in parts), key=lambda r: r["features"]["log_uni_ratio"])
         rows[p] = {**best, "seconds": sum(r[p]["seconds"] for r in parts)}
     return rows
 
@@ -145,6 +153,7 @@ def evaluate_method(cal: dict, held: dict, method: str) -> dict:
     scores = np.array([det.score(r["features"]) for r in held.values()])
     pred = scores > 0
     return {"method": method, "statistic": feat, "threshold": det.threshold, "sign": det.sign,
+            "probe_threshold": det.probe_threshold,
             "calibration_accuracy": det.meta["train_accuracy"], "n_held_out": int(len(y)),
             "n_backdoored": int(y.sum()), "accuracy": float((pred == y).mean()),
             "tpr": float(pred[y].mean()) if y.any() else float("nan"),
@@ -157,6 +166,7 @@ def evaluate_method(cal: dict, held: dict, method: str) -> dict:
 def roc_svg(results: list[dict], size: int = 320) -> str:
     pad = 40
     colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
+               "pd+probe": "#7d3c98",
                "elijah": "#2471a3", "terd": "#229954"}
     w = size - 2 * pad
     px = lambda x: pad + x * w  # noqa: E731
@@ -186,7 +196,9 @@ def write_table(results: list[dict], args, path: Path) -> None:
              "| method | statistic | threshold | calibration acc. | held-out acc. | TPR | TNR | ROC AUC |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['statistic']} | {r['threshold']:.4g} | {r['calibration_accuracy']:.2f} | "
+        thr = f"{r['threshold']:.4g}" + ("" if r.get("probe_threshold") is None
+                                         else f"; probe {r['probe_threshold']:.4g}")
+        lines.append(f"| {r['method']} | {r['statistic']} | {thr} | {r['calibration_accuracy']:.2f} | "
                      f"{r['accuracy']:.2f} | {r['tpr']:.2f} | {r['tnr']:.2f} | {r['auc']:.2f} |")
     lines += ["", "Per held-out model (signed score, > 0 = flagged):", "",
               "| model | label | " + " | ".join(r["method"] for r in results) + " |",
@@ -210,8 +222,10 @@ def main(argv=None):
     ap.add_argument("--table", default="experiments/results/detection_table.md", type=Path)
     ap.add_argument("--roc", default="experiments/results/detection_roc.svg", type=Path)
     ap.add_argument("--detector-out", type=Path,
-                    help="also write purediffusion's calibrated rule as a detector file "
+                    help="also write --detector-method's calibrated rule as a detector file "
                          "(e.g. pdjax/assets/detector.json)")
+    ap.add_argument("--detector-method", default="purediffusion", choices=("purediffusion", "pd+probe"),
+                    help="the rule --detector-out writes (pd+probe: with the probe threshold)")
     args = ap.parse_args(argv)
     from pdjax import cpu_runtime
 
@@ -231,9 +245,12 @@ def main(argv=None):
         held = scan(args.held_out, method, args.out, args.seed, args.n, args.steps)
         r = evaluate_method(cal, held, method)
         results.append(r)
-        if method == "purediffusion" and args.detector_out:
+        if method == args.detector_method and args.detector_out:
+            probe = {"probe": dataclasses.asdict(inversion_config("final-only", args.steps).resolved())} \
+                if method == "pd+probe" else {}
             meta = {"reference_models": list(cal), "seed": args.seed, "samples": args.n,
-                    "inversion": dataclasses.asdict(inversion_config(method, args.steps).resolved()),
+                    "inversion": dataclasses.asdict(inversion_config(COMBINED.get(method, [method])[0],
+                                                                     args.steps).resolved()), **probe,
                     "features": [cal[p]["features"] for p in cal],
                     "made_by": "experiments/detection_eval.py (model key fold_in(key(seed), crc32(path)))",
                     "held_out": {k: r[k] for k in ("accuracy", "tpr", "tnr", "auc", "n_held_out", "n_backdoored")},

@@ -14,6 +14,10 @@ ones' (the detector's statistic). For TrojDiff it also tries g = mu = (1 - gamma
 mean of its trojan start. Seed: ``jax.random.key(--seed)`` (default 3), the same noise for every row.
 Output: a markdown table on stdout and in ``--out`` (default runs/probe_starts.md).
 
+``--final-chains 20:0 20:1 ...`` adds a table of the true trigger along short DDIM chains (STEPS:ETA, the
+chains L_final can unroll: eta 0 deterministic, 1 stochastic with one chain key for both rows): the
+uniformity of generations from eps + g and from eps, and the log of their ratio (L_final's sign).
+
 ``--scan-starts ddpm ddim`` then scans each model as ``pdjax scan --starts ddpm ddim`` does (the scan's
 PureDiffusion inversion, its size search over those starts, n = 8; key as experiments/detection_eval.py)
 and adds a second table: the start and factor the search chose, the uniformity ratio and the inverted
@@ -68,6 +72,26 @@ def scan_rows(args) -> list[str]:
     return rows
 
 
+def chain_rows(args) -> list[str]:
+    """The true trigger along each ``--final-chains`` STEPS:ETA chain (see the module docstring)."""
+    from pdjax.diffusion.samplers import ddim_sample
+
+    rows = ["", f"True trigger along short DDIM chains (n = {args.n}, seed {args.seed}):", "",
+            "| model | steps | eta | uniformity trig / clean | log ratio |", "|---|---|---|---|---|"]
+    for name in args.models:
+        model = load(args.zoo / name)
+        g = build_arrays(spec_from_model(model), model.image_shape, *_digits()).trigger
+        eps = jax.random.normal(jax.random.key(args.seed), (args.n, *model.image_shape))
+        for chain in args.final_chains:
+            steps, eta = int(chain.split(":")[0]), float(chain.split(":")[1])
+            run = jax.jit(lambda x: ddim_sample(model.eps, model.params, model.schedule, x,  # noqa: B023
+                                                jax.random.key(args.seed + 1), num_steps=steps, eta=eta))
+            ut, uc = (generation_stats(np.asarray(run(x)))["uniformity"] for x in (eps + g, eps))
+            rows.append(f"| {name} | {steps} | {eta:g} | {ut:.3g} / {uc:.3g} | {np.log(ut / uc):+.2f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=Path("zoo"))
@@ -78,6 +102,7 @@ def main():
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("runs/probe_starts.md"))
     ap.add_argument("--scan-starts", nargs="*", default=[])
+    ap.add_argument("--final-chains", nargs="*", default=[], help="STEPS:ETA chains for the true-trigger table")
     ap.add_argument("--lambda", dest="lambda_source", default="closed-sde")
     args = ap.parse_args()
     from pdjax import cpu_runtime
@@ -106,6 +131,8 @@ def main():
                     rows.append(f"| {name} | {cname} | {sampler} | {c:g} | {a} | {st['uniformity']:.3g} / "
                                 f"{clean['uniformity']:.3g} | {st['uniformity'] / clean['uniformity']:.3f} |")
                     print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.final_chains:
+        rows += chain_rows(args)
     if args.scan_starts:
         rows += scan_rows(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

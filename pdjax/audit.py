@@ -21,6 +21,7 @@ first (``--distributed``): the mesh then spans every process's devices.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -256,7 +257,7 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
     count; model i uses ``fold_in(key(seed), i)``); the features and labels are stored in the file's meta.
     """
-    from pdjax.defense.detection import FEATURES, calibrate
+    from pdjax.defense.detection import FEATURES, PROBE_FEATURE, PROBE_MIN_CLEAN, calibrate
     from pdjax.errors import UnknownNameError
     from pdjax.model import load
     from pdjax.paths import check_out_file
@@ -267,24 +268,31 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     if feature not in FEATURES:
         raise UnknownNameError("detection feature", feature, FEATURES)
     _check_configs(config, probe)
+    if probe is not None and len(clean) < PROBE_MIN_CLEAN:
+        raise ConfigError(f"the probe threshold needs at least {PROBE_MIN_CLEAN} clean reference models, got "
+                          f"{len(clean)}; add --clean models or drop --final-probe")
     check_out_file(out)
     paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
     models = [load(p) for p, _ in paths]
     key = jax.random.key(seed)
     feats, labels = [], []
-    placeholder = Detector()  # scan_model needs a rule; its verdict is ignored here
+    # scan_model needs a rule; its verdict is ignored here. With a probe, a probe threshold (one that never
+    # fires) makes the scan report the probe's features beside the main ones, for calibrate's probe threshold.
+    placeholder = Detector(probe_threshold=-math.inf) if probe else Detector()
     for i, ((p, label), model) in enumerate(zip(paths, models)):
         v = scan_model(model, str(p), jax.random.fold_in(key, i), placeholder, config, n, progress=progress,
                        probe=probe)
         feats.append(v.features)
         labels.append(label)
-        echo(f"{p}: {'backdoored' if label else 'clean'} reference, {feature} = {v.features[feature]:.4g}")
+        extra = f", {PROBE_FEATURE} = {v.features[PROBE_FEATURE]:.4g}" if probe else ""
+        echo(f"{p}: {'backdoored' if label else 'clean'} reference, {feature} = {v.features[feature]:.4g}{extra}")
     det = calibrate(feats, labels, feature, meta={
         "reference_models": [str(p) for p, _ in paths], "seed": seed, "samples": n,
         "inversion": config.resolved().to_dict(), **_probe_setting(probe), "features": feats,
         "pdjax_version": _version()})
     det.save(out)
-    echo(f"detector: {feature} threshold {det.threshold:.4g} (sign {det.sign:+d}), "
+    extra = "" if det.probe_threshold is None else f", probe threshold {det.probe_threshold:.4g}"
+    echo(f"detector: {feature} threshold {det.threshold:.4g} (sign {det.sign:+d}){extra}, "
          f"training accuracy {det.meta['train_accuracy']:.2f} on {len(paths)} models -> {out}")
     return det
 

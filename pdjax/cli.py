@@ -430,8 +430,10 @@ def _add_scan_options(p) -> None:
     p.add_argument("--chain", choices=("ddpm", "ddim"),
                    help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")
     p.add_argument("--final-probe", dest="final_probe", action="store_true",
-                   help="also invert by L_final alone (collapse of short DDIM-chain generations, DDPM and DDIM starts) "
-                   "and decide on whichever trigger collapses the generations more; about doubles the scan time")
+                   help="also invert by L_final alone (collapse of short DDIM-chain generations, DDPM and DDIM starts); "
+                   "a detector with a probe threshold (calibrate --final-probe, >= 3 clean models) flags a model when "
+                   "either rule fires, one without decides on whichever trigger collapses the generations more; "
+                   "about doubles the scan time")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -566,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--final-weight", dest="final_weight", type=float,
                    help="purediffusion: weight of L_final, the collapse of short-DDIM-chain generations (default 0)")
     i.add_argument("--final-steps", dest="final_steps", type=int, help="purediffusion: DDIM steps of L_final's chain")
+    i.add_argument("--final-eta", dest="final_eta", type=float,
+                   help="purediffusion: eta of L_final's chain (0 deterministic, default; 1 stochastic, DDPM-like)")
     i.add_argument("--cells", type=int, help="optimise the trigger on blocks of CELLS x CELLS pixels (default 1)")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--chain", choices=("ddpm", "ddim"),

@@ -63,6 +63,31 @@ def test_calibrate_needs_both_classes():
         calibrate([{"x": 0.0}, {"x": 1.0}], [True, False], feature="x")
 
 
+def test_calibrate_fits_the_probe_threshold_on_clean_models_only(tmp_path):
+    """With probe features, the probe threshold is mean - PROBE_Z sd of the clean references' probe ratios
+    (backdoored ones ignored); either rule flags a model; the file keeps it; a version-1 file has none."""
+    main = [-3.0, -2.5, -0.1, 0.0, 0.05, -0.2]
+    probe = [-0.1, -5.0, -0.3, 0.0, -0.1, -0.2]
+    y = [True, True, False, False, False, False]
+    feats = [{"log_uni_ratio": a, D.PROBE_FEATURE: b} for a, b in zip(main, probe)]
+    det = calibrate(feats, y)
+    clean = np.array([-0.3, 0.0, -0.1, -0.2])
+    assert math.isclose(det.probe_scale, clean.std(ddof=1))
+    assert math.isclose(det.probe_threshold, clean.mean() - D.PROBE_Z * clean.std(ddof=1))
+    assert math.isclose(det.threshold, 0.5 * (-2.5 - 0.2))  # the main rule is unchanged by the probe
+    only_probe = {"log_uni_ratio": 0.0, D.PROBE_FEATURE: -2.0}
+    assert det.decide(only_probe) and det.scores(only_probe)[0] < 0 < det.scores(only_probe)[1]
+    assert not det.decide({"log_uni_ratio": 0.0, D.PROBE_FEATURE: -0.2})
+    assert det.decide({"log_uni_ratio": -3.0})  # no probe features: the main rule alone
+    assert Detector.load(det.save(tmp_path / "p.json")) == det
+    old = {**det.to_dict(), "version": 1}
+    del old["probe_threshold"], old["probe_scale"]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert Detector.load(tmp_path / "v1.json").probe_threshold is None
+    with pytest.raises(ConfigError, match="at least 3 clean"):
+        calibrate(feats[:4], y[:4])
+
+
 def test_detector_file_roundtrip_and_errors(tmp_path):
     det = Detector("trigger_kl", 1.5, 1, 2.0, {"note": "x"})
     p = det.save(tmp_path / "d.json")
@@ -84,8 +109,10 @@ def test_shipped_detector_is_calibrated():
     meta = det.meta
     assert meta["n_reference"] == len(meta["reference_labels"]) >= 2
     assert any(meta["reference_labels"]) and not all(meta["reference_labels"])
-    # The shipped threshold separates the reference values it was fitted on as reported.
-    pred = [det.sign * (v - det.threshold) > 0 for v in meta["reference_values"]]
+    # The shipped rule (with its probe threshold, if any) separates the reference values as reported.
+    probe = meta.get("probe_reference_values", [None] * len(meta["reference_values"]))
+    pred = [det.decide({det.feature: v, **({} if p is None else {D.PROBE_FEATURE: p})})
+            for v, p in zip(meta["reference_values"], probe)]
     acc = np.mean([p == t for p, t in zip(pred, meta["reference_labels"])])
     assert math.isclose(acc, meta["train_accuracy"])
 
@@ -121,6 +148,9 @@ def test_cli_scan_and_calibrate(tmp_path, capsys):
     rc = main(["calibrate", "--clean", str(a), "--backdoored", str(b), "--out", str(tmp_path / "det.json"), *opts])
     out, err = capsys.readouterr()
     assert rc == 0, err
+    rc = main(["calibrate", "--clean", str(a), "--backdoored", str(b), "--out", str(tmp_path / "p.json"),
+               "--final-probe", *opts])  # refused before any scan: a clean-only threshold needs 3 clean models
+    assert rc != 0 and "at least 3 clean" in capsys.readouterr().err
     rc = main(["scan", str(a), str(b), "--out", str(tmp_path / "scan"), "--detector", str(tmp_path / "det.json"),
                *opts])
     out, err = capsys.readouterr()
@@ -164,6 +194,12 @@ def test_final_probe_decides_on_the_more_collapsing_trigger(monkeypatch):
     assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, probe=probe).trigger[0, 0, 0]) == 2.0
     assert [c for c, _ in seen] == [TINY_SCAN, probe] and all(k is key for _, k in seen)
     assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4).trigger[0, 0, 0]) == 1.0
+    # A detector with a probe threshold: the main rule on the main trigger, the probe rule on the probe's.
+    two = Detector(probe_threshold=-1.0, probe_scale=0.1)
+    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe)
+    assert v.backdoored and float(v.trigger[0, 0, 0]) == 2.0 and "probe" in v.reason
+    assert v.features["log_uni_ratio"] > -1 and v.features[D.PROBE_FEATURE] < -3
+    assert math.isclose(v.score, (-1.0 - v.features[D.PROBE_FEATURE]) / 0.1)
     args = build_parser().parse_args(["scan", "--final-probe", "--steps", "3"])
     assert _scan_probe(args) == dataclasses.replace(D.FINAL_PROBE, steps=3)
     assert _scan_probe(build_parser().parse_args(["scan"])) is None
@@ -188,3 +224,34 @@ def test_scan_stack_keeps_each_models_more_collapsing_candidate(monkeypatch):
     vs = D.scan_stack([None, None], ["a", "b"], None, Detector(), TINY_SCAN, n=4, probe=probe)
     assert [float(v.trigger[0, 0, 0]) for v in vs] == [10.0, 1.0]
     assert all(v.features["log_uni_ratio"] < -3 for v in vs)
+
+
+def test_calibrate_models_with_probe_fits_both_thresholds(tmp_path, monkeypatch):
+    """`pdjax calibrate --final-probe`: every reference scan reports the probe's ratio beside the main one, and
+    the saved detector carries the clean-only probe threshold (inversions monkeypatched: tiny diverse or
+    collapsed generations)."""
+    from types import SimpleNamespace
+
+    from pdjax.audit import calibrate_models
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"m{i}")
+        random_model("tiny", seed=i, timesteps=50).save(paths[-1])
+    probe = dataclasses.replace(D.FINAL_PROBE, steps=2)
+    spread = iter([1.0, 0.9, 1.1, 0.95, 1.0, 0.9, 1.05, 0.97])  # each model's main, then its probe
+
+    def fake(model, key, config, n, progress):
+        s = next(spread)
+        res = SimpleNamespace(trigger=np.zeros((8, 8, 1), np.float32), losses=np.zeros(2), method="purediffusion",
+                              scale=1.0, start="ddpm")
+        return res, (s * rng.normal(size=(4, 8, 8, 1)), rng.normal(size=(4, 8, 8, 1)))
+
+    monkeypatch.setattr(D, "_invert_and_generate", fake)
+    det = calibrate_models([str(p) for p in paths[:3]], [str(paths[3])], tmp_path / "det.json", config=TINY_SCAN,
+                           n=4, progress=False, echo=lambda s: None, probe=probe)
+    probe_vals = np.array(det.meta["probe_reference_values"])
+    assert len(probe_vals) == 4 and "probe" in det.meta
+    assert math.isclose(det.probe_threshold, probe_vals[:3].mean() - D.PROBE_Z * max(probe_vals[:3].std(ddof=1), 0.01))
+    assert Detector.load(tmp_path / "det.json") == det

@@ -70,3 +70,5 @@ def test_combined_method_takes_the_lower_log_ratio_of_its_parts(tmp_path):
     assert rows["a"]["features"] == {"log_uni_ratio": -2.0, "part": pd_part}
     assert rows["b"]["features"] == {"log_uni_ratio": -1.5, "part": final_part}
     assert rows["a"]["seconds"] == 20.0 and de.STATISTIC["pd+final"] == "log_uni_ratio"
+    two = de.scan_combined(["a", "b"], "pd+probe", tmp_path, seed=0, n=2, steps=2)  # the main row + the probe's ratio
+    assert two["b"]["features"] == {"log_uni_ratio": -0.1, "part": pd_part, de.PROBE_FEATURE: -1.5}

@@ -395,17 +395,21 @@ def test_fresh_noise_draws_the_batch_from_the_step_key(models):
         InversionConfig(fresh_noise=True, per_sample=True).resolved()
 
 
-def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models):
-    """L_final: cons_batch noises through a final_steps-step deterministic DDIM chain from T-1 (recomputed here
-    in numpy), log pairwise_sq_mean with delta minus without; zero at delta = 0; added to L_shift with its weight."""
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models, eta):
+    """L_final: cons_batch noises through a final_steps-step DDIM chain from T-1 (recomputed here in numpy;
+    eta = 1: stochastic, both chains with the noise of fold_in(chain_key, 2) at each t), log pairwise_sq_mean
+    with delta minus without; zero at delta = 0; added to L_shift with its weight."""
     m = models[0]
     prob = inv.problem_of(m)
     assert inv.final_timesteps(1000, 4) == [999, 749, 499, 249]
-    cfg = dataclass_replace(PD, shift_weight=0.0, cons_weight=0.0, final_weight=2.0, final_steps=4).resolved()
+    cfg = dataclass_replace(PD, shift_weight=0.0, cons_weight=0.0, final_weight=2.0, final_steps=4,
+                            final_eta=eta).resolved()
     (phase,) = inv._phases(prob, cfg)
     fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
     delta = 0.5 * jax.random.normal(jax.random.key(5), m.image_shape)
     abar = np.asarray(m.schedule.alphas_cumprod, np.float64)
+    chain_key = jax.random.fold_in(fixed["chain_key"], 2)
 
     def chain(x):
         x = np.asarray(x, np.float64)
@@ -413,7 +417,9 @@ def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models):
             e = np.asarray(m.eps(m.params, jnp.asarray(x, jnp.float32), jnp.full((len(x),), t, jnp.int32)), np.float64)
             x0 = (x - np.sqrt(1 - abar[t]) * e) / np.sqrt(abar[t])
             prev = abar[t - 250] if t >= 250 else 1.0
-            x = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * e
+            c = eta * np.sqrt((1 - abar[t] / prev) * (1 - prev) / (1 - abar[t]))
+            z = np.asarray(jax.random.normal(jax.random.fold_in(chain_key, t), x.shape), np.float64)
+            x = np.sqrt(prev) * x0 + np.sqrt(max(1 - prev - c * c, 0.0)) * e + c * z
         flat = x.reshape(len(x), -1)
         return np.mean([np.mean((flat[a] - flat[b]) ** 2) for a in range(len(x)) for b in range(a + 1, len(x))])
 
@@ -428,6 +434,8 @@ def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models):
                                float(only_shift) + 2.0 * want, rtol=1e-3)
     with pytest.raises(ConfigError, match="final_steps"):
         InversionConfig(final_weight=1.0, final_steps=0).resolved()
+    with pytest.raises(ConfigError, match="final_eta"):
+        InversionConfig(final_weight=1.0, final_eta=1.5).resolved()
     with pytest.raises(ConfigError, match="final_weight"):
         InversionConfig(shift_weight=0.0).resolved()
 

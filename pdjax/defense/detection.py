@@ -17,6 +17,11 @@ The decision rule (:class:`Detector`) is a threshold on one feature, calibrated 
 models (:func:`calibrate`: the midpoint of the widest gap between the classes, or the threshold of
 highest balanced accuracy when they overlap) and shipped as a small versioned JSON file
 (``pdjax/assets/detector.json``); ``pdjax calibrate`` refits it on a user's own reference models.
+With the probe (``pdjax scan --final-probe``), a detector may carry a second threshold, on the probe
+trigger's ``log_uni_ratio`` (feature ``probe_log_uni_ratio``), fitted on the clean reference models alone
+(mean - PROBE_Z standard deviations): the probe looks for backdoors the calibration set may have no
+example of, so its false-alarm level is set from clean models. The verdict is then "backdoored" when either
+rule fires.
 The likely target is the per-pixel median of the triggered generations.
 """
 
@@ -39,9 +44,14 @@ from pdjax.defense.inversion import InversionConfig, invert
 from pdjax.errors import ConfigError, OutputError
 
 DETECTOR_FORMAT = "pdjax-detector"
-DETECTOR_VERSION = 1
+DETECTOR_VERSION = 2  # 2 added the optional probe threshold; version-1 files load as detectors without one
 FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "trigger_norm", "trigger_mean",
             "trigger_kl", "final_loss")
+PROBE_FEATURE = "probe_log_uni_ratio"
+# The probe threshold: mean - PROBE_Z * sd of the clean reference models' probe log ratios (a Gaussian null:
+# a 0.13% one-sided false-alarm rate per model); at least PROBE_MIN_CLEAN clean references.
+PROBE_Z = 3.0
+PROBE_MIN_CLEAN = 3
 
 # The scan's default inversion: PureDiffusion with its shipped defaults (size search included) but fewer
 # steps and a smaller batch, so the bundled demo scan fits in minutes on a 2-core CPU (issue 5); audits may
@@ -59,7 +69,8 @@ FINAL_PROBE = InversionConfig(method="purediffusion", steps=40, shift_weight=0.0
 
 @dataclasses.dataclass(frozen=True)
 class Detector:
-    """A one-feature threshold rule: backdoored when ``sign * (feature - threshold) > 0``.
+    """A threshold rule: backdoored when ``sign * (feature - threshold) > 0``, or, with a probe threshold and
+    the probe's features, when ``probe_log_uni_ratio < probe_threshold``.
 
     Attributes:
       feature: one of :data:`FEATURES`.
@@ -68,6 +79,10 @@ class Detector:
       scale: spread of the reference feature values; the score is sign * (x - threshold) / scale.
       meta: provenance: reference models, their labels and feature values, the inversion settings,
         training accuracy, date.
+      probe_threshold: threshold on :data:`PROBE_FEATURE` (None: no probe rule; a scan with a probe then
+        decides on whichever trigger collapses the generations more, by the one threshold).
+      probe_scale: the clean references' standard deviation of the probe feature; the probe's score is
+        (probe_threshold - x) / probe_scale.
     """
 
     feature: str = "log_uni_ratio"
@@ -75,12 +90,21 @@ class Detector:
     sign: int = -1
     scale: float = 1.0
     meta: dict = dataclasses.field(default_factory=dict)
+    probe_threshold: float | None = None
+    probe_scale: float = 1.0
 
-    def score(self, features: dict) -> float:
-        """Signed margin: > 0 means backdoored."""
+    def scores(self, features: dict) -> tuple[float, float | None]:
+        """(main rule's signed margin, probe rule's signed margin or None); > 0 means backdoored."""
         if self.feature not in features:
             raise ConfigError(f"detector needs feature {self.feature!r}, have {', '.join(sorted(features))}")
-        return float(self.sign * (features[self.feature] - self.threshold) / self.scale)
+        main = float(self.sign * (features[self.feature] - self.threshold) / self.scale)
+        if self.probe_threshold is None or PROBE_FEATURE not in features:
+            return main, None
+        return main, float((self.probe_threshold - features[PROBE_FEATURE]) / self.probe_scale)
+
+    def score(self, features: dict) -> float:
+        """Signed margin: > 0 means backdoored (the larger of the two rules' margins)."""
+        return max(s for s in self.scores(features) if s is not None)
 
     def decide(self, features: dict) -> bool:
         return self.score(features) > 0
@@ -119,12 +143,14 @@ class Detector:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
             raise ConfigError(f"{where} is not valid JSON ({why}); recalibrate it with `pdjax calibrate`") from None
-        if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT or d.get("version") != DETECTOR_VERSION:
+        if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT or d.get("version") not in (1, DETECTOR_VERSION):
             raise ConfigError(f"{where} is not a pdjax detector of version {DETECTOR_VERSION}; recalibrate it")
         if d.get("feature") not in FEATURES:
             raise ConfigError(f"{where} uses unknown feature {d.get('feature')!r}; valid: {', '.join(FEATURES)}")
         try:
-            return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}))
+            probe = d.get("probe_threshold")
+            return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}),
+                       None if probe is None else float(probe), float(d.get("probe_scale", 1.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where} lacks a valid {e} entry; recalibrate it with `pdjax calibrate`") from None
 
@@ -191,7 +217,19 @@ def features_of(trigger, triggered, clean, final_loss: float) -> dict:
 
 
 def explain(det: Detector, features: dict, backdoored: bool) -> str:
-    """One sentence: which feature, its value, the threshold, and what it means."""
+    """One sentence: which rule decided, its feature's value, the threshold, and what it means."""
+    main, probe = det.scores(features)
+    if probe is None:
+        return _explain_main(det, features, backdoored)
+    p, thr = math.exp(features[PROBE_FEATURE]), math.exp(det.probe_threshold)
+    if probe > 0 and probe >= main:
+        return (f"generations from the probe's trigger collapse onto one image: uniformity {features['probe_uni_trig']:.3g} "
+                f"vs {features['probe_uni_clean']:.3g} from clean noise (ratio {p:.3g} <= probe threshold {thr:.3g}, "
+                f"fitted on clean reference models)")
+    return _explain_main(det, features, backdoored) + f"; probe ratio {p:.3g} {'<=' if probe > 0 else '>'} {thr:.3g}"
+
+
+def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
     x = features[det.feature]
     rel = ">" if x > det.threshold else "<="
     if det.feature == "log_uni_ratio":
@@ -228,14 +266,28 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
 
 
 def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
-    """The verdict from one model's candidates ``found`` = [(inversion result, (triggered, clean) generations)]:
-    the candidate whose generations collapse most (lowest log_uni_ratio; the first on ties)."""
+    """The verdict from one model's candidates ``found`` = [(inversion result, (triggered, clean) generations)],
+    the scan's own inversion first, then the probe's.
+
+    With a probe and a detector with a probe threshold: the features are the first candidate's plus the
+    probe's ``probe_log_uni_ratio``, ``probe_uni_trig`` and ``probe_uni_clean``; both rules are applied, and
+    the evidence (trigger, generations) is that of the rule with the larger margin. Otherwise: the candidate
+    whose generations collapse most (lowest log_uni_ratio; the first on ties), judged by the one threshold."""
     scored = [({**features_of(r.trigger, g[0], g[1], r.losses[-1]), "trigger_scale": r.scale}, r, g) for r, g in found]
-    feats, res, gens = min(scored, key=lambda s: s[0]["log_uni_ratio"])
+    if len(scored) == 2 and det.probe_threshold is not None:
+        (feats, res, gens), (pf, pres, pgens) = scored
+        feats = {**feats, PROBE_FEATURE: pf["log_uni_ratio"], "probe_uni_trig": pf["uni_trig"],
+                 "probe_uni_clean": pf["uni_clean"]}
+        main, probe = det.scores(feats)
+        if probe > main:
+            res, gens = pres, pgens
+    else:
+        feats, res, gens = min(scored, key=lambda s: s[0]["log_uni_ratio"])
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
-                        {"feature": det.feature, "threshold": det.threshold, "sign": det.sign}, res.start)
+                        {"feature": det.feature, "threshold": det.threshold, "sign": det.sign,
+                         "probe_threshold": det.probe_threshold}, res.start)
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
@@ -273,6 +325,9 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     The sign is the direction in which backdoored models lie (by class means). If the classes separate,
     the threshold is the midpoint of the gap between them (max margin); otherwise the threshold with the
     highest balanced accuracy. ``scale`` is the pooled standard deviation (1 if degenerate).
+    When every feature dict has :data:`PROBE_FEATURE` (scans with the probe), the probe threshold is fitted
+    on the clean models alone: mean - PROBE_Z * sd (sd with ddof 1, at least 0.01), from at least
+    PROBE_MIN_CLEAN clean models.
     """
     if feature not in FEATURES:
         raise ConfigError(f"unknown detection feature {feature!r}; valid: {', '.join(FEATURES)}")
@@ -293,7 +348,19 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     scale = float(np.sqrt(0.5 * (x[y].var() + x[~y].var()))) or 1.0
     thr = float(sign * thr_s)
     pred = sign * (x - thr) > 0
+    probe_thr, probe_scale = None, 1.0
+    if all(PROBE_FEATURE in f for f in features):
+        v = np.asarray([f[PROBE_FEATURE] for f in features], np.float64)
+        if (~y).sum() < PROBE_MIN_CLEAN:
+            raise ConfigError(f"the probe threshold needs at least {PROBE_MIN_CLEAN} clean reference models, "
+                              f"got {int((~y).sum())}; add --clean models or drop --final-probe")
+        probe_scale = max(float(np.std(v[~y], ddof=1)), 0.01)
+        probe_thr = float(v[~y].mean() - PROBE_Z * probe_scale)
+        pred = pred | (v < probe_thr)
     info = {**(meta or {}), "n_reference": int(len(y)), "n_backdoored": int(y.sum()),
             "train_accuracy": float((pred == y).mean()),
             "reference_values": [float(v) for v in x], "reference_labels": [bool(v) for v in y]}
-    return Detector(feature, thr, sign, scale, info)
+    if probe_thr is not None:
+        info["probe_reference_values"] = [float(a) for a in v]
+        info["probe_rule"] = f"mean - {PROBE_Z:g} sd of the clean references' {PROBE_FEATURE}"
+    return Detector(feature, thr, sign, scale, info, probe_thr, probe_scale)

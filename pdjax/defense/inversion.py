@@ -47,7 +47,7 @@ import optax
 
 from pdjax import loops
 from pdjax.configs import from_dict_strict
-from pdjax.diffusion.samplers import DDIM_STEPS, ddim_step, ddpm_step, timesteps_ddim
+from pdjax.diffusion.samplers import DDIM_STEPS, ddim_step, ddim_update, ddpm_step, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.models.unet import make_eps_fn
@@ -89,6 +89,10 @@ class InversionConfig:
         from eps + delta and once from eps alone; L_final = log L_cons(x0 | delta) - log L_cons(x0 | 0)
         (:func:`final_log_ratio`). It sees a backdoor that only shows at the end of the chain (VillanDiffusion
         ODE: the first steps' shift is that of any model, experiments/results/start_search.md section 3).
+      final_eta: L_final's chain: 0 = deterministic DDIM; 1 = stochastic (DDPM-like), both chains sharing
+        one chain noise (fresh with ``fresh_noise``). Along deterministic DDIM a TrojDiff blend trigger makes the
+        generations diverge; along a 20-step stochastic chain they partly collapse, but the inversion did not
+        find the trigger that way (start_search.md section 6).
       cells: the trigger is optimised on a grid of cells x cells pixel blocks and upsampled (nearest) to the
         image, 1 = one value per pixel (a start trigger is block-averaged onto the grid). Meant to keep the
         optimiser off pixel-level patterns; no kept experiment measures it yet.
@@ -131,6 +135,7 @@ class InversionConfig:
     cons_batch: int = 8
     final_weight: float = 0.0
     final_steps: int = 10
+    final_eta: float = 0.0
     cells: int = 1
     lambda_source: str = "closed-sde"
     chain: str = "ddpm"
@@ -184,6 +189,8 @@ class InversionConfig:
                 raise ConfigError("fresh_noise needs the batch-mean shift loss, not per_sample")
             if cfg.final_weight and cfg.final_steps < 1:
                 raise ConfigError(f"final_steps must be >= 1, got {cfg.final_steps}")
+            if not 0.0 <= cfg.final_eta <= 1.0:
+                raise ConfigError(f"final_eta must be in [0, 1], got {cfg.final_eta}")
             if (cfg.cons_weight or cfg.final_weight) and not 2 <= cfg.cons_batch <= cfg.batch:
                 raise ConfigError(f"cons_batch must be in [2, batch={cfg.batch}], got {cfg.cons_batch}")
         if cfg.method == "terd" and (cfg.terd_refine_steps < 0 or cfg.terd_ddim_steps < 1):
@@ -378,17 +385,27 @@ def _clean_chain_eps(prob: Problem, cfg: InversionConfig, params, noise, chain_k
     return jax.lax.stop_gradient(jnp.stack(out))
 
 
-def _ddim_chain(prob: Problem, cfg: InversionConfig, timesteps):
-    """``(params, x) -> x0``: a deterministic DDIM chain over ``timesteps`` (descending; each step goes to the
-    next one, the last to x0), unrolled with gradients through it (each step rematerialised with ``cfg.remat``)."""
+def _ddim_chain(prob: Problem, cfg: InversionConfig, timesteps, eta: float = 0.0):
+    """``(params, x, key=None) -> x0``: a DDIM chain over ``timesteps`` (descending; each step goes to the
+    next one, the last to x0), unrolled with gradients through it (each step rematerialised with ``cfg.remat``).
+    ``eta`` > 0: stochastic DDIM (1 = DDPM-like), step t's noise ``normal(fold_in(key, t))``, so two calls with
+    one key share their chain noise."""
     ts = [int(t) for t in timesteps]
     prevs = ts[1:] + [-1]
-    step = _step(lambda params, x, t, t_prev: ddim_step(prob.eps_fn, params, prob.schedule, x, t, t_prev,
-                                                        clip_sample=prob.clip_sample)[0], cfg)
 
-    def run(params, x):
+    def one(params, x, t, t_prev, key):
+        # The chain noise is drawn whole (not per device): L_final runs its few samples whole on every device.
+        z = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype) if eta else None
+        return ddim_update(prob.schedule, x, _eps_at(prob.eps_fn, params, x, t), t, t_prev, z, eta,
+                           clip_sample=prob.clip_sample)
+
+    step = _step(one, cfg)
+
+    def run(params, x, key=None):
+        if eta and key is None:
+            raise ValueError("a stochastic DDIM chain (eta > 0) needs a key")
         for t, t_prev in zip(ts, prevs):
-            x = step(params, x, t, t_prev)
+            x = step(params, x, t, t_prev, key)
         return x
 
     return run
@@ -402,18 +419,19 @@ def final_timesteps(T: int, steps: int) -> list[int]:
 
 
 def final_log_ratio(prob: Problem, cfg: InversionConfig):
-    """L_final as a function ``(params, noise [n, H, W, C], delta [H, W, C]) -> scalar``.
+    """L_final as a function ``(params, noise [n, H, W, C], delta [H, W, C], key) -> scalar``.
 
-    x0(z) = the ``cfg.final_steps``-step deterministic DDIM chain (:func:`final_timesteps`) from z;
+    x0(z) = the ``cfg.final_steps``-step DDIM chain (:func:`final_timesteps`) from z, deterministic for
+    ``cfg.final_eta`` = 0, else stochastic with the chain noise of ``key``, shared by both chains;
     L_final = log pairwise_sq_mean(x0(noise + delta)) - log pairwise_sq_mean(x0(noise)), the second term
     without gradient: < 0 when the trigger makes different noises end on the same image. The chain from the
     noise alone is the scale: a trigger that only enlarges or saturates the outputs does not score.
     """
-    x0 = _ddim_chain(prob, cfg, final_timesteps(prob.schedule.num_timesteps, cfg.final_steps))
+    x0 = _ddim_chain(prob, cfg, final_timesteps(prob.schedule.num_timesteps, cfg.final_steps), cfg.final_eta)
 
-    def loss(params, noise, delta):
-        clean = jax.lax.stop_gradient(pairwise_sq_mean(x0(params, noise)))
-        return jnp.log(pairwise_sq_mean(x0(params, noise + delta)) + 1e-12) - jnp.log(clean + 1e-12)
+    def loss(params, noise, delta, key=None):
+        clean = jax.lax.stop_gradient(pairwise_sq_mean(x0(params, noise, key)))
+        return jnp.log(pairwise_sq_mean(x0(params, noise + delta, key)) + 1e-12) - jnp.log(clean + 1e-12)
 
     return loss
 
@@ -451,7 +469,8 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
             x = x_next
         total = (cfg.shift_weight * shift + cfg.cons_weight * cons) / cfg.K
         if final is not None:  # computed whole on every device (a few samples), marked as one value
-            total = total + cfg.final_weight * batch_agree(final(params, batch_gather(noise)[: cfg.cons_batch], delta))
+            total = total + cfg.final_weight * batch_agree(final(params, batch_gather(noise)[: cfg.cons_batch], delta,
+                                                                    jax.random.fold_in(chain_key, 2)))
         return total
 
     return loss
