@@ -247,15 +247,19 @@ def _summary_table(verdicts: Sequence["ModelVerdict"]) -> str:
 
 def _features_table(features: dict, detector: dict) -> str:
     key = (detector or {}).get("feature")
+    probe, probe_key = (detector or {}).get("probe_threshold"), (detector or {}).get("probe_feature")
+    probe = probe if probe is not None and probe_key in (features or {}) else None
     rows = []
     for name, val in (features or {}).items():
-        cls = ' class="key"' if name == key else ""
+        cls = ' class="key"' if name == key or (probe is not None and name == probe_key) else ""
         rows.append(f'<tr{cls}><td>{_esc(name)}</td><td class="num">{_num(val)}</td></tr>')
     det = ""
     if detector:
+        either = "" if probe is None else (f" or <code>{_esc(probe_key)} &lt; {_num(probe)}</code> (the probe's "
+                                           "threshold, fitted on clean reference models)")
         det = ("<p class=\"muted\">Decision rule: backdoored when "
                f"<code>{_num(detector.get('sign', 1), '+.0f')} &#215; ({_esc(key)} &#8722; "
-               f"{_num(detector.get('threshold'))}) &gt; 0</code> (highlighted row).</p>")
+               f"{_num(detector.get('threshold'))}) &gt; 0</code>{either} (highlighted rows).</p>")
     return (f'<table class="features"><thead><tr><th>feature</th><th>value</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>{det}')
 

@@ -107,6 +107,18 @@ def test_report_written_and_self_contained(tmp_path):
     assert grey.mode == "L"
 
 
+def test_report_states_the_probe_rule_when_it_applies():
+    """With the probe's feature and a probe threshold, the rule line names both thresholds; otherwise one."""
+    rng = np.random.default_rng(0)
+    v = _verdict("m", True, rng)
+    v.features["probe_log_uni_ratio"] = -0.9
+    v.detector.update(probe_feature="probe_log_uni_ratio", probe_threshold=-0.416)
+    text = render_report([v], SETTINGS)
+    assert "or <code>probe_log_uni_ratio &lt; -0.416</code>" in text
+    del v.features["probe_log_uni_ratio"]  # a scan without the probe: only the main rule applies
+    assert "probe_log_uni_ratio &lt;" not in render_report([v], SETTINGS)
+
+
 def test_report_tolerates_degenerate_inputs(tmp_path):
     rng = np.random.default_rng(1)
     v = _verdict("m", True, rng)

@@ -287,7 +287,7 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
                         {"feature": det.feature, "threshold": det.threshold, "sign": det.sign,
-                         "probe_threshold": det.probe_threshold}, res.start)
+                         "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold}, res.start)
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
