@@ -402,7 +402,7 @@ ROWS = [
         "det.json is not valid JSON", "recalibrate it with `pdjax calibrate`"),
     Row("detector-not-an-object", lambda z, t, mp: (t / "det.json").write_text("[1, 2]") and [
         "scan", z.diff, "--detector", t / "det.json", "--out", t / "s", *SCAN],
-        "is not a pdjax detector of version 1", "recalibrate it"),
+        "is not a pdjax detector of version 1 or 2", "recalibrate it"),
     Row("audit-source-binary-file", lambda z, t, mp: (t / "models.bin").write_bytes(b"\xff\xfe\x00\x81") and [
         "audit", t / "models.bin", "--out", t / "au", *SCAN],
         "is a file but not a text list of model paths", "a text file with one path per line"),

@@ -144,7 +144,7 @@ class Detector:
             why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
             raise ConfigError(f"{where} is not valid JSON ({why}); recalibrate it with `pdjax calibrate`") from None
         if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT or d.get("version") not in (1, DETECTOR_VERSION):
-            raise ConfigError(f"{where} is not a pdjax detector of version {DETECTOR_VERSION}; recalibrate it")
+            raise ConfigError(f"{where} is not a pdjax detector of version 1 or {DETECTOR_VERSION}; recalibrate it")
         if d.get("feature") not in FEATURES:
             raise ConfigError(f"{where} uses unknown feature {d.get('feature')!r}; valid: {', '.join(FEATURES)}")
         try:
