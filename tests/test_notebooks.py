@@ -81,7 +81,8 @@ if RUN_ALL:
 
 def _kernel_env(tmp: Path, cache: Path, extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).split()
+    flags = re.sub(r"--xla_(force_host_platform_device_count|backend_optimization_level)=\d+", "",
+                   env.get("XLA_FLAGS", "")).split()
     # Smoke programs are tiny and run a few steps: LLVM optimisation would only add compile time (~30%).
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_backend_optimization_level=0"])
     env.update(PDJAX_NOTEBOOK_SMOKE="1", PDJAX_NOTEBOOK_OUT=str(tmp / "out"), JAX_PLATFORMS="cpu",
