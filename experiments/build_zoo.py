@@ -100,7 +100,7 @@ BACKDOORS = [
     Entry("troj_blend_outd2d_A", AttackSpec("trojdiff", "blend", "letter:A", poison_rate=POISON, gamma=0.6, mode="out-d2d"), 13),
 ]
 CLEANS = [Entry("clean_s11", None, 11), Entry("clean_s12", None, 12), Entry("clean_s13", None, 13),
-          Entry("clean_s14", None, 14)]
+          Entry("clean_s14", None, 14), Entry("clean_s15", None, 15)]
 ENTRIES = BACKDOORS + CLEANS
 
 
