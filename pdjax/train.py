@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from pdjax import checkpoint, loops
-from pdjax.diffusion.schedule import Schedule, q_sample
+from pdjax.diffusion.schedule import Schedule, check_t_min, q_sample
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.model import Model
 from pdjax.paths import check_out_dir
@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     steps_per_call: int = 0      # 0: loops.default_steps_per_call() (1 on CPU, 10 on GPU/TPU)
     checkpoint_every: int = 500
+    t_min: int = 0               # timesteps drawn from U{t_min..T-1}: > 0 fine-tunes only the noisiest steps
 
     def __post_init__(self):
         if self.steps_per_call == 0:
@@ -51,6 +52,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "steps_per_call", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.t_min < 0:
+            raise ConfigError(f"t_min must be >= 0, got {self.t_min}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -84,13 +87,15 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
 
 
-def ddpm_loss(eps_fn, schedule: Schedule, batch_size: int) -> LossFn:
-    """Clean DDPM objective: E ||eps - eps_hat(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 (SPEC 1)."""
+def ddpm_loss(eps_fn, schedule: Schedule, batch_size: int, t_min: int = 0) -> LossFn:
+    """Clean DDPM objective: E ||eps - eps_hat(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 (SPEC 1),
+    t ~ U{t_min..T-1}."""
+    t_min = check_t_min(schedule, t_min)
 
     def loss(params, key, data):
         k_idx, k_t, k_eps = jax.random.split(key, 3)
         x0 = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
-        t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_timesteps)
+        t = jax.random.randint(k_t, (batch_size,), t_min, schedule.num_timesteps)
         noise = jax.random.normal(k_eps, x0.shape)
         x_t, t, noise = batch_slice((q_sample(schedule, x0, t, noise), t, noise))  # this device's rows
         return batch_mean((eps_fn(params, x_t, t) - noise) ** 2, all_axes=True)
@@ -222,7 +227,7 @@ def train(model: Model, data, cfg: TrainConfig | None = None, out: str | Path | 
     """Clean DDPM training of ``model`` on ``data`` [N, H, W, C] in [-1, 1] (see :func:`fit`)."""
     cfg = cfg or TrainConfig()
     _check_data(model, data)
-    loss = ddpm_loss(model.eps, model.schedule, cfg.batch_size)
+    loss = ddpm_loss(model.eps, model.schedule, cfg.batch_size, cfg.t_min)
     return fit(model, loss, data, cfg, out=out, meta=meta, progress=progress, stop_after=stop_after)
 
 

@@ -135,6 +135,16 @@ def test_backdoor_loss_poisons_the_requested_fraction_and_is_finite():
         assert np.isfinite(float(val)) and np.isfinite(float(grad["w"]))
 
 
+def test_backdoor_loss_t_min_restricts_the_timesteps():
+    eps_fn = lambda p, x, t: jnp.where(t[:, None, None, None] < 950, 1e3, 0.0) * jnp.ones_like(x)  # noqa: E731
+    arrays = A.AttackArrays(np.asarray(G), (np.asarray(G) > -1).astype(np.float32), np.asarray(Y[0]))
+    data = jnp.zeros((10, 8, 8, 1))
+    loss = A.backdoor_loss(eps_fn, S, A.AttackSpec(poison_rate=0.5), arrays, 32, t_min=950)
+    assert max(float(loss(None, jax.random.key(i), data)) for i in range(5)) < 10.0
+    with pytest.raises(ConfigError, match="t_min"):
+        A.backdoor_loss(eps_fn, S, A.AttackSpec(), arrays, 8, t_min=S.num_timesteps)
+
+
 def test_blank_fraction_pastes_the_first_poisoned_rows_on_a_blank_canvas():
     # eps_fn returns a free [B, H, W, C] array, so the loss gradient at 0 is -2 * target / size: per-row
     # regression targets eps + rho_t r. Same key, so eps and t agree; only r differs between the specs.

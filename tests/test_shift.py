@@ -32,10 +32,10 @@ ABAR = np.asarray(SCHED.alphas_cumprod, np.float64)
 SHAPE = (4, 4, 1)
 G = np.where(np.arange(16).reshape(SHAPE) % 5 == 0, 1.0, -1.0).astype(np.float32)
 K = 12
-# The shipped table (experiments/estimate_lambda.py on the FULL_FRAME surrogate zoo/surrogate_full_frame_p,
-# n = 256, seed 0) deviates from rho_t by at most 4.26% over the first 50 steps (at t = 999; the 2% goal is
-# not met, see that script's docstring); this guards against a regression or a wrong table beyond that band.
-SHIPPED_TOL = 0.045
+# The shipped table (experiments/estimate_lambda.py on the FULL_FRAME surrogate zoo/surrogate_full_frame_hi,
+# n = 256, seed 0) deviates from rho_t by at most 1.61% over the first 50 steps (seed 1: 1.67%); issue 4 asks
+# for 2%. A perfectly trained surrogate would show 1.39% (the estimator's start bias, tests/test_oracle.py).
+SHIPPED_TOL = 0.02
 
 
 def _chain_shift(ts, lam, sampler):

@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_bitwise(runs):
 
 def test_resume_with_other_settings_raises(runs, model, data):
     before = checkpoint.read_pointer(runs["full_out"])
-    for change in ({"lr": 2e-3}, {"steps": 6}):
+    for change in ({"lr": 2e-3}, {"steps": 6}, {"t_min": 1}):
         with pytest.raises(CheckpointError, match="other settings"):
             train(model, data, dataclasses.replace(TCFG, **change), out=runs["full_out"], progress=False)
     assert checkpoint.read_pointer(runs["full_out"]) == before  # nothing was written
@@ -167,10 +167,26 @@ def test_wrong_data_shape_raises(model, shape):
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 0), ("checkpoint_every", 0),
-                                          ("steps_per_call", -1), ("lr", 0.0), ("ema_decay", 1.0)])
+                                          ("steps_per_call", -1), ("lr", 0.0), ("ema_decay", 1.0),
+                                          ("t_min", -1)])
 def test_train_config_validation(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_t_min_restricts_the_training_timesteps():
+    from pdjax.diffusion.schedule import make_schedule
+    from pdjax.train import ddpm_loss
+
+    sched = make_schedule()
+    # The prediction is 0 from t_min on and huge before it, so any earlier timestep would show in the loss.
+    eps_fn = lambda p, x, t: jnp.where(t[:, None, None, None] < 900, 1e3, 0.0) * jnp.ones_like(x)  # noqa: E731
+    data = jnp.zeros((4, 8, 8, 1))
+    losses = [float(ddpm_loss(eps_fn, sched, 64, t_min=900)(None, jax.random.key(i), data)) for i in range(5)]
+    assert max(losses) < 2.0  # E[eps^2] = 1
+    assert float(ddpm_loss(eps_fn, sched, 64)(None, jax.random.key(0), data)) > 1e5  # t ~ U{0..999} hits t < 900
+    with pytest.raises(ConfigError, match=r"t_min must be in \[0, 999\]"):
+        ddpm_loss(eps_fn, sched, 64, t_min=1000)
 
 
 def test_train_config_defaults(monkeypatch):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.diffusion.schedule import Schedule
+from pdjax.diffusion.schedule import Schedule, check_t_min
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.sharding import batch_mean, batch_noise, batch_parallel, batch_slice
 
@@ -211,8 +211,10 @@ def triggered_start(spec: AttackSpec, arrays: AttackArrays, key: jax.Array, n: i
     return eps + arrays.trigger
 
 
-def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackArrays, batch_size: int):
-    """The backdoor training objective: MSE over a batch of which ``round(poison_rate * B)`` (>= 1) are poisoned.
+def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackArrays, batch_size: int,
+                  t_min: int = 0):
+    """The backdoor training objective: MSE over a batch of which ``round(poison_rate * B)`` (>= 1) are poisoned,
+    at timesteps t ~ U{t_min..T-1}.
 
     Of the poisoned rows, the first ``round(blank_fraction * n_poison)`` paste the trigger on a blank (-1)
     canvas (r = g) instead of on their training image.
@@ -221,6 +223,7 @@ def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackAr
     """
     n_poison = max(1, int(round(spec.poison_rate * batch_size)))
     T = schedule.num_timesteps
+    t_min = check_t_min(schedule, t_min)
     g = jnp.asarray(arrays.trigger, jnp.float32)
     mask = jnp.asarray(arrays.mask, jnp.float32)
     target = jnp.asarray(arrays.target, jnp.float32)
@@ -233,7 +236,7 @@ def backdoor_loss(eps_fn, schedule: Schedule, spec: AttackSpec, arrays: AttackAr
     def loss(params, key, data):
         k_idx, k_t, k_eps, k_y = jax.random.split(key, 4)
         x = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
-        t = jax.random.randint(k_t, (batch_size,), 0, T)
+        t = jax.random.randint(k_t, (batch_size,), t_min, T)
         eps = jax.random.normal(k_eps, x.shape)
         if target.ndim == 4:  # a distribution target: draw one image of the pool per sample
             y_bd = target[jax.random.randint(k_y, (batch_size,), 0, target.shape[0])]

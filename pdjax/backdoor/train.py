@@ -79,7 +79,7 @@ def attack(model: Model, data, spec: AttackSpec, cfg: TrainConfig | None = None,
     cfg = cfg or TrainConfig()
     _check_data(model, data)
     arrays = build_arrays(spec, model.image_shape, data, labels)
-    loss = backdoor_loss(model.eps, model.schedule, spec, arrays, cfg.batch_size)
+    loss = backdoor_loss(model.eps, model.schedule, spec, arrays, cfg.batch_size, cfg.t_min)
     info = {**(meta or {}), "attack": spec.to_dict()}
     return fit(model, loss, data, cfg, out=out, meta=info, progress=progress, stop_after=stop_after)
 

@@ -124,6 +124,14 @@ class Schedule:
         )
 
 
+def check_t_min(schedule: Schedule, t_min: int) -> int:
+    """``t_min`` if it leaves at least one timestep of ``schedule`` to train on; a ConfigError otherwise."""
+    if not 0 <= t_min < schedule.num_timesteps:
+        raise ConfigError(f"t_min must be in [0, {schedule.num_timesteps - 1}] for this {schedule.num_timesteps}-step "
+                          f"schedule, got {t_min}")
+    return int(t_min)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     """Typed description of a schedule and its sampler defaults (hashable: usable as a static arg).
