@@ -257,7 +257,7 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
     count; model i uses ``fold_in(key(seed), i)``); the features and labels are stored in the file's meta.
     """
-    from pdjax.defense.detection import FEATURES, PROBE_FEATURE, PROBE_MIN_CLEAN, calibrate
+    from pdjax.defense.detection import FEATURES, PROBE_FEATURE, calibrate, check_probe_references
     from pdjax.errors import UnknownNameError
     from pdjax.model import load
     from pdjax.paths import check_out_file
@@ -268,9 +268,8 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     if feature not in FEATURES:
         raise UnknownNameError("detection feature", feature, FEATURES)
     _check_configs(config, probe)
-    if probe is not None and len(clean) < PROBE_MIN_CLEAN:
-        raise ConfigError(f"the probe threshold needs at least {PROBE_MIN_CLEAN} clean reference models, got "
-                          f"{len(clean)}; add --clean models or drop --final-probe")
+    if probe is not None:
+        check_probe_references(len(clean))
     check_out_file(out)
     paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
     models = [load(p) for p, _ in paths]

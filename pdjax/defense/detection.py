@@ -318,6 +318,13 @@ def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mes
     return list(zip(results, gens))
 
 
+def check_probe_references(n_clean: int) -> None:
+    """A ConfigError unless there are at least :data:`PROBE_MIN_CLEAN` clean reference models for the probe."""
+    if n_clean < PROBE_MIN_CLEAN:
+        raise ConfigError(f"the probe threshold needs at least {PROBE_MIN_CLEAN} clean reference models, got "
+                          f"{n_clean}; add --clean models or drop --final-probe")
+
+
 def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_ratio",
               meta: dict | None = None) -> Detector:
     """Fit the threshold of ``feature`` on labelled reference models (True = backdoored).
@@ -351,9 +358,7 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     probe_thr, probe_scale = None, 1.0
     if all(PROBE_FEATURE in f for f in features):
         v = np.asarray([f[PROBE_FEATURE] for f in features], np.float64)
-        if (~y).sum() < PROBE_MIN_CLEAN:
-            raise ConfigError(f"the probe threshold needs at least {PROBE_MIN_CLEAN} clean reference models, "
-                              f"got {int((~y).sum())}; add --clean models or drop --final-probe")
+        check_probe_references(int((~y).sum()))
         probe_scale = max(float(np.std(v[~y], ddof=1)), 0.01)
         probe_thr = float(v[~y].mean() - PROBE_Z * probe_scale)
         pred = pred | (v < probe_thr)
