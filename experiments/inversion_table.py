@@ -18,7 +18,8 @@ mask and overall. Rows go to WORK/evals.jsonl; the markdown table to WORK/invers
 Variants (SPEC 4): elijah (100 Adam steps, lr 0.1, B = 100, lambda 0.5), terd (SGD lr 0.5, B = 16;
 the SPEC's 3000 + 1000 steps cost ~15 min per model on a 2-core CPU, so ``--terd-steps``/``--terd-refine``
 default to 300 + 30 here: the table says so), pd (PureDiffusion defaults: K = 10, L1, batch mean, B = 32,
-100 Adam steps, lr 0.1, closed-form lambda). Ablations: pd_K1, pd_K5, pd_l2, pd_per_sample, pd_cons
+100 Adam steps, lr 0.1, closed-form lambda), pd_final and final_only (L_final), spread_only (L_spread alone,
+normal init, then the size search). Ablations: pd_K1, pd_K5, pd_l2, pd_per_sample, pd_cons
 (cons weight 1), pd_cons_only (shift weight 0), pd_table (the shipped empirical lambda table).
 Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
 """
@@ -49,6 +50,9 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
         "pd_final": ("purediffusion", InversionConfig(final_weight=1.0, batch=16, starts=("ddpm", "ddim"))),
         "final_only": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=8, init="normal",
                                                         scales=(1.0,), starts=("ddpm", "ddim"))),
+        # pdjax's L_spread alone (TrojDiff: the trigger that widens eps_hat's spread at t = T-1), from a
+        # normal start (from Elijah's -U[0, 1) it stayed near the start on troj_blend_d2i_shoe).
+        "spread_only": ("purediffusion", InversionConfig(shift_weight=0.0, spread_weight=1.0, init="normal")),
     }
     abl = {
         "pd_K1": ("purediffusion", InversionConfig(K=1)),
@@ -161,7 +165,8 @@ def write_table(args) -> str:
     rows = load_rows(args.work / "evals.jsonl")
     by = {(r["model"], r["variant"]): r for r in rows}
     models = sorted({r["model"] for r in rows})
-    vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_final", "final_only", "pd_K1", "pd_K5", "pd_l2",
+    vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_final", "final_only", "spread_only",
+                          "spread_only_unsized", "pd_K1", "pd_K5", "pd_l2",
                           "pd_per_sample", "pd_cons",
                           "pd_cons_only", "pd_table", "pd_fresh", "pd_fresh_unsized"]
               if any(r["variant"] == v for r in rows)]

@@ -570,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--final-steps", dest="final_steps", type=int, help="purediffusion: DDIM steps of L_final's chain")
     i.add_argument("--final-eta", dest="final_eta", type=float,
                    help="purediffusion: eta of L_final's chain (0 deterministic, default; 1 stochastic, DDPM-like)")
+    i.add_argument("--spread-weight", dest="spread_weight", type=float,
+                   help="purediffusion: weight of L_spread, how much the trigger widens eps_hat's spread at t = T-1 "
+                        "(TrojDiff; default 0)")
     i.add_argument("--cells", type=int, help="optimise the trigger on blocks of CELLS x CELLS pixels (default 1)")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--chain", choices=("ddpm", "ddim"),

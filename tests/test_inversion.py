@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from pdjax.backdoor.attacks import rho
@@ -120,6 +121,48 @@ def test_per_sample_shift_is_zero_for_a_model_that_shifts_exactly():
     assert float(loss(0.5 * g, params, fixed, None)) > 1e-2
 
 
+def _trojan_like(gamma: float):
+    """A synthetic TrojDiff-style eps-model on 4x4x1 images and its trigger g: where the input projects on g
+    by more than half of |g| (a soft gate w), it answers (x - (1 - gamma) g) / gamma, as a model trained on
+    starts gamma eps + (1 - gamma) g does; elsewhere eps_hat = x, as any model does at t = T-1."""
+    g = jnp.where(jnp.arange(16).reshape(4, 4, 1) % 3 == 0, 1.0, -1.0)
+
+    def eps_fn(params, x, t):
+        gn = params["g"] / jnp.linalg.norm(params["g"])
+        proj = jnp.sum(x * gn, axis=(1, 2, 3))
+        w = jax.nn.sigmoid(4.0 * (proj - 0.5 * jnp.linalg.norm(params["g"])))[:, None, None, None]
+        return w * (x - (1 - gamma) * params["g"]) / gamma + (1 - w) * x
+
+    return eps_fn, {"g": g}
+
+
+def test_spread_term_measures_and_finds_a_trojan_trigger():
+    gamma = 0.6
+    eps_fn, params = _trojan_like(gamma)
+    g = params["g"]
+    m = random_model("tiny")
+    prob = inv.Problem(eps_fn, m.schedule_config, (4, 4, 1))
+    cfg = InversionConfig(steps=1, batch=256, shift_weight=0.0, spread_weight=1.0, fresh_noise=False,
+                          scales=(1.0,)).resolved()
+    fixed = inv._prepare(prob, cfg, params, jax.random.key(0))
+    loss = jax.jit(inv.purediffusion_loss(prob, cfg, np.zeros(cfg.K, np.float32)))
+    assert float(loss(jnp.zeros_like(g), params, fixed, None)) == 0.0
+    # At 2 g every sample is gated in: the spread is 1 / gamma, L_spread = -log(1 / gamma).
+    assert float(loss(2.0 * g, params, fixed, None)) == pytest.approx(np.log(gamma), abs=0.05)
+    assert abs(float(loss(-2.0 * g, params, fixed, None))) < 0.05  # the same norm, gated out: no widening
+
+    # Adam from a small random start climbs to the trigger's direction.
+    opt = optax.adam(0.1)
+    delta = 0.1 * jax.random.normal(jax.random.key(1), g.shape)
+    state = opt.init(delta)
+    grad = jax.jit(jax.grad(loss))
+    for _ in range(60):
+        upd, state = opt.update(grad(delta, params, fixed, None), state, delta)
+        delta = delta + upd
+    cos = float(jnp.sum(delta * g) / (jnp.linalg.norm(delta) * jnp.linalg.norm(g)))
+    assert cos > 0.9 and float(loss(delta, params, fixed, None)) < 0.8 * np.log(gamma)
+
+
 @pytest.mark.parametrize("method,cfg", [("elijah", ELIJAH), ("purediffusion", PD),
                                         # TERD shares the driver the two others test; 27 s on 2 cores
                                         pytest.param("terd", InversionConfig(steps=2, batch=2, terd_refine_steps=1,
@@ -180,8 +223,9 @@ def test_config_validation():
         InversionConfig(norm="l3").resolved()
     with pytest.raises(ConfigError, match="cons_batch"):
         InversionConfig(cons_weight=1.0, cons_batch=1).resolved()
-    with pytest.raises(ConfigError, match="shift_weight, cons_weight or final_weight"):
+    with pytest.raises(ConfigError, match="shift_weight, cons_weight, final_weight or spread_weight"):
         InversionConfig(shift_weight=0.0).resolved()
+    assert InversionConfig(shift_weight=0.0, spread_weight=1.0).resolved().spread_weight == 1.0
     assert InversionConfig(method="terd").resolved().steps == 3000
     assert InversionConfig(method="elijah").resolved().batch == 100
     with pytest.raises(ConfigError, match="unknown"):

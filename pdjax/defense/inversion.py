@@ -20,7 +20,9 @@ Methods (each a loss ``loss(delta, params, fixed, key_i)``; SPEC 4 has the formu
   L_cons = mean_i mean_{j<k} mean_pixels (s_j - s_k)^2 over the first ``cons_batch`` samples, where
   s = x_t - sqrt(1 - abar_t) eps_hat = sqrt(abar_t) x0_hat is the scaled x0-prediction (the scale keeps
   the term finite near t = T, where 1/sqrt(abar_t) ~ 150); L = shift_weight L_shift + cons_weight L_cons
-  (+ final_weight L_final, pdjax's addition: the collapse of short-DDIM-chain generations, off by default).
+  (+ final_weight L_final, pdjax's addition: the collapse of short-DDIM-chain generations, off by default;
+  + spread_weight L_spread, pdjax's addition for TrojDiff: -log of how much the trigger widens the
+  per-sample spread of eps_hat at t = T-1, off by default).
   lambda_i comes from :func:`pdjax.defense.shift.get_lambda` (closed form or a shipped surrogate table).
 
 Loop layout: the optimiser loop is :func:`pdjax.loops.repeat` inside one jit. On GPU/TPU the whole run
@@ -93,6 +95,11 @@ class InversionConfig:
         one chain noise (fresh with ``fresh_noise``). Along deterministic DDIM a TrojDiff blend trigger makes the
         generations diverge; along a 20-step stochastic chain they partly collapse, but the inversion did not
         find the trigger that way (start_search.md section 6).
+      spread_weight: purediffusion: weight of L_spread = -log(spread(delta) / spread(0)), spread(delta) the
+        per-sample standard deviation of eps_hat(eps_b + delta, T-1) over the batch, averaged over pixels
+        (:func:`spread_log_ratio`). A TrojDiff model was trained on starts gamma eps + mu (gamma < 1) and
+        answers them with (x - mu) / gamma: at its trigger it widens the spread, while a clean or
+        BadDiffusion model answers about eps_hat ~ x_T, spread ~1 for any delta. One model call per step.
       cells: the trigger is optimised on a grid of cells x cells pixel blocks and upsampled (nearest) to the
         image, 1 = one value per pixel (a start trigger is block-averaged onto the grid). Meant to keep the
         optimiser off pixel-level patterns; no kept experiment measures it yet.
@@ -136,6 +143,7 @@ class InversionConfig:
     final_weight: float = 0.0
     final_steps: int = 10
     final_eta: float = 0.0
+    spread_weight: float = 0.0
     cells: int = 1
     lambda_source: str = "closed-sde"
     chain: str = "ddpm"
@@ -183,8 +191,8 @@ class InversionConfig:
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.method == "purediffusion":
-            if cfg.shift_weight == 0 and cfg.cons_weight == 0 and cfg.final_weight == 0:
-                raise ConfigError("purediffusion needs shift_weight, cons_weight or final_weight > 0")
+            if cfg.shift_weight == 0 and cfg.cons_weight == 0 and cfg.final_weight == 0 and cfg.spread_weight == 0:
+                raise ConfigError("purediffusion needs shift_weight, cons_weight, final_weight or spread_weight > 0")
             if cfg.fresh_noise and cfg.per_sample:  # only when asked for explicitly
                 raise ConfigError("fresh_noise needs the batch-mean shift loss, not per_sample")
             if cfg.final_weight and cfg.final_steps < 1:
@@ -447,6 +455,7 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
     step = _step(_chain_step(prob, cfg), cfg)
     timesteps = chain_timesteps(prob, cfg) if cfg.shift_weight or cfg.cons_weight else []
     final = final_log_ratio(prob, cfg) if cfg.final_weight else None
+    spread = spread_log_ratio(prob) if cfg.spread_weight else None
 
     def loss(delta, params, fixed, key):
         noise, chain_key = fixed["noise"], fixed["chain_key"]
@@ -471,9 +480,33 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
         if final is not None:  # computed whole on every device (a few samples), marked as one value
             total = total + cfg.final_weight * batch_agree(final(params, batch_gather(noise)[: cfg.cons_batch], delta,
                                                                     jax.random.fold_in(chain_key, 2)))
+        if spread is not None:
+            total = total - cfg.spread_weight * spread(params, noise, delta)
         return total
 
     return loss
+
+
+def batch_spread(e: jax.Array) -> jax.Array:
+    """Per-pixel standard deviation of ``e`` [B, H, W, C] over the (possibly device-split) batch, averaged
+    over pixels: a scalar."""
+    m = batch_mean(e)
+    return jnp.mean(jnp.sqrt(batch_mean(jnp.square(e - m)) + 1e-12))
+
+
+def spread_log_ratio(prob: Problem):
+    """``f(params, noise [B, H, W, C], delta) -> log(spread(noise + delta) / spread(noise))`` at t = T-1, with
+    spread = :func:`batch_spread` of eps_hat. The trigger-free spread (~1) is held constant; a positive value
+    means the trigger widens the model's answer (module docstring, ``spread_weight``)."""
+    T = prob.schedule.num_timesteps
+
+    def f(params, noise, delta):
+        t = jnp.full((noise.shape[0],), T - 1, jnp.int32)
+        wide = batch_spread(prob.eps_fn(params, noise + delta, t))
+        ref = jax.lax.stop_gradient(batch_spread(prob.eps_fn(params, noise, t)))
+        return jnp.log(wide) - jnp.log(ref)
+
+    return f
 
 
 def terd_losses(prob: Problem, cfg: InversionConfig):
