@@ -171,14 +171,17 @@ def _reach(r: dict) -> str:
 
 
 def _confirmed(r: dict) -> str:
-    """The re-scored points: per arm 'steps: ASR' (total steps, brief included)."""
+    """The re-scored points: per arm 'steps: ASR' (total steps, brief included), and plain / amplified total
+    steps to REACH on the re-scored points when both arms reach it there."""
     c = r.get("confirm")
     if not c:
-        return "-"
+        return "- | -"
     b = r["brief_steps"]
     arms = [", ".join(f"{b + p['steps']}: {p['asr']:.2f}" for p in c[arm]) or "none" for arm in ("amplified", "plain")]
     n = next((p["n"] for arm in c.values() for p in arm), "")
-    return f"{arms[0]} / {arms[1]} (n = {n})"
+    first = [next((b + p["steps"] for p in c[arm] if p["asr"] >= REACH), None) for arm in ("amplified", "plain")]
+    ratio = f"{first[1] / first[0]:.1f}x" if None not in first else "-"
+    return f"{arms[0]} / {arms[1]} (n = {n}) | {ratio}"
 
 
 def write_table(rows: list[dict], path: Path, args) -> None:
@@ -192,8 +195,9 @@ def write_table(rows: list[dict], path: Path, args) -> None:
              f"steps counted after the brief backdoor in the curves, in total (brief included) in the last columns).",
              "",
              f"| case | attack | trigger -> target | seed | steps | ASR amplified (g*) | ASR plain (g) | "
-             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified | re-scored on fresh generations, total steps: ASR (g* / g) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"total steps to ASR >= {REACH} (g* / g) | plain / amplified | re-scored on fresh generations, total steps: ASR (g* / g) | "
+             f"plain / amplified, re-scored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["attack"]
         amp = dict(zip(r["steps"], r["asr_amplified"]))
@@ -231,7 +235,15 @@ def main():
     ap.add_argument("--confirm-n", type=int, default=0,
                     help="also score both arms' final models on this many fresh triggered generations")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--table-only", action="store_true",
+                    help="rewrite OUT/amplify_table.md from the cases' OUT/<case>/summary.json, running nothing")
     args = ap.parse_args()
+    if args.table_only:
+        rows = [json.loads((args.out / c.name / "summary.json").read_text()) for c in CASES
+                if (not args.only or c.name in args.only) and (args.out / c.name / "summary.json").is_file()]
+        write_table(rows, args.out / "amplify_table.md", args)
+        print((args.out / "amplify_table.md").read_text())
+        return
     from pdjax import cpu_runtime
 
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
