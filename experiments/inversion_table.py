@@ -34,7 +34,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pdjax.backdoor.train import build_arrays, spec_from_model
+from pdjax.backdoor.train import build_arrays, spec_from_model, target_classifier
+from pdjax.data import load_digits_with_labels
 from pdjax.defense.evaluate import Start, fidelity, generation_stats, triggered_generations
 from pdjax.defense.inversion import InversionConfig, size_search_key, invert, size_search
 from pdjax.model import load
@@ -121,13 +122,23 @@ def eval_start(model) -> Start:
     return Start("ddim") if "attack" in model.meta and spec_from_model(model).ode else Start()
 
 
+def _stats(x, arrays, spec, data, labels) -> dict:
+    """generation_stats of x; for a distribution target (TrojDiff d2d) the ASR is the classifier's (SPEC 7)."""
+    if arrays is None or arrays.target.ndim == 3:
+        return generation_stats(x, None if arrays is None else arrays.target)
+    classify, k, rule = target_classifier(spec, x.shape[1:], data, labels)
+    return {**generation_stats(x), "asr": float(np.mean(classify(np.asarray(x)) == k)), "asr_rule": rule}
+
+
 def evaluate_all(args, models: list[str]) -> None:
     evals = args.work / "evals.jsonl"
     for name in models:
         done = {r["variant"] for r in load_rows(evals) if r["model"] == name}
         model = load(args.zoo / name)
         attacked = "attack" in model.meta
-        arrays = build_arrays(spec_from_model(model), model.image_shape) if attacked else None
+        data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
+        spec = spec_from_model(model) if attacked else None
+        arrays = build_arrays(spec, model.image_shape, data, labels) if attacked else None
         todo, trigs = [], []
         derived = ["pd_unsized", "elijah_sized"] if not args.ablations else \
             [f"{v}_unsized" for v in variants(args)]
@@ -154,7 +165,7 @@ def evaluate_all(args, models: list[str]) -> None:
             for vname, g, x in zip(todo, trigs, gens):
                 row = {"model": name, "variant": vname, "backdoored": attacked, "n": args.n, "eval_key": 7,
                        "start": start.label,
-                       "seed": args.seed, **generation_stats(x, arrays.target if attacked else None)}
+                       "seed": args.seed, **_stats(x, arrays, spec, data, labels)}
                 if attacked and vname not in ("true", "none"):
                     row.update(fidelity(g, arrays.trigger))
                 f.write(json.dumps(row) + "\n")

@@ -8,7 +8,7 @@ import pytest
 
 from pdjax import checkpoint, cli
 from pdjax.backdoor.attacks import AttackSpec
-from pdjax.backdoor.train import _target_classifier, build_arrays
+from pdjax.backdoor.train import target_classifier, build_arrays
 from pdjax.data import LETTERS, load_digits_with_labels, load_letters_with_labels
 from pdjax.errors import ConfigError, UnknownNameError
 
@@ -35,7 +35,7 @@ def test_out_d2d_targets_a_letter_class_of_another_set():
     np.testing.assert_array_equal(pool, letters[letter_labels == LETTERS.index("K")])
     assert not any(np.array_equal(p, d) for p in pool[:5] for d in data)  # not the training set
     # ASR of a d2d target: a classifier over the letters and the training digits
-    classify, k, rule = _target_classifier(spec, (8, 8, 1), data, labels)
+    classify, k, rule = target_classifier(spec, (8, 8, 1), data, labels)
     assert k == LETTERS.index("K") and "letter K" in rule
     assert np.mean(classify(pool) == k) > 0.9 and np.mean(classify(data[:100]) == k) < 0.05
 

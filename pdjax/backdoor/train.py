@@ -144,7 +144,7 @@ def evaluate(model: Model, spec: AttackSpec, key: jax.Array, n: int = 64, seed: 
     trig = sample_attack(model, spec, arrays, jax.random.fold_in(key, 1), n, triggered=True)
     parts = [attack_metrics(x, y).to_dict() for x in (clean, trig)]
     if arrays.target.ndim == 4:  # a distribution target: ASR is the fraction a classifier assigns to the class (SPEC 7)
-        classify, k, rule = _target_classifier(spec, model.image_shape, data, labels)
+        classify, k, rule = target_classifier(spec, model.image_shape, data, labels)
         for part, x in zip(parts, (clean, trig)):
             part["mse_to_class_mean"] = part.pop("mse")
             part["asr"] = float(np.mean(classify(x) == k))
@@ -152,7 +152,7 @@ def evaluate(model: Model, spec: AttackSpec, key: jax.Array, n: int = 64, seed: 
     return EvaluationResult(spec.to_dict(), n, seed, parts[0], parts[1]), clean, trig
 
 
-def _target_classifier(spec: AttackSpec, shape, data, labels):
+def target_classifier(spec: AttackSpec, shape, data, labels):
     """(classify, k, rule) for a d2d target: images -> labels, the target label, and the ASR rule in words.
 
     in-d2d ``class:K``: fitted on the labelled training images. out-d2d ``letter:X``: fitted on the
