@@ -122,12 +122,13 @@ def eval_start(model) -> Start:
     return Start("ddim") if "attack" in model.meta and spec_from_model(model).ode else Start()
 
 
-def _stats(x, arrays, spec, data, labels) -> dict:
-    """generation_stats of x; for a distribution target (TrojDiff d2d) the ASR is the classifier's (SPEC 7)."""
+def _scorer(model, arrays, data, labels):
+    """``x -> stats`` for one model: generation_stats, with the classifier's ASR for a distribution target
+    (TrojDiff d2d, SPEC 7), the classifier fitted once per model."""
     if arrays is None or arrays.target.ndim == 3:
-        return generation_stats(x, None if arrays is None else arrays.target)
-    classify, k, rule = target_classifier(spec, x.shape[1:], data, labels)
-    return {**generation_stats(x), "asr": float(np.mean(classify(np.asarray(x)) == k)), "asr_rule": rule}
+        return lambda x: generation_stats(x, None if arrays is None else arrays.target)
+    classify, k, rule = target_classifier(spec_from_model(model), model.image_shape, data, labels)
+    return lambda x: {**generation_stats(x), "asr": float(np.mean(classify(np.asarray(x)) == k)), "asr_rule": rule}
 
 
 def evaluate_all(args, models: list[str]) -> None:
@@ -137,8 +138,7 @@ def evaluate_all(args, models: list[str]) -> None:
         model = load(args.zoo / name)
         attacked = "attack" in model.meta
         data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
-        spec = spec_from_model(model) if attacked else None
-        arrays = build_arrays(spec, model.image_shape, data, labels) if attacked else None
+        arrays = build_arrays(spec_from_model(model), model.image_shape, data, labels) if attacked else None
         todo, trigs = [], []
         derived = ["pd_unsized", "elijah_sized"] if not args.ablations else \
             [f"{v}_unsized" for v in variants(args)]
@@ -160,12 +160,13 @@ def evaluate_all(args, models: list[str]) -> None:
             continue
         t0 = time.perf_counter()
         start = eval_start(model)
+        stats = _scorer(model, arrays, data, labels)
         gens = triggered_generations(model, np.stack(trigs), jax.random.key(7), n=args.n, start=start)
         with evals.open("a") as f:
             for vname, g, x in zip(todo, trigs, gens):
                 row = {"model": name, "variant": vname, "backdoored": attacked, "n": args.n, "eval_key": 7,
                        "start": start.label,
-                       "seed": args.seed, **_stats(x, arrays, spec, data, labels)}
+                       "seed": args.seed, **stats(x)}
                 if attacked and vname not in ("true", "none"):
                     row.update(fidelity(g, arrays.trigger))
                 f.write(json.dumps(row) + "\n")

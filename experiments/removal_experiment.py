@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from build_zoo import RECIPES, Entry, build_entry, family  # noqa: E402
+from build_zoo import BLANK, RECIPES, Entry, build_entry, family  # noqa: E402
 
 from pdjax.backdoor.attacks import AttackSpec  # noqa: E402
 from pdjax.backdoor.train import build_arrays  # noqa: E402
@@ -48,7 +48,6 @@ from pdjax.model import load  # noqa: E402
 from pdjax.removal import RemovalConfig, remove_backdoor  # noqa: E402
 
 BASE = Path(__file__).resolve().parents[1] / "pdjax" / "assets" / "demo" / "clean_base"
-BLANK = 0.5
 CASES = [
     Entry("rm_bd_smbox_cat", AttackSpec("baddiffusion", "SM_BOX", "CAT", blank_fraction=BLANK), 31),
     Entry("rm_villan_glasses_corner", AttackSpec("villan", "GLASSES", "CORNER", blank_fraction=BLANK, solver="sde"), 32),
