@@ -52,7 +52,7 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
         "final_only": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=8, init="normal",
                                                         scales=(1.0,), starts=("ddpm", "ddim"))),
         # pdjax's L_spread alone (TrojDiff: the trigger that widens eps_hat's spread at t = T-1), from a
-        # normal start (from Elijah's -U[0, 1) it stayed near the start on troj_blend_d2i_shoe).
+        # normal start (experiments/results/start_search.md, section 7).
         "spread_only": ("purediffusion", InversionConfig(shift_weight=0.0, spread_weight=1.0, init="normal")),
     }
     abl = {
