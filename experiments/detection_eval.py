@@ -22,13 +22,18 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 - pd+probe: the same two scans, two thresholds: purediffusion's ``log_uni_ratio`` as above, and final-only's
   (``probe_log_uni_ratio``) below mean - 3 sd of the clean calibration models' values; flagged when either
   fires (what `pdjax calibrate --final-probe` fits and `pdjax scan --final-probe` then applies);
+- spread-only: the same statistic from the scan's spread candidate alone (SPREAD_CANDIDATE: L_spread, normal
+  init, 100 steps, no size search; its own step count, not ``--steps``);
+- pd+spread: purediffusion's and spread-only's scans, the lower of their log_uni_ratio values (what
+  `pdjax scan --spread` decides on); pd+spread+probe: that plus final-only's probe threshold as in pd+probe
+  (`pdjax scan --spread --final-probe`);
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
 
 Each statistic gets a threshold from :func:`pdjax.defense.detection.calibrate` on the calibration models;
 held-out accuracy, TPR, TNR and ROC AUC (rank statistic of the signed score; ties count one half) follow.
-``--detector-out`` writes the rule of ``--detector-method`` (purediffusion, or pd+probe with its probe
-threshold), calibrated on the calibration models only, as a detector file (the shipped
+``--detector-out`` writes the rule of ``--detector-method`` (purediffusion, pd+spread, or pd+probe /
+pd+spread+probe with their probe threshold), calibrated on the calibration models only, as a detector file (the shipped
 ``pdjax/assets/detector.json`` is made this way, so the held-out numbers evaluate it).
 Scans are cached in ``OUT/<method>.jsonl`` (one line per model), so an interrupted run resumes. Writes a
 markdown table and an SVG ROC plot. Cost on a 2-core CPU: about 1 minute per model and method.
@@ -47,11 +52,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pdjax.defense.detection import FINAL_PROBE, PROBE_FEATURE, SCAN_INVERSION, Detector, calibrate, scan_model
+from pdjax.defense.detection import (FINAL_PROBE, PROBE_FEATURE, SCAN_INVERSION, SPREAD_CANDIDATE, Detector,
+                                     calibrate, scan_model)
 from pdjax.defense.inversion import InversionConfig
 
 STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
-             "pd+final": "log_uni_ratio", "pd+probe": "log_uni_ratio", "elijah": "uni_trig", "terd": "trigger_kl"}
+             "spread-only": "log_uni_ratio", "pd+final": "log_uni_ratio", "pd+probe": "log_uni_ratio",
+             "pd+spread": "log_uni_ratio", "pd+spread+probe": "log_uni_ratio", "elijah": "uni_trig",
+             "terd": "trigger_kl"}
 # pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
 # search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
 FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
@@ -59,7 +67,13 @@ FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
 # and DDIM-100). pd+final: two scans per model (purediffusion and final-only); the statistic is the lower
 # log_uni_ratio of the two, read from their caches: what `pdjax scan --final-probe` decides on (scan_model with
 # probe=FINAL_PROBE, both inversions with the model's key).
-COMBINED = {"pd+final": ("purediffusion", "final-only"), "pd+probe": ("purediffusion", "final-only")}
+# spread-only: the scan's spread candidate alone (SPREAD_CANDIDATE). pd+spread: what `pdjax scan --spread`
+# decides on (the lower log_uni_ratio of purediffusion and spread-only); pd+spread+probe: that, plus the probe
+# rule (`pdjax scan --spread --final-probe`).
+# COMBINED: method -> (the main rule's parts, whose lowest log_uni_ratio is kept; the probe part or None).
+COMBINED = {"pd+final": (("purediffusion", "final-only"), None), "pd+probe": (("purediffusion",), "final-only"),
+            "pd+spread": (("purediffusion", "spread-only"), None),
+            "pd+spread+probe": (("purediffusion", "spread-only"), "final-only")}
 
 
 def is_backdoored(model) -> bool:
@@ -74,6 +88,8 @@ def inversion_config(method: str, steps: int) -> InversionConfig:
         return dataclasses.replace(SCAN_INVERSION, steps=steps, **FINAL)
     if method == "final-only":
         return dataclasses.replace(FINAL_PROBE, steps=steps)
+    if method == "spread-only":  # its own step count (one model call per step), not --steps
+        return SPREAD_CANDIDATE
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 
@@ -107,16 +123,19 @@ def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps:
 
 
 def scan_combined(paths: list[str], method: str, out: Path, seed: int, n: int, steps: int) -> dict[str, dict]:
-    """A COMBINED method: each part's scan (cached as usual), the lower log_uni_ratio of the parts per model."""
-    parts = [scan_all(paths, m, out, seed, n, steps) for m in COMBINED[method]]
+    """A COMBINED method: each part's scan (cached as usual); per model, the main parts' row with the lowest
+    log_uni_ratio, plus the probe part's ratio as ``probe_log_uni_ratio`` (two-threshold rule) if it has one."""
+    main_parts, probe_part = COMBINED[method]
+    parts = [scan_all(paths, m, out, seed, n, steps) for m in main_parts]
+    probed = scan_all(paths, probe_part, out, seed, n, steps) if probe_part else None
     rows = {}
     for p in paths:
-        if method == "pd+probe":  # the main scan's features plus the probe's ratio, for the two-threshold rule
-            best = {**parts[0][p], "features": {**parts[0][p]["features"],
-                                                PROBE_FEATURE: parts[1][p]["features"]["log_uni_ratio"]}}
-        else:
-            best = min((r[p] for r in parts), key=lambda r: r["features"]["log_uni_ratio"])
-        rows[p] = {**best, "seconds": sum(r[p]["seconds"] for r in parts)}
+        best = min((r[p] for r in parts), key=lambda r: r["features"]["log_uni_ratio"])
+        seconds = sum(r[p]["seconds"] for r in parts)
+        if probed is not None:
+            best = {**best, "features": {**best["features"], PROBE_FEATURE: probed[p]["features"]["log_uni_ratio"]}}
+            seconds += probed[p]["seconds"]
+        rows[p] = {**best, "seconds": seconds}
     return rows
 
 
@@ -166,7 +185,7 @@ def evaluate_method(cal: dict, held: dict, method: str) -> dict:
 def roc_svg(results: list[dict], size: int = 320) -> str:
     pad = 40
     colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
-               "pd+probe": "#7d3c98",
+               "pd+probe": "#7d3c98", "spread-only": "#b7950b", "pd+spread": "#ca6f1e", "pd+spread+probe": "#117864",
                "elijah": "#2471a3", "terd": "#229954"}
     w = size - 2 * pad
     px = lambda x: pad + x * w  # noqa: E731
@@ -224,8 +243,9 @@ def main(argv=None):
     ap.add_argument("--detector-out", type=Path,
                     help="also write --detector-method's calibrated rule as a detector file "
                          "(e.g. pdjax/assets/detector.json)")
-    ap.add_argument("--detector-method", default="purediffusion", choices=("purediffusion", "pd+probe"),
-                    help="the rule --detector-out writes (pd+probe: with the probe threshold)")
+    ap.add_argument("--detector-method", default="purediffusion",
+                    choices=("purediffusion", "pd+probe", "pd+spread", "pd+spread+probe"),
+                    help="the rule --detector-out writes (+probe: with the probe threshold)")
     args = ap.parse_args(argv)
     from pdjax import cpu_runtime
 
@@ -246,11 +266,14 @@ def main(argv=None):
         r = evaluate_method(cal, held, method)
         results.append(r)
         if method == args.detector_method and args.detector_out:
-            probe = {"probe": dataclasses.asdict(inversion_config("final-only", args.steps).resolved())} \
-                if method == "pd+probe" else {}
+            main_parts, probe_part = COMBINED.get(method, ((method,), None))
+            extra = {}
+            if probe_part:
+                extra["probe"] = dataclasses.asdict(inversion_config(probe_part, args.steps).resolved())
+            if "spread-only" in main_parts:
+                extra["spread"] = dataclasses.asdict(inversion_config("spread-only", args.steps).resolved())
             meta = {"reference_models": list(cal), "seed": args.seed, "samples": args.n,
-                    "inversion": dataclasses.asdict(inversion_config(COMBINED.get(method, [method])[0],
-                                                                     args.steps).resolved()), **probe,
+                    "inversion": dataclasses.asdict(inversion_config(main_parts[0], args.steps).resolved()), **extra,
                     "features": [cal[p]["features"] for p in cal],
                     "made_by": "experiments/detection_eval.py (model key fold_in(key(seed), crc32(path)))",
                     "held_out": {k: r[k] for k in ("accuracy", "tpr", "tnr", "auc", "n_held_out", "n_backdoored")},

@@ -78,18 +78,19 @@ def save_verdict_files(v: ModelVerdict, folder: Path, size: int) -> None:
 
 def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str | None = None,
          config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = True,
-         echo=print, probe: InversionConfig | None = None) -> list[ModelVerdict]:
+         echo=print, probe: InversionConfig | None = None,
+         spread: InversionConfig | None = None) -> list[ModelVerdict]:
     """Scan ``models`` (paths; None or [] = the bundled demo models); write outputs into ``out``.
 
-    Returns the verdicts in input order. ``echo`` receives one line per model as it finishes. ``probe``: a
-    second inversion per model (:func:`pdjax.defense.detection.scan_model`).
+    Returns the verdicts in input order. ``echo`` receives one line per model as it finishes. ``probe`` and
+    ``spread``: more inversions per model (:func:`pdjax.defense.detection.scan_model`).
     """
     from pdjax.model import load
 
     # Every input is checked before the first model is scanned (a bad second model must not cost the
     # first one's scan) and before ``out`` is created.
     det = Detector.load(detector)
-    _check_configs(config, probe)
+    _check_configs(config, probe, spread)
     if models:
         items = [(Path(m), {}) for m in models]
     else:
@@ -101,7 +102,8 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
     t_start = time.perf_counter()
     for i, ((path, info), model) in enumerate(zip(items, loaded)):
         name = path.name if not models else str(path)
-        v = scan_model(model, name, jax.random.fold_in(key, i), det, config, n, progress=progress, probe=probe)
+        v = scan_model(model, name, jax.random.fold_in(key, i), det, config, n, progress=progress, probe=probe,
+                       spread=spread)
         save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
                            model.config.sample_size)
         entry = v.to_dict()
@@ -111,7 +113,8 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
         verdicts.append(v)
         label = f" [demo label: {info['label']}]" if info else ""
         echo(f"{name}: {entry['verdict'].upper()} (score {v.score:+.2f}; {v.reason}; {v.seconds:.0f} s){label}")
-    settings = {"seed": seed, "inversion": config.resolved().to_dict(), **_probe_setting(probe), "samples": n,
+    settings = {"seed": seed, "inversion": config.resolved().to_dict(), **_extra_settings(probe, spread),
+                "samples": n,
                 "detector": det.to_dict(), "backend": jax.default_backend(),
                 "pdjax_version": _version(), "seconds": time.perf_counter() - t_start}
     (out / "scan.json").write_text(json.dumps({"settings": settings, "models": entries}, indent=2))
@@ -161,14 +164,16 @@ def model_key(seed: int, path) -> jax.Array:
 
 def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | None = None,
           config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, stack: int = 0,
-          progress: bool = True, echo=print, probe: InversionConfig | None = None) -> list[dict]:
-    """Audit many models (see the module docstring); returns the JSONL entries of this run. ``probe``: as in
+          progress: bool = True, echo=print, probe: InversionConfig | None = None,
+          spread: InversionConfig | None = None) -> list[dict]:
+    """Audit many models (see the module docstring); returns the JSONL entries of this run. ``probe``,
+    ``spread``: as in
     :func:`scan`."""
     from pdjax.defense.detection import scan_stack
     from pdjax.model import load
 
     det = Detector.load(detector)
-    _check_configs(config, probe)
+    _check_configs(config, probe, spread)
     paths = collect_models(sources)
     results = Path(out) / "audit.jsonl"
     done, kept, cut = set(), [], False
@@ -204,7 +209,7 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
             padded = chunk + [chunk[-1]] * (per - len(chunk))  # pad: the copies' results are dropped
             keys = jnp.stack([model_key(seed, p) for p, _ in padded])
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
-                                  mesh=mesh, progress=progress, probe=probe)[:len(chunk)]
+                                  mesh=mesh, progress=progress, probe=probe, spread=spread)[:len(chunk)]
             with results.open("a") as f:
                 for (p, m), v in zip(chunk, verdicts):
                     folder = out / "evidence" / _safe(f"{zlib_name(p)}")
@@ -238,7 +243,8 @@ def _audit_report(out: Path, det: Detector) -> None:
         g = np.load(folder / "generations.npz")
         verdicts.append(ModelVerdict(r["model"], r["backdoored"], r["score"], r["reason"], r["features"],
                                      np.load(folder / "trigger.npy"), g["likely_target"], g["triggered"],
-                                     g["clean"], g["losses"], r["method"], r["seconds"], r["detector"]))
+                                     g["clean"], g["losses"], r["method"], r["seconds"], r["detector"],
+                                     r.get("start", "ddpm"), r.get("candidate", "main")))
     _report(verdicts, out / "report.html", {"audit": str(out / "audit.jsonl"), "models": len(rows),
                                             "detector": det.to_dict()})
 
@@ -251,7 +257,8 @@ def _report(verdicts, path: Path, settings: dict) -> None:
 
 def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, seed: int = 0,
                      config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, feature: str = "log_uni_ratio",
-                     progress: bool = True, echo=print, probe: InversionConfig | None = None) -> Detector:
+                     progress: bool = True, echo=print, probe: InversionConfig | None = None,
+                     spread: InversionConfig | None = None) -> Detector:
     """Fit a detector on labelled reference models (SPEC 5) and save it to ``out`` (JSON).
 
     Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
@@ -267,7 +274,7 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
         raise ConfigError("calibration needs at least one --clean and one --backdoored reference model")
     if feature not in FEATURES:
         raise UnknownNameError("detection feature", feature, FEATURES)
-    _check_configs(config, probe)
+    _check_configs(config, probe, spread)
     if probe is not None:
         check_probe_references(len(clean))
     check_out_file(out)
@@ -280,14 +287,14 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     placeholder = Detector(probe_threshold=-math.inf) if probe else Detector()
     for i, ((p, label), model) in enumerate(zip(paths, models)):
         v = scan_model(model, str(p), jax.random.fold_in(key, i), placeholder, config, n, progress=progress,
-                       probe=probe)
+                       probe=probe, spread=spread)
         feats.append(v.features)
         labels.append(label)
         extra = f", {PROBE_FEATURE} = {v.features[PROBE_FEATURE]:.4g}" if probe else ""
         echo(f"{p}: {'backdoored' if label else 'clean'} reference, {feature} = {v.features[feature]:.4g}{extra}")
     det = calibrate(feats, labels, feature, meta={
         "reference_models": [str(p) for p, _ in paths], "seed": seed, "samples": n,
-        "inversion": config.resolved().to_dict(), **_probe_setting(probe), "features": feats,
+        "inversion": config.resolved().to_dict(), **_extra_settings(probe, spread), "features": feats,
         "pdjax_version": _version()})
     det.save(out)
     extra = "" if det.probe_threshold is None else f", probe threshold {det.probe_threshold:.4g}"
@@ -296,16 +303,16 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     return det
 
 
-def _check_configs(config: InversionConfig, probe: InversionConfig | None) -> None:
-    """Validate the scan's inversion settings (and the probe's) before any model is loaded."""
-    config.resolved()
-    if probe is not None:
-        probe.resolved()
+def _check_configs(*configs: InversionConfig | None) -> None:
+    """Validate the scan's inversion settings (and the probe's, the spread candidate's) before any model is loaded."""
+    for c in configs:
+        if c is not None:
+            c.resolved()
 
 
-def _probe_setting(probe: InversionConfig | None) -> dict:
-    """The probe's settings for scan.json / a detector's meta (nothing without a probe)."""
-    return {} if probe is None else {"probe": probe.resolved().to_dict()}
+def _extra_settings(probe: InversionConfig | None, spread: InversionConfig | None) -> dict:
+    """The probe's and the spread candidate's settings for scan.json / a detector's meta (those that ran)."""
+    return {name: c.resolved().to_dict() for name, c in (("probe", probe), ("spread", spread)) if c is not None}
 
 
 def _version() -> str:

@@ -384,11 +384,24 @@ def _scan_probe(args):
     return dataclasses.replace(FINAL_PROBE, **changes)
 
 
+def _scan_spread(args):
+    """--spread: the spread candidate (SPREAD_CANDIDATE, with the fast-path options), or None."""
+    import dataclasses
+
+    from pdjax.defense.detection import SPREAD_CANDIDATE
+
+    if not args.spread:
+        return None
+    changes = {k: v for k, v in (("dtype", args.dtype), ("remat", args.remat)) if v is not None}
+    return dataclasses.replace(SPREAD_CANDIDATE, **changes)
+
+
 def cmd_scan(args) -> int:
     from pdjax.audit import scan
 
     verdicts = scan(args.models, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, progress=not args.quiet, probe=_scan_probe(args))
+                    n=args.samples, progress=not args.quiet, probe=_scan_probe(args),
+                    spread=_scan_spread(args))
     flagged = sum(v.backdoored for v in verdicts)
     print(f"{flagged} of {len(verdicts)} model(s) flagged as backdoored; wrote {Path(args.out) / 'scan.json'} "
           f"and {Path(args.out) / 'report.html'}")
@@ -403,7 +416,8 @@ def cmd_audit(args) -> int:
     if args.distributed:
         jax.distributed.initialize()
     entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, stack=args.stack, progress=not args.quiet, probe=_scan_probe(args))
+                    n=args.samples, stack=args.stack, progress=not args.quiet, probe=_scan_probe(args),
+                    spread=_scan_spread(args))
     flagged = sum(e["backdoored"] for e in entries)
     print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
     return 0
@@ -413,12 +427,13 @@ def cmd_calibrate(args) -> int:
     from pdjax.audit import calibrate_models
 
     calibrate_models(args.clean or [], args.backdoored or [], args.out, seed=args.seed, config=_scan_config(args),
-                     n=args.samples, feature=args.feature, progress=not args.quiet, probe=_scan_probe(args))
+                     n=args.samples, feature=args.feature, progress=not args.quiet, probe=_scan_probe(args),
+                     spread=_scan_spread(args))
     return 0
 
 
 def _add_scan_options(p) -> None:
-    from pdjax.defense.detection import SCAN_SAMPLES
+    from pdjax.defense.detection import SCAN_SAMPLES, SCAN_SPREAD
 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", help="inversion method (default purediffusion)")
@@ -434,6 +449,10 @@ def _add_scan_options(p) -> None:
                    "a detector with a probe threshold (calibrate --final-probe, >= 3 clean models) flags a model when "
                    "either rule fires, one without decides on whichever trigger collapses the generations more; "
                    "about doubles the scan time")
+    p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=SCAN_SPREAD,
+                   help="also invert by L_spread alone (the widening of the model's answer that a TrojDiff trigger "
+                   "causes) and judge whichever trigger collapses the generations more by the main threshold"
+                   f" (default {'on' if SCAN_SPREAD else 'off'})")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 

@@ -280,13 +280,19 @@ def _model_section(i: int, v: "ModelVerdict") -> str:
              _grid_figure(v.clean, f"Generations from the same noise without trigger{how}", "clean generations")]
     return (f'<section class="model" id="model-{i}"><h2>{_esc(v.model)}</h2>'
             f"<p>{_badge(v.backdoored)} score <code>{_num(v.score, '+.3f')}</code> "
-            f'<span class="muted">(&gt; 0 means backdoored; method {_esc(v.method)}, '
+            f'<span class="muted">(&gt; 0 means backdoored; method {_esc(v.method)}{_candidate_note(v)}, '
             f"{_num(v.seconds, '.1f')} s)</span></p>"
             f"<p><strong>Why:</strong> {_esc(v.reason)}</p>"
             f'<h3>Trigger and target</h3><div class="figs">{"".join(figs)}</div>'
             f'<h3>Generations</h3><div class="figs">{"".join(grids)}</div>'
             f'<h3>Features</h3>{_features_table(v.features, v.detector)}'
             f"<h3>Inversion</h3>{_loss_svg(v.losses)}</section>")
+
+
+def _candidate_note(v) -> str:
+    """", trigger from the spread / probe inversion" when the evidence is not the scan's own inversion."""
+    cand = getattr(v, "candidate", "main")
+    return "" if cand == "main" else f", trigger from the {_esc(cand)} inversion"
 
 
 def render_report(verdicts: Sequence["ModelVerdict"], settings: dict, title: str = "pdjax scan") -> str:

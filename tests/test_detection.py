@@ -255,3 +255,54 @@ def test_calibrate_models_with_probe_fits_both_thresholds(tmp_path, monkeypatch)
     assert len(probe_vals) == 4 and "probe" in det.meta
     assert math.isclose(det.probe_threshold, probe_vals[:3].mean() - D.PROBE_Z * max(probe_vals[:3].std(ddof=1), 0.01))
     assert Detector.load(tmp_path / "det.json") == det
+
+
+def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
+    """scan_model(spread=...) runs the spread inversion with the model's key; the main rule judges whichever of
+    the main and spread triggers collapses the generations more, and the verdict says which one it was; with a
+    probe threshold the probe is still judged by its own rule. A real spread scan runs end to end on a tiny
+    model, and --spread builds SPREAD_CANDIDATE with the fast-path options."""
+    from types import SimpleNamespace
+
+    from pdjax.cli import _scan_spread, build_parser
+
+    m = random_model("tiny", seed=0, timesteps=50)
+    spread = dataclasses.replace(D.SPREAD_CANDIDATE, steps=2, batch=4)
+    real = D.scan_model(m, "tiny", jax.random.key(0), Detector(), TINY_SCAN, n=4, spread=spread)
+    assert real.trigger.shape == m.image_shape and np.isfinite(real.score) and real.candidate in ("main", "spread")
+    assert real.to_dict()["candidate"] == real.candidate
+
+    rng = np.random.default_rng(0)
+    diverse, collapsed = rng.normal(size=(4, 8, 8, 1)), 0.01 * rng.normal(size=(4, 8, 8, 1))
+    probe = D.FINAL_PROBE
+    value = {TINY_SCAN: 1.0, spread: 2.0, probe: 3.0}
+    winner = {"config": spread}
+    seen = []
+
+    def fake(model, key, config, n, progress):
+        seen.append((config, key))
+        res = SimpleNamespace(trigger=np.full((8, 8, 1), value[config], np.float32), losses=np.zeros(2),
+                              method="purediffusion", scale=1.0, start="ddpm")
+        return res, ((collapsed if config is winner["config"] else diverse), diverse)
+
+    monkeypatch.setattr(D, "_invert_and_generate", fake)
+    key = jax.random.key(5)
+    v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, spread=spread)
+    assert float(v.trigger[0, 0, 0]) == 2.0 and v.candidate == "spread" and v.backdoored
+    assert [c for c, _ in seen] == [TINY_SCAN, spread] and all(k is key for _, k in seen)
+    winner["config"] = TINY_SCAN  # the main trigger collapses more: it is kept
+    v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, spread=spread)
+    assert float(v.trigger[0, 0, 0]) == 1.0 and v.candidate == "main"
+    # With a probe threshold: the main rule on the better of main / spread, the probe rule on the probe alone.
+    winner["config"] = spread
+    two = Detector(probe_threshold=-1.0, probe_scale=0.1)
+    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe, spread=spread)
+    assert v.candidate == "spread" and v.features["log_uni_ratio"] < -3 and v.features[D.PROBE_FEATURE] > -1
+    winner["config"] = probe
+    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe, spread=spread)
+    assert v.candidate == "probe" and v.features["log_uni_ratio"] > -1 and "probe" in v.reason
+
+    args = build_parser().parse_args(["scan", "--spread", "--dtype", "bfloat16"])
+    assert _scan_spread(args) == dataclasses.replace(D.SPREAD_CANDIDATE, dtype="bfloat16")
+    assert _scan_spread(build_parser().parse_args(["scan", "--no-spread"])) is None
+    assert (_scan_spread(build_parser().parse_args(["scan"])) is None) == (not D.SCAN_SPREAD)

@@ -59,7 +59,7 @@ def test_overlap_is_refused(tmp_path):
 def test_combined_method_takes_the_lower_log_ratio_of_its_parts(tmp_path):
     """pd+final reads both parts' cached scans (nothing is rescanned) and keeps, per model, the row whose
     log_uni_ratio is lower, with the two scans' seconds summed."""
-    pd_part, final_part = de.COMBINED["pd+final"]
+    (pd_part, final_part), _ = de.COMBINED["pd+final"]
     values = {pd_part: {"a": -2.0, "b": -0.1}, final_part: {"a": -0.3, "b": -1.5}}
     for part, per in values.items():
         with (tmp_path / f"{part}.jsonl").open("w") as f:
@@ -72,3 +72,13 @@ def test_combined_method_takes_the_lower_log_ratio_of_its_parts(tmp_path):
     assert rows["a"]["seconds"] == 20.0 and de.STATISTIC["pd+final"] == "log_uni_ratio"
     two = de.scan_combined(["a", "b"], "pd+probe", tmp_path, seed=0, n=2, steps=2)  # the main row + the probe's ratio
     assert two["b"]["features"] == {"log_uni_ratio": -0.1, "part": pd_part, de.PROBE_FEATURE: -1.5}
+    assert two["b"]["seconds"] == 20.0
+    # pd+spread+probe: the lower of the main parts' ratios, plus the probe's ratio.
+    with (tmp_path / "spread-only.jsonl").open("w") as f:
+        for model, v in {"a": -0.5, "b": -3.0}.items():
+            f.write(json.dumps({"model": model, "label": model == "a", "seconds": 5.0,
+                                "features": {"log_uni_ratio": v, "part": "spread-only"}}) + "\n")
+    three = de.scan_combined(["a", "b"], "pd+spread+probe", tmp_path, seed=0, n=2, steps=2)
+    assert three["a"]["features"] == {"log_uni_ratio": -2.0, "part": pd_part, de.PROBE_FEATURE: -0.3}
+    assert three["b"]["features"] == {"log_uni_ratio": -3.0, "part": "spread-only", de.PROBE_FEATURE: -1.5}
+    assert three["b"]["seconds"] == 25.0

@@ -119,6 +119,15 @@ def test_report_states_the_probe_rule_when_it_applies():
     assert "probe_log_uni_ratio &lt;" not in render_report([v], SETTINGS)
 
 
+def test_report_names_the_inversion_the_evidence_comes_from():
+    """A verdict decided on the spread (or probe) inversion's trigger says so; the main inversion's does not."""
+    import dataclasses
+
+    v = _verdict("m", True, np.random.default_rng(0))
+    assert "trigger from the" not in render_report([v], SETTINGS)
+    assert "trigger from the spread inversion" in render_report([dataclasses.replace(v, candidate="spread")], SETTINGS)
+
+
 def test_report_tolerates_degenerate_inputs(tmp_path):
     rng = np.random.default_rng(1)
     v = _verdict("m", True, rng)

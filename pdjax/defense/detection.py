@@ -22,6 +22,9 @@ trigger's ``log_uni_ratio`` (feature ``probe_log_uni_ratio``), fitted on the cle
 (mean - PROBE_Z standard deviations): the probe looks for backdoors the calibration set may have no
 example of, so its false-alarm level is set from clean models. The verdict is then "backdoored" when either
 rule fires.
+With the spread candidate (``pdjax scan --spread``, :data:`SPREAD_CANDIDATE`), a second inversion by L_spread
+(a TrojDiff trigger widens the model's answer at t = T-1) competes for the main rule: the trigger whose
+generations collapse more is judged, so the one threshold also sees a TrojDiff trigger the shift loss misses.
 The likely target is the per-pixel median of the triggered generations.
 """
 
@@ -65,6 +68,16 @@ SCAN_SAMPLES = 8
 # triggers collapses the generations more (lower log_uni_ratio).
 FINAL_PROBE = InversionConfig(method="purediffusion", steps=40, shift_weight=0.0, final_weight=1.0, batch=8,
                               cons_batch=8, init="normal", scales=(1.0,), starts=("ddpm", "ddim"))
+# The scan's optional spread candidate (``pdjax scan --spread``): L_spread alone (the widening of the model's
+# answer at t = T-1 that a TrojDiff trigger causes; one model call per step, no unrolled chain) from 4 normal
+# inits (restarts: a single init can stall short of a TrojDiff trigger), fresh noise, no size search. It is judged by the main rule: the scan keeps whichever of the main
+# inversion's and this one's triggers collapses the generations more (experiments/results/start_search.md
+# section 7: it recovers a TrojDiff blend trigger that the shift loss misses; on BadDiffusion models its
+# generations diverge, so the shift loss's trigger is kept there).
+SPREAD_CANDIDATE = InversionConfig(method="purediffusion", steps=100, shift_weight=0.0, spread_weight=1.0, batch=32,
+                                   init="normal", scales=(1.0,), restarts=4)
+#: Whether ``pdjax scan`` / ``audit`` / ``calibrate`` run the spread candidate by default (``--spread/--no-spread``).
+SCAN_SPREAD = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +187,8 @@ class ModelVerdict:
       detector: the detector's feature, threshold and sign.
       start: the start (sampler, noise scale) of the triggered and clean generations ("ddpm" = DDPM from
         eps + trigger).
+      candidate: which of the scan's inversions the evidence comes from (:data:`CANDIDATES`: "main" = the
+        scan's own inversion, "spread", "probe").
     """
 
     model: str
@@ -190,12 +205,14 @@ class ModelVerdict:
     seconds: float
     detector: dict
     start: str = "ddpm"
+    candidate: str = "main"
 
     def to_dict(self) -> dict:
         """JSON summary (arrays left out; the scan writes them as files)."""
         return {"model": self.model, "verdict": "backdoored" if self.backdoored else "clean",
                 "backdoored": self.backdoored, "score": self.score, "reason": self.reason,
                 "features": self.features, "method": self.method, "seconds": self.seconds, "start": self.start,
+                "candidate": self.candidate,
                 "detector": self.detector, "final_loss": float(self.losses[-1]) if len(self.losses) else None}
 
 
@@ -243,15 +260,17 @@ def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
 
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
                config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
-               probe: InversionConfig | None = None) -> ModelVerdict:
+               probe: InversionConfig | None = None, spread: InversionConfig | None = None) -> ModelVerdict:
     """Invert, generate, featurise and decide for one model (see the module docstring).
 
-    ``probe``: a second inversion (e.g. :data:`FINAL_PROBE`), run with the same key; the verdict is made on
-    whichever of the two triggers gives the lower ``log_uni_ratio``.
+    ``spread``: a second candidate for the main rule (e.g. :data:`SPREAD_CANDIDATE`), run with the same key;
+    the main rule judges whichever of ``config``'s and its triggers gives the lower ``log_uni_ratio``.
+    ``probe``: another inversion (e.g. :data:`FINAL_PROBE`), run with the same key, judged by the probe
+    threshold when the detector has one (:func:`_verdict`), else like ``spread``.
     """
     det = detector or Detector.load()
     t0 = time.perf_counter()
-    found = [_invert_and_generate(model, key, c, n, progress) for c in (config, probe) if c is not None]
+    found = [None if c is None else _invert_and_generate(model, key, c, n, progress) for c in (config, spread, probe)]
     return _verdict(name, found, det, time.perf_counter() - t0)
 
 
@@ -265,41 +284,52 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
                                       jax.random.fold_in(key, 1), n=n)
 
 
-def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
-    """The verdict from one model's candidates ``found`` = [(inversion result, (triggered, clean) generations)],
-    the scan's own inversion first, then the probe's.
+#: Names of the scan's inversions, in the order of ``found`` in :func:`_verdict` (ModelVerdict.candidate).
+CANDIDATES = ("main", "spread", "probe")
 
-    With a probe and a detector with a probe threshold: the features are the first candidate's plus the
-    probe's ``probe_log_uni_ratio``, ``probe_uni_trig`` and ``probe_uni_clean``; both rules are applied, and
-    the evidence (trigger, generations) is that of the rule with the larger margin. Otherwise: the candidate
-    whose generations collapse most (lowest log_uni_ratio; the first on ties), judged by the one threshold."""
-    scored = [({**features_of(r.trigger, g[0], g[1], r.losses[-1]), "trigger_scale": r.scale}, r, g) for r, g in found]
-    if len(scored) == 2 and det.probe_threshold is not None:
-        (feats, res, gens), (pf, pres, pgens) = scored
+
+def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
+    """The verdict from one model's inversions ``found`` = [main, spread, probe], each None (not run) or
+    (inversion result, (triggered, clean) generations).
+
+    The main rule's candidate is whichever of main and spread collapses the generations most (lowest
+    log_uni_ratio; main on ties). With a probe and a detector with a probe threshold: the features are that
+    candidate's plus the probe's ``probe_log_uni_ratio``, ``probe_uni_trig`` and ``probe_uni_clean``; both rules
+    are applied, and the evidence (trigger, generations) is that of the rule with the larger margin. A probe
+    without a probe threshold is one more candidate of the main rule."""
+    scored = [None if f is None else ({**features_of(f[0].trigger, f[1][0], f[1][1], f[0].losses[-1]),
+                                       "trigger_scale": f[0].scale}, f[0], f[1], CANDIDATES[i])
+              for i, f in enumerate(found)]
+    *mains, probed = scored
+    if probed is not None and det.probe_threshold is None:
+        mains, probed = mains + [probed], None
+    feats, res, gens, cand = min((s for s in mains if s is not None), key=lambda s: s[0]["log_uni_ratio"])
+    if probed is not None:
+        pf, pres, pgens, pcand = probed
         feats = {**feats, PROBE_FEATURE: pf["log_uni_ratio"], "probe_uni_trig": pf["uni_trig"],
                  "probe_uni_clean": pf["uni_clean"]}
         main, probe = det.scores(feats)
         if probe > main:
-            res, gens = pres, pgens
-    else:
-        feats, res, gens = min(scored, key=lambda s: s[0]["log_uni_ratio"])
+            res, gens, cand = pres, pgens, pcand
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
                         {"feature": det.feature, "threshold": det.threshold, "sign": det.sign,
-                         "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold}, res.start)
+                         "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold}, res.start, cand)
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
                n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
-               probe: InversionConfig | None = None) -> list[ModelVerdict]:
+               probe: InversionConfig | None = None, spread: InversionConfig | None = None) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
-    keys[i], ..., probe=probe)`` up to float rounding. ``keys``: [N] typed keys."""
+    keys[i], ..., probe=probe, spread=spread)`` up to float rounding. ``keys``: [N] typed keys."""
     t0 = time.perf_counter()
-    found = [_invert_and_generate_many(models, keys, c, n, mesh, progress) for c in (config, probe) if c is not None]
+    found = [None if c is None else _invert_and_generate_many(models, keys, c, n, mesh, progress)
+             for c in (config, spread, probe)]
     secs = (time.perf_counter() - t0) / len(models)
-    return [_verdict(name, [f[i] for f in found], detector, secs) for i, name in enumerate(names)]
+    return [_verdict(name, [None if f is None else f[i] for f in found], detector, secs)
+            for i, name in enumerate(names)]
 
 
 def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mesh, progress: bool):

@@ -100,6 +100,11 @@ class InversionConfig:
         (:func:`spread_log_ratio`). A TrojDiff model was trained on starts gamma eps + mu (gamma < 1) and
         answers them with (x - mu) / gamma: at its trigger it widens the spread, while a clean or
         BadDiffusion model answers about eps_hat ~ x_T, spread ~1 for any delta. One model call per step.
+      restarts: independent optimisations from R different inits (restart 0 from the key's own init, restart r
+        from ``fold_in(key, r)``'s), run as one program (the loss vmapped over a restart axis, the same noise for
+        all; Adam and SGD act elementwise, so each restart follows its own trajectory); the restart with the
+        lowest loss at the last step is kept. For losses with several local optima (L_spread). Not with a
+        start trigger.
       cells: the trigger is optimised on a grid of cells x cells pixel blocks and upsampled (nearest) to the
         image, 1 = one value per pixel (a start trigger is block-averaged onto the grid). Meant to keep the
         optimiser off pixel-level patterns; no kept experiment measures it yet.
@@ -144,6 +149,7 @@ class InversionConfig:
     final_steps: int = 10
     final_eta: float = 0.0
     spread_weight: float = 0.0
+    restarts: int = 1
     cells: int = 1
     lambda_source: str = "closed-sde"
     chain: str = "ddpm"
@@ -187,7 +193,7 @@ class InversionConfig:
                                   fresh_noise=bool(fresh), starts=starts)
         if cfg.searches and cfg.scale_samples < 2:
             raise ConfigError(f"scale_samples must be >= 2 for a size search, got {cfg.scale_samples}")
-        for name in ("steps", "batch", "K", "cells"):
+        for name in ("steps", "batch", "K", "cells", "restarts"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.method == "purediffusion":
@@ -288,7 +294,7 @@ class InversionResult:
 
 
 class InvState(NamedTuple):
-    """Optimiser state: step count, delta [H, W, C], optax state."""
+    """Optimiser state: step count, delta [H, W, C] (or [R, H, W, C] with restarts), optax state."""
 
     step: jax.Array
     delta: jax.Array
@@ -541,15 +547,31 @@ class _Phase(NamedTuple):
     loss: Callable
     optimizer: optax.GradientTransformation
     steps: int
+    per_restart: bool = False  # loss returns (sum over restarts, [R] losses)
 
 
 def _phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
     """The method's optimisation phases; each loss takes the optimised parameter (the trigger itself, or its
-    coarse grid when ``cfg.cells`` > 1)."""
+    coarse grid when ``cfg.cells`` > 1; with ``cfg.restarts`` > 1 a leading restart axis, and the loss returns
+    (sum, per-restart losses))."""
     phases = _method_phases(prob, cfg)
-    if cfg.cells == 1:
-        return phases
-    return [p._replace(loss=lambda d, *a, f=p.loss: f(expand_cells(d, cfg.cells), *a)) for p in phases]
+    if cfg.cells > 1:
+        phases = [p._replace(loss=lambda d, *a, f=p.loss: f(expand_cells(d, cfg.cells), *a)) for p in phases]
+    if cfg.restarts > 1:
+        phases = [p._replace(loss=_over_restarts(p.loss), per_restart=True) for p in phases]
+    return phases
+
+
+def _over_restarts(loss):
+    """``(delta [R, ...], params, fixed, key) -> (sum of the R losses, [R] losses)``: one loss per restart,
+    params, noise and step key shared. The restarts do not interact, so the gradient of the sum is each
+    restart's own gradient."""
+
+    def f(deltas, *args):
+        per = jax.vmap(lambda d: loss(d, *args))(deltas)
+        return per.sum(), per
+
+    return f
 
 
 def expand_cells(p, cells: int):
@@ -588,7 +610,12 @@ def _keys(key):
 
 def initial_delta(cfg: InversionConfig, shape, key) -> jax.Array:
     """delta_0 of ``shape`` ([H, W, C], or the coarse grid with ``cfg.cells``) from the init rule and the key's
-    init branch."""
+    init branch; with ``cfg.restarts`` = R > 1, [R, *shape]: restart 0 from ``key``, restart r from
+    ``fold_in(key, r)``."""
+    if cfg.restarts > 1:
+        one = dataclasses.replace(cfg, restarts=1)
+        keys = [key] + [jax.random.fold_in(key, r) for r in range(1, cfg.restarts)]
+        return jnp.stack([initial_delta(one, shape, k) for k in keys])
     k_init = _keys(key)[0]
     if cfg.init == "neg-uniform":
         return -jax.random.uniform(k_init, shape)
@@ -617,7 +644,10 @@ def _step_fn(phase: _Phase, phase_index: int):
 
     def one(state: InvState, params, fixed, key, i):
         k = jax.random.fold_in(jax.random.fold_in(_keys(key)[3], phase_index), i)
-        loss, g = jax.value_and_grad(phase.loss)(state.delta, params, fixed, k)
+        if phase.per_restart:  # the [R] per-restart losses are recorded
+            (_, loss), g = jax.value_and_grad(phase.loss, has_aux=True)(state.delta, params, fixed, k)
+        else:
+            loss, g = jax.value_and_grad(phase.loss)(state.delta, params, fixed, k)
         upd, opt_state = phase.optimizer.update(g, state.opt_state, state.delta)
         return InvState(state.step + 1, optax.apply_updates(state.delta, upd), opt_state), loss
 
@@ -702,6 +732,8 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
     phases = _phases(prob, cfg)  # first: an unknown --lambda source fails before any jax work
     shape = _cell_shape(cfg, prob.shape)
     if start is not None:  # an explicit delta_0 (e.g. the known trigger, for amplification, SPEC 6)
+        if cfg.restarts > 1:
+            raise ConfigError(f"restarts = {cfg.restarts} needs a random init; a start trigger takes restarts = 1")
         delta = jnp.asarray(start, jnp.float32)
         if delta.shape != tuple(prob.shape):
             raise ConfigError(f"start trigger has shape {tuple(delta.shape)}, the model needs {tuple(prob.shape)}")
@@ -737,7 +769,14 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
         if len(times) > 1:
             compile_s += max(0.0, times[0] - float(np.median(times[1:])))
         delta = state.delta
-    losses = np.concatenate(all_losses, axis=-1)  # pieces [n] or [M, n] -> [S] or [M, S]
+    if cfg.restarts > 1:  # pieces [(M,) n, R] -> [(M,) S, R]; keep each model's restart of lowest last loss
+        losses = np.concatenate(all_losses, axis=-2)
+        best = np.argmin(losses[..., -1, :], axis=-1)  # [] or [M]
+        delta = np.take_along_axis(np.asarray(delta), best[..., None, None, None, None], axis=-4)[..., 0, :, :, :]
+        losses = np.take_along_axis(losses, np.broadcast_to(best[..., None, None], losses.shape[:-1] + (1,)),
+                                    axis=-1)[..., 0]
+    else:
+        losses = np.concatenate(all_losses, axis=-1)  # pieces [n] or [M, n] -> [S] or [M, S]
     return np.asarray(expand_cells(delta, cfg.cells)), losses, time.perf_counter() - t0, compile_s
 
 
