@@ -526,7 +526,7 @@ def test_restarts_run_independent_inits_and_keep_the_lowest_final_loss(models):
     np.testing.assert_array_equal(inits[0], inv.initial_delta(base.resolved(), m.image_shape, jax.random.key(3)))
     phase = inv._phases(prob, dataclass_replace(rcfg, restarts=1))[0]
     fixed = inv._prepare(prob, rcfg, m.params, jax.random.key(3))
-    finals, deltas, curves = [], [], []
+    deltas, curves = [], []
     for d in inits:
         state, curve = phase.optimizer.init(d), []
         for i in range(ELIJAH.steps):
