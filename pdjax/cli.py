@@ -592,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--spread-weight", dest="spread_weight", type=float,
                    help="purediffusion: weight of L_spread, how much the trigger widens eps_hat's spread at t = T-1 "
                         "(TrojDiff; default 0)")
+    i.add_argument("--restarts", type=int,
+                   help="optimise from this many inits in one program and keep the lowest final loss (default 1)")
     i.add_argument("--cells", type=int, help="optimise the trigger on blocks of CELLS x CELLS pixels (default 1)")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--chain", choices=("ddpm", "ddim"),

@@ -548,3 +548,6 @@ def test_restarts_run_independent_inits_and_keep_the_lowest_final_loss(models):
         invert(m, "elijah", jax.random.key(3), cfg, start=np.zeros(m.image_shape, np.float32))
     with pytest.raises(ConfigError, match="restarts must be >= 1"):
         InversionConfig(restarts=0).resolved()
+    from pdjax.cli import build_parser
+
+    assert build_parser().parse_args(["invert", "m", "--out", "o", "--restarts", "3"]).restarts == 3
