@@ -27,6 +27,8 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 - pd+spread: purediffusion's and spread-only's scans, the lower of their log_uni_ratio values (what
   `pdjax scan --spread` decides on); pd+spread+probe: that plus final-only's probe threshold as in pd+probe
   (`pdjax scan --spread --final-probe`);
+- spread-ball: the spread candidate with the trigger's L2 norm held <= SPREAD_BALL; statistic ``final_loss``
+  (-log of the spread gain reached at that size);
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
 
@@ -59,7 +61,7 @@ from pdjax.defense.inversion import InversionConfig
 STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
              "spread-only": "log_uni_ratio", "pd+final": "log_uni_ratio", "pd+probe": "log_uni_ratio",
              "pd+spread": "log_uni_ratio", "pd+spread+probe": "log_uni_ratio", "elijah": "uni_trig",
-             "terd": "trigger_kl"}
+             "spread-ball": "final_loss", "terd": "trigger_kl"}
 # pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
 # search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
 FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
@@ -70,6 +72,10 @@ FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
 # spread-only: the scan's spread candidate alone (SPREAD_CANDIDATE). pd+spread: what `pdjax scan --spread`
 # decides on (the lower log_uni_ratio of purediffusion and spread-only); pd+spread+probe: that, plus the probe
 # rule (`pdjax scan --spread --final-probe`).
+# spread-ball: the spread candidate with the trigger held to L2 norm <= SPREAD_BALL (about a TrojDiff blend
+# trigger's norm at 16x16); its statistic is the inversion's final loss, -log of the spread gain reached at that
+# size, not the generations' collapse (a d2d TrojDiff target is a class: its generations hardly collapse).
+SPREAD_BALL = 10.0
 # COMBINED: method -> (the main rule's parts, whose lowest log_uni_ratio is kept; the probe part or None).
 COMBINED = {"pd+final": (("purediffusion", "final-only"), None), "pd+probe": (("purediffusion",), "final-only"),
             "pd+spread": (("purediffusion", "spread-only"), None),
@@ -90,6 +96,8 @@ def inversion_config(method: str, steps: int) -> InversionConfig:
         return dataclasses.replace(FINAL_PROBE, steps=steps)
     if method == "spread-only":  # its own step count (one model call per step), not --steps
         return SPREAD_CANDIDATE
+    if method == "spread-ball":
+        return dataclasses.replace(SPREAD_CANDIDATE, max_norm=SPREAD_BALL)
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 
@@ -186,6 +194,7 @@ def roc_svg(results: list[dict], size: int = 320) -> str:
     pad = 40
     colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
                "pd+probe": "#7d3c98", "spread-only": "#b7950b", "pd+spread": "#ca6f1e", "pd+spread+probe": "#117864",
+               "spread-ball": "#6c3483",
                "elijah": "#2471a3", "terd": "#229954"}
     w = size - 2 * pad
     px = lambda x: pad + x * w  # noqa: E731

@@ -594,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(TrojDiff; default 0)")
     i.add_argument("--restarts", type=int,
                    help="optimise from this many inits in one program and keep the lowest final loss (default 1)")
+    i.add_argument("--max-norm", dest="max_norm", type=float,
+                   help="project the trigger onto the L2 ball of this radius after every step (default 0: none)")
     i.add_argument("--cells", type=int, help="optimise the trigger on blocks of CELLS x CELLS pixels (default 1)")
     i.add_argument("--lambda", dest="lambda_source", help="closed-sde | closed-ode | shipped table name | table path")
     i.add_argument("--chain", choices=("ddpm", "ddim"),

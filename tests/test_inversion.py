@@ -551,3 +551,23 @@ def test_restarts_run_independent_inits_and_keep_the_lowest_final_loss(models):
     from pdjax.cli import build_parser
 
     assert build_parser().parse_args(["invert", "m", "--out", "o", "--restarts", "3"]).restarts == 3
+
+
+def test_max_norm_keeps_the_trigger_on_its_ball(models):
+    """max_norm = r: after every step the trigger is projected onto the L2 ball of radius r (per restart), so
+    the result's norm is <= r, a trigger already inside is untouched, and a negative radius is refused."""
+    d = jnp.stack([jnp.full((4, 4, 1), 3.0), jnp.full((4, 4, 1), 0.1)])  # norms 12 and 0.4
+    p = np.asarray(inv.project_to_ball(d, 2.0))
+    np.testing.assert_allclose(np.linalg.norm(p[0]), 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(p[1], np.asarray(d[1]))
+    cfg = dataclass_replace(ELIJAH, method="elijah", max_norm=0.5)
+    free = invert(models[0], "elijah", jax.random.key(3), dataclass_replace(cfg, max_norm=0.0))
+    held = invert(models[0], "elijah", jax.random.key(3), cfg)
+    assert np.linalg.norm(free.trigger) > 0.5 and np.linalg.norm(held.trigger) <= 0.5 + 1e-5
+    both = invert(models[0], "elijah", jax.random.key(3), dataclass_replace(cfg, restarts=2))
+    assert np.linalg.norm(both.trigger) <= 0.5 + 1e-5
+    with pytest.raises(ConfigError, match="max_norm must be >= 0"):
+        InversionConfig(max_norm=-1.0).resolved()
+    from pdjax.cli import build_parser
+
+    assert build_parser().parse_args(["invert", "m", "--out", "o", "--max-norm", "10"]).max_norm == 10.0

@@ -105,6 +105,10 @@ class InversionConfig:
         all; Adam and SGD act elementwise, so each restart follows its own trajectory); the restart with the
         lowest loss at the last step is kept. For losses with several local optima (L_spread). Not with a
         start trigger.
+      max_norm: > 0: after every optimiser step the trigger is projected onto the L2 ball of this radius
+        (each restart on its own; the norm of the optimised parameter, i.e. of the coarse grid with ``cells``).
+        Lets a loss be compared between models at one trigger size (L_spread: a clean model widens its answer
+        only with a large trigger). 0 = no constraint.
       cells: the trigger is optimised on a grid of cells x cells pixel blocks and upsampled (nearest) to the
         image, 1 = one value per pixel (a start trigger is block-averaged onto the grid). Meant to keep the
         optimiser off pixel-level patterns; no kept experiment measures it yet.
@@ -150,6 +154,7 @@ class InversionConfig:
     final_eta: float = 0.0
     spread_weight: float = 0.0
     restarts: int = 1
+    max_norm: float = 0.0
     cells: int = 1
     lambda_source: str = "closed-sde"
     chain: str = "ddpm"
@@ -209,6 +214,8 @@ class InversionConfig:
                 raise ConfigError(f"cons_batch must be in [2, batch={cfg.batch}], got {cfg.cons_batch}")
         if cfg.method == "terd" and (cfg.terd_refine_steps < 0 or cfg.terd_ddim_steps < 1):
             raise ConfigError("terd_refine_steps must be >= 0 and terd_ddim_steps >= 1")
+        if cfg.max_norm < 0:
+            raise ConfigError(f"max_norm must be >= 0 (0 = none), got {cfg.max_norm}")
         if cfg.steps_per_call < 0:
             raise ConfigError(f"steps_per_call must be >= 0, got {cfg.steps_per_call}")
         return cfg
@@ -548,6 +555,7 @@ class _Phase(NamedTuple):
     optimizer: optax.GradientTransformation
     steps: int
     per_restart: bool = False  # loss returns (sum over restarts, [R] losses)
+    max_norm: float = 0.0  # > 0: project the parameter onto this L2 ball after each step
 
 
 def _phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
@@ -559,7 +567,13 @@ def _phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
         phases = [p._replace(loss=lambda d, *a, f=p.loss: f(expand_cells(d, cfg.cells), *a)) for p in phases]
     if cfg.restarts > 1:
         phases = [p._replace(loss=_over_restarts(p.loss), per_restart=True) for p in phases]
-    return phases
+    return [p._replace(max_norm=float(cfg.max_norm)) for p in phases]
+
+
+def project_to_ball(delta, radius: float):
+    """``delta`` [..., H, W, C] scaled down to L2 norm ``radius`` where it is larger (per leading index)."""
+    norm = jnp.sqrt(jnp.sum(delta ** 2, axis=(-3, -2, -1), keepdims=True))
+    return delta * jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12))
 
 
 def _over_restarts(loss):
@@ -649,7 +663,10 @@ def _step_fn(phase: _Phase, phase_index: int):
         else:
             loss, g = jax.value_and_grad(phase.loss)(state.delta, params, fixed, k)
         upd, opt_state = phase.optimizer.update(g, state.opt_state, state.delta)
-        return InvState(state.step + 1, optax.apply_updates(state.delta, upd), opt_state), loss
+        delta = optax.apply_updates(state.delta, upd)
+        if phase.max_norm > 0:
+            delta = project_to_ball(delta, phase.max_norm)
+        return InvState(state.step + 1, delta, opt_state), loss
 
     return one
 
