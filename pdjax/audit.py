@@ -167,8 +167,7 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
           progress: bool = True, echo=print, probe: InversionConfig | None = None,
           spread: InversionConfig | None = None) -> list[dict]:
     """Audit many models (see the module docstring); returns the JSONL entries of this run. ``probe``,
-    ``spread``: as in
-    :func:`scan`."""
+    ``spread``: as in :func:`scan`."""
     from pdjax.defense.detection import scan_stack
     from pdjax.model import load
 

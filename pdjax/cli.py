@@ -372,28 +372,27 @@ def _scan_config(args):
     return dataclasses.replace(SCAN_INVERSION, **changes)
 
 
-def _scan_probe(args):
-    """--final-probe: the scan's second inversion (FINAL_PROBE, with --steps and the fast-path options)."""
+def _extra_scan_config(base, args, steps: bool):
+    """``base`` with the scan's fast-path options (and --steps when ``steps``) applied."""
     import dataclasses
 
+    opts = (("steps", args.steps),) if steps else ()
+    opts += (("dtype", args.dtype), ("remat", args.remat))
+    return dataclasses.replace(base, **{k: v for k, v in opts if v is not None})
+
+
+def _scan_probe(args):
+    """--final-probe: the scan's second inversion (FINAL_PROBE, with --steps and the fast-path options)."""
     from pdjax.defense.detection import FINAL_PROBE
 
-    if not args.final_probe:
-        return None
-    changes = {k: v for k, v in (("steps", args.steps), ("dtype", args.dtype), ("remat", args.remat)) if v is not None}
-    return dataclasses.replace(FINAL_PROBE, **changes)
+    return _extra_scan_config(FINAL_PROBE, args, steps=True) if args.final_probe else None
 
 
 def _scan_spread(args):
-    """--spread: the spread candidate (SPREAD_CANDIDATE, with the fast-path options), or None."""
-    import dataclasses
-
+    """--spread: the spread candidate (SPREAD_CANDIDATE, with the fast-path options; its own step count), or None."""
     from pdjax.defense.detection import SPREAD_CANDIDATE
 
-    if not args.spread:
-        return None
-    changes = {k: v for k, v in (("dtype", args.dtype), ("remat", args.remat)) if v is not None}
-    return dataclasses.replace(SPREAD_CANDIDATE, **changes)
+    return _extra_scan_config(SPREAD_CANDIDATE, args, steps=False) if args.spread else None
 
 
 def cmd_scan(args) -> int:

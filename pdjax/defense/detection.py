@@ -70,10 +70,11 @@ FINAL_PROBE = InversionConfig(method="purediffusion", steps=40, shift_weight=0.0
                               cons_batch=8, init="normal", scales=(1.0,), starts=("ddpm", "ddim"))
 # The scan's optional spread candidate (``pdjax scan --spread``): L_spread alone (the widening of the model's
 # answer at t = T-1 that a TrojDiff trigger causes; one model call per step, no unrolled chain) from 4 normal
-# inits (restarts: a single init can stall short of a TrojDiff trigger), fresh noise, no size search. It is judged by the main rule: the scan keeps whichever of the main
-# inversion's and this one's triggers collapses the generations more (experiments/results/start_search.md
-# section 7: it recovers a TrojDiff blend trigger that the shift loss misses; on BadDiffusion models its
-# generations diverge, so the shift loss's trigger is kept there).
+# inits (restarts: a single init can stall short of a TrojDiff trigger), fresh noise, no size search. It is
+# judged by the main rule: the scan keeps whichever of the main inversion's and this one's triggers collapses
+# the generations more (experiments/results/start_search.md section 7: it recovers a TrojDiff blend trigger
+# that the shift loss misses; on BadDiffusion models its generations diverge, so the shift loss's trigger is
+# kept there). Off by default: experiments/results/detection_table.md, last section.
 SPREAD_CANDIDATE = InversionConfig(method="purediffusion", steps=100, shift_weight=0.0, spread_weight=1.0, batch=32,
                                    init="normal", scales=(1.0,), restarts=4)
 #: Whether ``pdjax scan`` / ``audit`` / ``calibrate`` run the spread candidate by default (``--spread/--no-spread``).
