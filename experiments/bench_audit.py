@@ -101,6 +101,8 @@ def main(argv=None):
             rows.append(r)
             print(f"  {r['s_per_step']:.3f} s/step for the stack, compile ~{r['compile_estimate_s']:.0f} s, "
                   f"{r['models_per_hour']:.0f} models/h", flush=True)
+            if args.json:  # after every stack, so that a run stopped at its time limit keeps what it measured
+                write_json(args.json, {"environment": env, "args": vars(args), "rows": rows, "complete": False})
     base = next((r for r in rows if r["models"] == 1 and r["layout"] == "1 device"), rows[0] if rows else None)
     print()
     print("| layout | models N | stack s/step | compile s | models/h (steady) | ratio vs ref "
@@ -116,7 +118,7 @@ def main(argv=None):
           "(N = 1 on one device when --counts has 1). models/h counts the "
           f"inversion only ({args.full_steps} steps/model); 'incl. compile' adds one compile per stack.")
     if args.json:
-        write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
+        write_json(args.json, {"environment": env, "args": vars(args), "rows": rows, "complete": True})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ s/step, pdjax trace + compile s, torch s/step, torch/pdjax (> 1: pdjax faster), 
 step temp MiB, pdjax and torch peak MiB.
 Flags: --sizes (comma list); --steps and --batch take one value or one per size (comma separated);
 --methods elijah,purediffusion; --K; --steps-per-call (pdjax; 0 = library default); --torch-threads
-(comma list, 0 = torch's default; the fastest is the reference); --no-torch (pdjax only); --json OUT.
+(comma list, 0 = torch's default; the fastest is the reference); --no-torch (pdjax only); --json OUT;
+--precision highest (full float32 on both sides, no TF32 on a GPU).
 Runs unchanged on a GPU (JAX picks the default backend; torch uses CUDA when its build has it).
 """
 
@@ -147,7 +148,7 @@ def chain_noise(chain_key, K: int, T: int, shape) -> np.ndarray:
 
 
 def bench_one(size: str, method: str, steps: int, batch: int, K: int, spc: int, torch_threads: list[int],
-              workdir: Path, model: Model, export_dir: Path) -> dict:
+              workdir: Path, model: Model, export_dir: Path, precision: str = "default") -> dict:
     # One fixed noise batch, fed to both (the torch reference has no per-step fresh noise; drawing it costs
     # pdjax one normal() per step).
     cfg = inv.InversionConfig(method=method, steps=steps, batch=batch, K=K, steps_per_call=spc,
@@ -179,7 +180,8 @@ def bench_one(size: str, method: str, steps: int, batch: int, K: int, spc: int, 
                 arrays["sched_" + f] = np.asarray(getattr(sched, f), np.float32)
         runs = []
         for th in torch_threads:  # one worker per thread count; the reference is the fastest of them
-            tr, tarr = torch_reference.call_worker("inversion", export_dir, {**spec, "threads": th}, arrays,
+            tr, tarr = torch_reference.call_worker("inversion", export_dir,
+                                                   {**spec, "threads": th, "precision": precision}, arrays,
                                                    workdir / f"{size}-{method}-t{th}")
             tr["threads_requested"] = th
             runs.append((tr, tarr))
@@ -240,8 +242,14 @@ def main(argv=None):
     ap.add_argument("--runtime", choices=("pdjax", "xla"), default="pdjax",
                     help="pdjax: the pdjax command's XLA:CPU settings (pdjax.cpu_runtime: YNNPACK kernels, one "
                          "device per core, the noise batch split over them); xla: XLA's own kernels, one device")
+    ap.add_argument("--precision", choices=("default", "highest"), default="default",
+                    help="float32 matmul/convolution precision on both sides; default lets GPUs use TF32 (JAX's "
+                         "default precision, torch's cudnn.allow_tf32), highest forces full float32 (a check that "
+                         "trigger differences between the two sides are TF32 rounding)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = ap.parse_args(argv)
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
     if args.runtime == "pdjax":
         from pdjax import cpu_runtime
 
@@ -269,7 +277,7 @@ def main(argv=None):
                 print(f"[{size}] {method}: B={batch[size]} steps={steps[size]}"
                       + (f" K={args.K}" if method == "purediffusion" else ""), flush=True)
                 row = bench_one(size, method, steps[size], batch[size], args.K, args.steps_per_call, torch_threads,
-                                tmp, model, export_dir)
+                                tmp, model, export_dir, args.precision)
                 row["params"] = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(model.params)))
                 rows.append(row)
                 p = row["pdjax"]

@@ -278,6 +278,9 @@ def main(argv=None):
         arrays = {k: z[k] for k in z.files}
     if int(spec.get("threads", 0)) > 0:
         _torch().set_num_threads(int(spec["threads"]))
+    if spec.get("precision") == "highest":  # full float32 convolutions and matmuls on a GPU (no TF32)
+        _torch().backends.cudnn.allow_tf32 = False
+        _torch().backends.cuda.matmul.allow_tf32 = False
     fn = run_inversion if mode == "inversion" else run_unet
     res, arr = fn(spec["folder"], spec, arrays)
     np.savez(workdir / "result.npz", **arr)
