@@ -27,7 +27,7 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 - pd+spread: purediffusion's and spread-only's scans, the lower of their log_uni_ratio values (what
   `pdjax scan --spread` decides on); pd+spread+probe: that plus final-only's probe threshold as in pd+probe
   (`pdjax scan --spread --final-probe`);
-- spread-ball: the spread candidate with the trigger's L2 norm held <= SPREAD_BALL; statistic ``final_loss``
+- spread-ball: the ball probe (BALL_PROBE: the spread candidate, trigger L2 norm <= 10); statistic ``final_loss``
   (-log of the spread gain reached at that size);
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
@@ -54,8 +54,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pdjax.defense.detection import (FINAL_PROBE, PROBE_FEATURE, SCAN_INVERSION, SPREAD_CANDIDATE, Detector,
-                                     calibrate, scan_model)
+from pdjax.defense.detection import (BALL_PROBE, FINAL_PROBE, PROBE_FEATURE, SCAN_INVERSION, SPREAD_CANDIDATE,
+                                     Detector, calibrate, scan_model)
 from pdjax.defense.inversion import InversionConfig
 
 STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
@@ -72,10 +72,11 @@ FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
 # spread-only: the scan's spread candidate alone (SPREAD_CANDIDATE). pd+spread: what `pdjax scan --spread`
 # decides on (the lower log_uni_ratio of purediffusion and spread-only); pd+spread+probe: that, plus the probe
 # rule (`pdjax scan --spread --final-probe`).
-# spread-ball: the spread candidate with the trigger held to L2 norm <= SPREAD_BALL (about a TrojDiff blend
-# trigger's norm at 16x16); its statistic is the inversion's final loss, -log of the spread gain reached at that
-# size, not the generations' collapse (a d2d TrojDiff target is a class: its generations hardly collapse).
-SPREAD_BALL = 10.0
+# spread-ball: the scan's ball probe (BALL_PROBE: the spread candidate with the trigger held to L2 norm
+# <= BALL_RADIUS, about a TrojDiff blend trigger's norm at 16x16); its statistic is the inversion's final loss,
+# -log of the spread gain reached at that size, not the generations' collapse (a d2d TrojDiff target is a
+# class: its generations hardly collapse). `pdjax scan --ball` applies it with a clean-fitted threshold
+# (experiments/fit_ball_rule.py).
 # COMBINED: method -> (the main rule's parts, whose lowest log_uni_ratio is kept; the probe part or None).
 COMBINED = {"pd+final": (("purediffusion", "final-only"), None), "pd+probe": (("purediffusion",), "final-only"),
             "pd+spread": (("purediffusion", "spread-only"), None),
@@ -97,7 +98,7 @@ def inversion_config(method: str, steps: int) -> InversionConfig:
     if method == "spread-only":  # its own step count (one model call per step), not --steps
         return SPREAD_CANDIDATE
     if method == "spread-ball":
-        return dataclasses.replace(SPREAD_CANDIDATE, max_norm=SPREAD_BALL)
+        return BALL_PROBE
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 

@@ -395,12 +395,19 @@ def _scan_spread(args):
     return _extra_scan_config(SPREAD_CANDIDATE, args, steps=False) if args.spread else None
 
 
+def _scan_ball(args):
+    """--ball: the ball probe (BALL_PROBE, with the fast-path options; its own step count), or None."""
+    from pdjax.defense.detection import BALL_PROBE
+
+    return _extra_scan_config(BALL_PROBE, args, steps=False) if args.ball else None
+
+
 def cmd_scan(args) -> int:
     from pdjax.audit import scan
 
     verdicts = scan(args.models, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
                     n=args.samples, progress=not args.quiet, probe=_scan_probe(args),
-                    spread=_scan_spread(args))
+                    spread=_scan_spread(args), ball=_scan_ball(args))
     flagged = sum(v.backdoored for v in verdicts)
     print(f"{flagged} of {len(verdicts)} model(s) flagged as backdoored; wrote {Path(args.out) / 'scan.json'} "
           f"and {Path(args.out) / 'report.html'}")
@@ -416,7 +423,7 @@ def cmd_audit(args) -> int:
         jax.distributed.initialize()
     entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
                     n=args.samples, stack=args.stack, progress=not args.quiet, probe=_scan_probe(args),
-                    spread=_scan_spread(args))
+                    spread=_scan_spread(args), ball=_scan_ball(args))
     flagged = sum(e["backdoored"] for e in entries)
     print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
     return 0
@@ -427,7 +434,7 @@ def cmd_calibrate(args) -> int:
 
     calibrate_models(args.clean or [], args.backdoored or [], args.out, seed=args.seed, config=_scan_config(args),
                      n=args.samples, feature=args.feature, progress=not args.quiet, probe=_scan_probe(args),
-                     spread=_scan_spread(args))
+                     spread=_scan_spread(args), ball=_scan_ball(args))
     return 0
 
 
@@ -452,6 +459,10 @@ def _add_scan_options(p) -> None:
                    help="also invert by L_spread alone (the widening of the model's answer that a TrojDiff trigger "
                    "causes) and judge whichever trigger collapses the generations more by the main threshold"
                    f" (default {'on' if SCAN_SPREAD else 'off'})")
+    p.add_argument("--ball", action="store_true",
+                   help="also maximise L_spread with the trigger held to a fixed L2 norm (BALL_PROBE) and flag a model "
+                   "whose final loss lies below the detector's ball threshold (calibrate --ball fits it on >= 3 clean "
+                   "models); sees TrojDiff triggers whose generations do not collapse; about 30 s more per model on CPU")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 

@@ -247,16 +247,19 @@ def _summary_table(verdicts: Sequence["ModelVerdict"]) -> str:
 
 def _features_table(features: dict, detector: dict) -> str:
     key = (detector or {}).get("feature")
-    probe, probe_key = (detector or {}).get("probe_threshold"), (detector or {}).get("probe_feature")
-    probe = probe if probe is not None and probe_key in (features or {}) else None
+    clean_fitted = {}  # feature -> (threshold, rule name) of the rules fitted on clean models that applied
+    for rule in ("probe", "ball"):
+        thr, k = (detector or {}).get(f"{rule}_threshold"), (detector or {}).get(f"{rule}_feature")
+        if thr is not None and k in (features or {}):
+            clean_fitted[k] = (thr, rule)
     rows = []
     for name, val in (features or {}).items():
-        cls = ' class="key"' if name == key or (probe is not None and name == probe_key) else ""
+        cls = ' class="key"' if name == key or name in clean_fitted else ""
         rows.append(f'<tr{cls}><td>{_esc(name)}</td><td class="num">{_num(val)}</td></tr>')
     det = ""
     if detector:
-        either = "" if probe is None else (f" or <code>{_esc(probe_key)} &lt; {_num(probe)}</code> (the probe's "
-                                           "threshold, fitted on clean reference models)")
+        either = "".join(f" or <code>{_esc(k)} &lt; {_num(thr)}</code> (the {rule} threshold, fitted on clean "
+                         "reference models)" for k, (thr, rule) in clean_fitted.items())
         det = ("<p class=\"muted\">Decision rule: backdoored when "
                f"<code>{_num(detector.get('sign', 1), '+.0f')} &#215; ({_esc(key)} &#8722; "
                f"{_num(detector.get('threshold'))}) &gt; 0</code>{either} (highlighted rows).</p>")
@@ -290,7 +293,7 @@ def _model_section(i: int, v: "ModelVerdict") -> str:
 
 
 def _candidate_note(v) -> str:
-    """", trigger from the spread / probe inversion" when the evidence is not the scan's own inversion."""
+    """", trigger from the spread / probe / ball inversion" when the evidence is not the scan's own inversion."""
     cand = getattr(v, "candidate", "main")
     return "" if cand == "main" else f", trigger from the {_esc(cand)} inversion"
 

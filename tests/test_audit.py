@@ -67,3 +67,23 @@ def test_collect_models_sources(zoo, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no models"):
         collect_models([str(tmp_path / "empty")])
+
+
+def test_audit_runs_the_ball_probe_stacked(zoo, tmp_path):
+    """audit(ball=...): the stacked ball probe gives each model scan_model's ball_loss (same key), judged by
+    the detector's ball threshold; a detector without one is refused before any model is scanned."""
+    root, models, _ = zoo
+    ball = dataclasses.replace(D.BALL_PROBE, steps=2, batch=4, restarts=2)
+    det = D.Detector(ball_threshold=1e9, ball_scale=1.0).save(tmp_path / "ball.json")  # flags every model
+    entries = audit([str(models / "m0"), str(models / "m1")], tmp_path / "a", seed=3, detector=str(det), config=TINY,
+                    n=4, progress=False, echo=lambda s: None, ball=ball)
+    from pdjax.model import load
+
+    e = entries[0]
+    v = D.scan_model(load(e["model"]), e["model"], model_key(3, e["model"]), D.Detector.load(det), TINY, n=4,
+                     ball=ball)
+    np.testing.assert_allclose(e["features"][D.BALL_FEATURE], v.features[D.BALL_FEATURE], rtol=2e-3, atol=1e-5)
+    assert all(x["backdoored"] and x["candidate"] == "ball" for x in entries) and v.candidate == "ball"
+    with pytest.raises(ConfigError, match="no ball threshold"):
+        audit([str(models)], tmp_path / "b", detector=str(root / "det.json"), config=TINY, n=4, progress=False,
+              echo=lambda s: None, ball=ball)

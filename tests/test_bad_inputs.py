@@ -55,6 +55,13 @@ def _on_duration(event: str, duration: float, **_):
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
+def _plain_detector(path: Path) -> Path:
+    """A detector file with only the main rule (no probe or ball threshold)."""
+    from pdjax.defense.detection import Detector
+
+    return Detector().save(path)
+
+
 # ----------------------------------------------------------------------------------------- fixtures
 @dataclasses.dataclass
 class Zoo:
@@ -402,7 +409,14 @@ ROWS = [
         "det.json is not valid JSON", "recalibrate it with `pdjax calibrate`"),
     Row("detector-not-an-object", lambda z, t, mp: (t / "det.json").write_text("[1, 2]") and [
         "scan", z.diff, "--detector", t / "det.json", "--out", t / "s", *SCAN],
-        "is not a pdjax detector of version 1 or 2", "recalibrate it"),
+        "is not a pdjax detector of version 1 to 3", "recalibrate it"),
+    Row("ball-without-threshold", lambda z, t, mp: [
+        "scan", z.diff, "--ball", "--detector", _plain_detector(t / "det.json"), "--out", t / "s", *SCAN],
+        "this detector has no ball threshold", "pdjax calibrate --ball"),
+    Row("ball-too-few-clean",
+        lambda z, t, mp: ["calibrate", "--clean", z.diff, "--backdoored", z.ckpt, "--ball", "--out", t / "det.json",
+                          *SCAN],
+        "the --ball threshold needs at least 3 clean reference models, got 1", "drop --ball"),
     Row("audit-source-binary-file", lambda z, t, mp: (t / "models.bin").write_bytes(b"\xff\xfe\x00\x81") and [
         "audit", t / "models.bin", "--out", t / "au", *SCAN],
         "is a file but not a text list of model paths", "a text file with one path per line"),

@@ -76,7 +76,8 @@ def test_calibrate_fits_the_probe_threshold_on_clean_models_only(tmp_path):
     assert math.isclose(det.probe_threshold, clean.mean() - D.PROBE_Z * clean.std(ddof=1))
     assert math.isclose(det.threshold, 0.5 * (-2.5 - 0.2))  # the main rule is unchanged by the probe
     only_probe = {"log_uni_ratio": 0.0, D.PROBE_FEATURE: -2.0}
-    assert det.decide(only_probe) and det.scores(only_probe)[0] < 0 < det.scores(only_probe)[1]
+    m = det.scores(only_probe)
+    assert det.decide(only_probe) and m["main"] < 0 < m["probe"] and m["ball"] is None
     assert not det.decide({"log_uni_ratio": 0.0, D.PROBE_FEATURE: -0.2})
     assert det.decide({"log_uni_ratio": -3.0})  # no probe features: the main rule alone
     assert Detector.load(det.save(tmp_path / "p.json")) == det
@@ -85,6 +86,33 @@ def test_calibrate_fits_the_probe_threshold_on_clean_models_only(tmp_path):
     (tmp_path / "v1.json").write_text(json.dumps(old))
     assert Detector.load(tmp_path / "v1.json").probe_threshold is None
     with pytest.raises(ConfigError, match="at least 3 clean"):
+        calibrate(feats[:4], y[:4])
+
+
+def test_calibrate_fits_the_ball_threshold_on_clean_models_only(tmp_path):
+    """With ball features, the ball threshold is mean - PROBE_Z sd of the clean references' ball losses; the
+    ball rule flags a model the main rule calls clean; a version-2 file loads without a ball threshold."""
+    main = [-3.0, -2.8, -0.1, 0.0, 0.05, -0.2]
+    ball = [-0.05, -0.26, -0.09, -0.10, -0.087, -0.095]
+    y = [True, True, False, False, False, False]
+    feats = [{"log_uni_ratio": a, D.BALL_FEATURE: b} for a, b in zip(main, ball)]
+    det = calibrate(feats, y)
+    clean = np.array(ball[2:])
+    assert det.probe_threshold is None
+    assert math.isclose(det.ball_scale, max(clean.std(ddof=1), 0.01))
+    assert math.isclose(det.ball_threshold, clean.mean() - D.PROBE_Z * det.ball_scale)
+    assert det.meta["ball_reference_values"] == ball
+    trojdiff_like = {"log_uni_ratio": 0.0, D.BALL_FEATURE: -0.26}  # the main rule misses it, the ball rule fires
+    m = det.scores(trojdiff_like)
+    assert m["main"] < 0 < m["ball"] and m["probe"] is None and det.decide(trojdiff_like)
+    assert not det.decide(feats[2]) and not det.decide({"log_uni_ratio": 0.0, D.BALL_FEATURE: -0.1})
+    assert "ball loss" in D.explain(det, trojdiff_like, True)
+    assert Detector.load(det.save(tmp_path / "b.json")) == det
+    old = {**det.to_dict(), "version": 2}
+    del old["ball_threshold"], old["ball_scale"]
+    (tmp_path / "v2.json").write_text(json.dumps(old))
+    assert Detector.load(tmp_path / "v2.json").ball_threshold is None
+    with pytest.raises(ConfigError, match="--ball threshold needs at least 3 clean"):
         calibrate(feats[:4], y[:4])
 
 
@@ -302,7 +330,23 @@ def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
     v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe, spread=spread)
     assert v.candidate == "probe" and v.features["log_uni_ratio"] > -1 and "probe" in v.reason
 
+    # The ball probe: its final loss is the feature; with a ball threshold its evidence is shown when it decides.
+    ball = D.BALL_PROBE
+    value[ball] = 4.0
+    winner["config"] = None  # nothing collapses
+    three = Detector(ball_threshold=0.5, ball_scale=0.1)  # the fake's final loss 0.0 lies below it
+    v = D.scan_model(m, "t", key, three, TINY_SCAN, n=4, ball=ball)
+    assert v.candidate == "ball" and v.backdoored and float(v.trigger[0, 0, 0]) == 4.0 and "ball loss" in v.reason
+    assert v.features[D.BALL_FEATURE] == 0.0 and v.detector["ball_threshold"] == 0.5
+    v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, ball=ball)  # no ball threshold: reported only
+    assert v.candidate == "main" and not v.backdoored and D.BALL_FEATURE in v.features
+
     args = build_parser().parse_args(["scan", "--spread", "--dtype", "bfloat16"])
     assert _scan_spread(args) == dataclasses.replace(D.SPREAD_CANDIDATE, dtype="bfloat16")
     assert _scan_spread(build_parser().parse_args(["scan", "--no-spread"])) is None
     assert (_scan_spread(build_parser().parse_args(["scan"])) is None) == (not D.SCAN_SPREAD)
+    from pdjax.cli import _scan_ball
+
+    assert _scan_ball(build_parser().parse_args(["scan", "--ball"])) == D.BALL_PROBE
+    assert _scan_ball(build_parser().parse_args(["audit", "x", "--out", "o"])) is None
+    assert D.BALL_PROBE.max_norm == D.BALL_RADIUS and D.BALL_PROBE.spread_weight == 1.0

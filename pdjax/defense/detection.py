@@ -25,6 +25,10 @@ rule fires.
 With the spread candidate (``pdjax scan --spread``, :data:`SPREAD_CANDIDATE`), a second inversion by L_spread
 (a TrojDiff trigger widens the model's answer at t = T-1) competes for the main rule: the trigger whose
 generations collapse more is judged, so the one threshold also sees a TrojDiff trigger the shift loss misses.
+With the ball probe (``pdjax scan --ball``, :data:`BALL_PROBE`), L_spread is maximised again with the trigger
+held to a fixed L2 norm; its final loss (``ball_loss``, -log of the spread gain a trigger of that size can
+cause) gets a third threshold, fitted on the clean reference models like the probe's. It sees TrojDiff
+backdoors (d2i and out-d2d) whose triggers do not make the generations collapse from the scan's start.
 The likely target is the per-pixel median of the triggered generations.
 """
 
@@ -47,10 +51,11 @@ from pdjax.defense.inversion import InversionConfig, invert
 from pdjax.errors import ConfigError, OutputError
 
 DETECTOR_FORMAT = "pdjax-detector"
-DETECTOR_VERSION = 2  # 2 added the optional probe threshold; version-1 files load as detectors without one
+DETECTOR_VERSION = 3  # 2 added the optional probe threshold, 3 the ball threshold; older files load without them
 FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "trigger_norm", "trigger_mean",
             "trigger_kl", "final_loss")
 PROBE_FEATURE = "probe_log_uni_ratio"
+BALL_FEATURE = "ball_loss"
 # The probe threshold: mean - PROBE_Z * sd of the clean reference models' probe log ratios (a Gaussian null:
 # a 0.13% one-sided false-alarm rate per model); at least PROBE_MIN_CLEAN clean references.
 PROBE_Z = 3.0
@@ -79,12 +84,21 @@ SPREAD_CANDIDATE = InversionConfig(method="purediffusion", steps=100, shift_weig
                                    init="normal", scales=(1.0,), restarts=4)
 #: Whether ``pdjax scan`` / ``audit`` / ``calibrate`` run the spread candidate by default (``--spread/--no-spread``).
 SCAN_SPREAD = False
+# The scan's optional ball probe (``pdjax scan --ball``): the spread candidate with the trigger projected onto
+# the L2 ball of radius BALL_RADIUS after every step. Its statistic is the final loss, -log of the spread gain
+# a trigger of that size reaches (lower = the model reacts more to some small trigger); the detector's ball
+# threshold is fitted on clean reference models (experiments/results/detection_table.md, "spread-ball":
+# 5 clean models -0.100 to -0.086, four TrojDiff models -0.26 to -0.19). The radius is about a TrojDiff
+# blend trigger's norm on 16x16 digits.
+BALL_RADIUS = 10.0
+BALL_PROBE = dataclasses.replace(SPREAD_CANDIDATE, max_norm=BALL_RADIUS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Detector:
     """A threshold rule: backdoored when ``sign * (feature - threshold) > 0``, or, with a probe threshold and
-    the probe's features, when ``probe_log_uni_ratio < probe_threshold``.
+    the probe's features, when ``probe_log_uni_ratio < probe_threshold``, or, with a ball threshold and the
+    ball probe's features, when ``ball_loss < ball_threshold``.
 
     Attributes:
       feature: one of :data:`FEATURES`.
@@ -97,6 +111,7 @@ class Detector:
         decides on whichever trigger collapses the generations more, by the one threshold).
       probe_scale: the clean references' standard deviation of the probe feature; the probe's score is
         (probe_threshold - x) / probe_scale.
+      ball_threshold, ball_scale: the same for :data:`BALL_FEATURE` (the ball probe's final loss).
     """
 
     feature: str = "log_uni_ratio"
@@ -106,19 +121,23 @@ class Detector:
     meta: dict = dataclasses.field(default_factory=dict)
     probe_threshold: float | None = None
     probe_scale: float = 1.0
+    ball_threshold: float | None = None
+    ball_scale: float = 1.0
 
-    def scores(self, features: dict) -> tuple[float, float | None]:
-        """(main rule's signed margin, probe rule's signed margin or None); > 0 means backdoored."""
+    def scores(self, features: dict) -> dict:
+        """Each rule's signed margin, > 0 meaning backdoored: {"main": m, "probe": p, "ball": b}, where a rule
+        without its threshold or its feature has None."""
         if self.feature not in features:
             raise ConfigError(f"detector needs feature {self.feature!r}, have {', '.join(sorted(features))}")
-        main = float(self.sign * (features[self.feature] - self.threshold) / self.scale)
-        if self.probe_threshold is None or PROBE_FEATURE not in features:
-            return main, None
-        return main, float((self.probe_threshold - features[PROBE_FEATURE]) / self.probe_scale)
+        out = {"main": float(self.sign * (features[self.feature] - self.threshold) / self.scale)}
+        for rule, thr, scale, key in (("probe", self.probe_threshold, self.probe_scale, PROBE_FEATURE),
+                                      ("ball", self.ball_threshold, self.ball_scale, BALL_FEATURE)):
+            out[rule] = None if thr is None or key not in features else float((thr - features[key]) / scale)
+        return out
 
     def score(self, features: dict) -> float:
-        """Signed margin: > 0 means backdoored (the larger of the two rules' margins)."""
-        return max(s for s in self.scores(features) if s is not None)
+        """Signed margin: > 0 means backdoored (the largest of the rules' margins)."""
+        return max(s for s in self.scores(features).values() if s is not None)
 
     def decide(self, features: dict) -> bool:
         return self.score(features) > 0
@@ -157,14 +176,15 @@ class Detector:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
             raise ConfigError(f"{where} is not valid JSON ({why}); recalibrate it with `pdjax calibrate`") from None
-        if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT or d.get("version") not in (1, DETECTOR_VERSION):
-            raise ConfigError(f"{where} is not a pdjax detector of version 1 or {DETECTOR_VERSION}; recalibrate it")
+        if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT or d.get("version") not in range(1, DETECTOR_VERSION + 1):
+            raise ConfigError(f"{where} is not a pdjax detector of version 1 to {DETECTOR_VERSION}; recalibrate it")
         if d.get("feature") not in FEATURES:
             raise ConfigError(f"{where} uses unknown feature {d.get('feature')!r}; valid: {', '.join(FEATURES)}")
         try:
-            probe = d.get("probe_threshold")
+            probe, ball = d.get("probe_threshold"), d.get("ball_threshold")
             return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}),
-                       None if probe is None else float(probe), float(d.get("probe_scale", 1.0)))
+                       None if probe is None else float(probe), float(d.get("probe_scale", 1.0)),
+                       None if ball is None else float(ball), float(d.get("ball_scale", 1.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where} lacks a valid {e} entry; recalibrate it with `pdjax calibrate`") from None
 
@@ -189,7 +209,7 @@ class ModelVerdict:
       start: the start (sampler, noise scale) of the triggered and clean generations ("ddpm" = DDPM from
         eps + trigger).
       candidate: which of the scan's inversions the evidence comes from (:data:`CANDIDATES`: "main" = the
-        scan's own inversion, "spread", "probe").
+        scan's own inversion, "spread", "probe", "ball").
     """
 
     model: str
@@ -236,15 +256,24 @@ def features_of(trigger, triggered, clean, final_loss: float) -> dict:
 
 def explain(det: Detector, features: dict, backdoored: bool) -> str:
     """One sentence: which rule decided, its feature's value, the threshold, and what it means."""
-    main, probe = det.scores(features)
-    if probe is None:
-        return _explain_main(det, features, backdoored)
-    p, thr = math.exp(features[PROBE_FEATURE]), math.exp(det.probe_threshold)
-    if probe > 0 and probe >= main:
-        return (f"generations from the probe's trigger collapse onto one image: uniformity {features['probe_uni_trig']:.3g} "
-                f"vs {features['probe_uni_clean']:.3g} from clean noise (ratio {p:.3g} <= probe threshold {thr:.3g}, "
-                f"fitted on clean reference models)")
-    return _explain_main(det, features, backdoored) + f"; probe ratio {p:.3g} {'<=' if probe > 0 else '>'} {thr:.3g}"
+    m = det.scores(features)
+    deciding = max((r for r in m if m[r] is not None), key=lambda r: m[r])  # main on ties (first)
+    probe = ball = ""
+    if m["probe"] is not None:
+        p, thr = math.exp(features[PROBE_FEATURE]), math.exp(det.probe_threshold)
+        if backdoored and deciding == "probe":
+            return (f"generations from the probe's trigger collapse onto one image: uniformity "
+                    f"{features['probe_uni_trig']:.3g} vs {features['probe_uni_clean']:.3g} from clean noise "
+                    f"(ratio {p:.3g} <= probe threshold {thr:.3g}, fitted on clean reference models)")
+        probe = f"; probe ratio {p:.3g} {'<=' if m['probe'] > 0 else '>'} {thr:.3g}"
+    if m["ball"] is not None:
+        b, thr = features[BALL_FEATURE], det.ball_threshold
+        if backdoored and deciding == "ball":
+            return (f"a trigger of L2 norm {BALL_RADIUS:g} widens the model's answer at t = T-1 more than on clean "
+                    f"models, as a TrojDiff trigger does: ball loss {b:.4g} <= ball threshold {thr:.4g}, fitted on "
+                    f"clean reference models")
+        ball = f"; ball loss {b:.4g} {'<=' if m['ball'] > 0 else '>'} {thr:.4g}"
+    return _explain_main(det, features, backdoored) + probe + ball
 
 
 def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
@@ -261,17 +290,21 @@ def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
 
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
                config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
-               probe: InversionConfig | None = None, spread: InversionConfig | None = None) -> ModelVerdict:
+               probe: InversionConfig | None = None, spread: InversionConfig | None = None,
+               ball: InversionConfig | None = None) -> ModelVerdict:
     """Invert, generate, featurise and decide for one model (see the module docstring).
 
     ``spread``: a second candidate for the main rule (e.g. :data:`SPREAD_CANDIDATE`), run with the same key;
     the main rule judges whichever of ``config``'s and its triggers gives the lower ``log_uni_ratio``.
     ``probe``: another inversion (e.g. :data:`FINAL_PROBE`), run with the same key, judged by the probe
     threshold when the detector has one (:func:`_verdict`), else like ``spread``.
+    ``ball``: the ball probe (e.g. :data:`BALL_PROBE`), same key; its final loss is the feature
+    :data:`BALL_FEATURE`, judged by the ball threshold when the detector has one (else only reported).
     """
     det = detector or Detector.load()
     t0 = time.perf_counter()
-    found = [None if c is None else _invert_and_generate(model, key, c, n, progress) for c in (config, spread, probe)]
+    found = [None if c is None else _invert_and_generate(model, key, c, n, progress)
+             for c in (config, spread, probe, ball)]
     return _verdict(name, found, det, time.perf_counter() - t0)
 
 
@@ -286,48 +319,58 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
 
 
 #: Names of the scan's inversions, in the order of ``found`` in :func:`_verdict` (ModelVerdict.candidate).
-CANDIDATES = ("main", "spread", "probe")
+CANDIDATES = ("main", "spread", "probe", "ball")
 
 
 def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
-    """The verdict from one model's inversions ``found`` = [main, spread, probe], each None (not run) or
+    """The verdict from one model's inversions ``found`` = [main, spread, probe, ball], each None (not run) or
     (inversion result, (triggered, clean) generations).
 
     The main rule's candidate is whichever of main and spread collapses the generations most (lowest
     log_uni_ratio; main on ties). With a probe and a detector with a probe threshold: the features are that
     candidate's plus the probe's ``probe_log_uni_ratio``, ``probe_uni_trig`` and ``probe_uni_clean``; both rules
-    are applied, and the evidence (trigger, generations) is that of the rule with the larger margin. A probe
-    without a probe threshold is one more candidate of the main rule."""
+    are applied. A probe without a probe threshold is one more candidate of the main rule. The ball probe adds
+    ``ball_loss`` (its final loss), ``ball_log_uni_ratio`` and ``ball_trigger_norm``, judged by the ball
+    threshold if the detector has one. The evidence (trigger, generations) is that of the rule with the
+    largest margin."""
     scored = [None if f is None else ({**features_of(f[0].trigger, f[1][0], f[1][1], f[0].losses[-1]),
                                        "trigger_scale": f[0].scale}, f[0], f[1], CANDIDATES[i])
               for i, f in enumerate(found)]
-    *mains, probed = scored
+    *mains, probed, balled = scored
     if probed is not None and det.probe_threshold is None:
         mains, probed = mains + [probed], None
     feats, res, gens, cand = min((s for s in mains if s is not None), key=lambda s: s[0]["log_uni_ratio"])
+    evidence = {"main": (res, gens, cand)}
     if probed is not None:
         pf, pres, pgens, pcand = probed
         feats = {**feats, PROBE_FEATURE: pf["log_uni_ratio"], "probe_uni_trig": pf["uni_trig"],
                  "probe_uni_clean": pf["uni_clean"]}
-        main, probe = det.scores(feats)
-        if probe > main:
-            res, gens, cand = pres, pgens, pcand
+        evidence["probe"] = (pres, pgens, pcand)
+    if balled is not None:
+        bf, bres, bgens, bcand = balled
+        feats = {**feats, BALL_FEATURE: bf["final_loss"], "ball_log_uni_ratio": bf["log_uni_ratio"],
+                 "ball_trigger_norm": bf["trigger_norm"]}
+        evidence["ball"] = (bres, bgens, bcand)
+    margins = det.scores(feats)
+    res, gens, cand = evidence[max((r for r in evidence if margins[r] is not None), key=lambda r: margins[r])]
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
                         {"feature": det.feature, "threshold": det.threshold, "sign": det.sign,
-                         "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold}, res.start, cand)
+                         "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold,
+                         "ball_feature": BALL_FEATURE, "ball_threshold": det.ball_threshold}, res.start, cand)
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
                n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
-               probe: InversionConfig | None = None, spread: InversionConfig | None = None) -> list[ModelVerdict]:
+               probe: InversionConfig | None = None, spread: InversionConfig | None = None,
+               ball: InversionConfig | None = None) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
-    keys[i], ..., probe=probe, spread=spread)`` up to float rounding. ``keys``: [N] typed keys."""
+    keys[i], ..., probe=probe, spread=spread, ball=ball)`` up to float rounding. ``keys``: [N] typed keys."""
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate_many(models, keys, c, n, mesh, progress)
-             for c in (config, spread, probe)]
+             for c in (config, spread, probe, ball)]
     secs = (time.perf_counter() - t0) / len(models)
     return [_verdict(name, [None if f is None else f[i] for f in found], detector, secs)
             for i, name in enumerate(names)]
@@ -349,11 +392,20 @@ def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mes
     return list(zip(results, gens))
 
 
-def check_probe_references(n_clean: int) -> None:
-    """A ConfigError unless there are at least :data:`PROBE_MIN_CLEAN` clean reference models for the probe."""
+def check_probe_references(n_clean: int, flag: str = "--final-probe") -> None:
+    """A ConfigError unless there are at least :data:`PROBE_MIN_CLEAN` clean reference models for a
+    clean-fitted threshold (the probe's, or the ball probe's with ``flag="--ball"``)."""
     if n_clean < PROBE_MIN_CLEAN:
-        raise ConfigError(f"the probe threshold needs at least {PROBE_MIN_CLEAN} clean reference models, got "
-                          f"{n_clean}; add --clean models or drop --final-probe")
+        raise ConfigError(f"the {flag} threshold needs at least {PROBE_MIN_CLEAN} clean reference models, got "
+                          f"{n_clean}; add --clean models or drop {flag}")
+
+
+def _clean_fit(features: list[dict], y: np.ndarray, key: str, flag: str) -> tuple[np.ndarray, float, float]:
+    """(values of ``key``, threshold mean - PROBE_Z * sd of the clean models' values, sd) for a clean-fitted rule."""
+    v = np.asarray([f[key] for f in features], np.float64)
+    check_probe_references(int((~y).sum()), flag)
+    scale = max(float(np.std(v[~y], ddof=1)), 0.01)
+    return v, float(v[~y].mean() - PROBE_Z * scale), scale
 
 
 def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_ratio",
@@ -365,7 +417,7 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     highest balanced accuracy. ``scale`` is the pooled standard deviation (1 if degenerate).
     When every feature dict has :data:`PROBE_FEATURE` (scans with the probe), the probe threshold is fitted
     on the clean models alone: mean - PROBE_Z * sd (sd with ddof 1, at least 0.01), from at least
-    PROBE_MIN_CLEAN clean models.
+    PROBE_MIN_CLEAN clean models; likewise the ball threshold when every dict has :data:`BALL_FEATURE`.
     """
     if feature not in FEATURES:
         raise ConfigError(f"unknown detection feature {feature!r}; valid: {', '.join(FEATURES)}")
@@ -386,17 +438,16 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     scale = float(np.sqrt(0.5 * (x[y].var() + x[~y].var()))) or 1.0
     thr = float(sign * thr_s)
     pred = sign * (x - thr) > 0
-    probe_thr, probe_scale = None, 1.0
-    if all(PROBE_FEATURE in f for f in features):
-        v = np.asarray([f[PROBE_FEATURE] for f in features], np.float64)
-        check_probe_references(int((~y).sum()))
-        probe_scale = max(float(np.std(v[~y], ddof=1)), 0.01)
-        probe_thr = float(v[~y].mean() - PROBE_Z * probe_scale)
-        pred = pred | (v < probe_thr)
     info = {**(meta or {}), "n_reference": int(len(y)), "n_backdoored": int(y.sum()),
-            "train_accuracy": float((pred == y).mean()),
             "reference_values": [float(v) for v in x], "reference_labels": [bool(v) for v in y]}
-    if probe_thr is not None:
-        info["probe_reference_values"] = [float(a) for a in v]
-        info["probe_rule"] = f"mean - {PROBE_Z:g} sd of the clean references' {PROBE_FEATURE}"
-    return Detector(feature, thr, sign, scale, info, probe_thr, probe_scale)
+    fitted = {}  # rule -> (threshold, scale)
+    for rule, key, flag in (("probe", PROBE_FEATURE, "--final-probe"), ("ball", BALL_FEATURE, "--ball")):
+        if all(key in f for f in features):
+            v, rule_thr, rule_scale = _clean_fit(features, y, key, flag)
+            fitted[rule] = (rule_thr, rule_scale)
+            pred = pred | (v < fitted[rule][0])
+            info[f"{rule}_reference_values"] = [float(a) for a in v]
+            info[f"{rule}_rule"] = f"mean - {PROBE_Z:g} sd of the clean references' {key}"
+    info["train_accuracy"] = float((pred == y).mean())
+    (probe_thr, probe_scale), (ball_thr, ball_scale) = (fitted.get(r, (None, 1.0)) for r in ("probe", "ball"))
+    return Detector(feature, thr, sign, scale, info, probe_thr, probe_scale, ball_thr, ball_scale)
