@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--steps", type=int, help="optimiser steps (default: the method's, SPEC 4)")
     i.add_argument("--lr", type=float)
     i.add_argument("--batch", type=int, help="noise batch B")
-    i.add_argument("--init", help="neg-uniform | zeros | normal")
+    i.add_argument("--init", help="neg-uniform | zeros | normal | alt-uniform (restarts alternate -U[0,1) and +U[0,1))")
     i.add_argument("--K", type=int, help="purediffusion: reverse steps unrolled")
     i.add_argument("--norm", help="purediffusion: l1 | l2")
     i.add_argument("--per-sample", dest="per_sample", action="store_true", default=None,

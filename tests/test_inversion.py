@@ -571,3 +571,16 @@ def test_max_norm_keeps_the_trigger_on_its_ball(models):
     from pdjax.cli import build_parser
 
     assert build_parser().parse_args(["invert", "m", "--out", "o", "--max-norm", "10"]).max_norm == 10.0
+
+
+def test_alt_uniform_init_alternates_the_sign_over_restarts():
+    """init "alt-uniform": restart r starts from (-1)^(r+1) U[0, 1) (restart 0 as neg-uniform, same key), so
+    restarts explore both signs; one restart alone is neg-uniform."""
+    cfg = InversionConfig(method="purediffusion", init="alt-uniform", restarts=4).resolved()
+    d = np.asarray(inv.initial_delta(cfg, (4, 4, 1), jax.random.key(2)))
+    assert d.shape == (4, 4, 4, 1)
+    assert (d[0::2] <= 0).all() and (d[1::2] >= 0).all() and np.abs(d).max() < 1
+    neg = InversionConfig(method="purediffusion", init="neg-uniform").resolved()
+    np.testing.assert_array_equal(d[0], inv.initial_delta(neg, (4, 4, 1), jax.random.key(2)))
+    one = dataclass_replace(cfg, restarts=1)
+    np.testing.assert_array_equal(inv.initial_delta(one, (4, 4, 1), jax.random.key(2)), d[0])

@@ -91,7 +91,9 @@ SCAN_SPREAD = False
 # 5 clean models -0.100 to -0.086, four TrojDiff models -0.26 to -0.19). The radius is about a TrojDiff
 # blend trigger's norm on 16x16 digits.
 BALL_RADIUS = 10.0
-BALL_PROBE = dataclasses.replace(SPREAD_CANDIDATE, max_norm=BALL_RADIUS)
+# Its restarts start from -U[0, 1) and +U[0, 1) in turn ("alt-uniform"): from normal inits all restarts fell into
+# the negative-mean optimum on a TrojDiff in-d2d model whose trigger (mean +0.39) lies in the positive one.
+BALL_PROBE = dataclasses.replace(SPREAD_CANDIDATE, max_norm=BALL_RADIUS, init="alt-uniform")
 
 
 @dataclasses.dataclass(frozen=True)

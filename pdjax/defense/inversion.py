@@ -56,7 +56,7 @@ from pdjax.models.unet import make_eps_fn
 from pdjax.sharding import AXIS, batch_agree, batch_gather, batch_mean, batch_mesh, batch_noise, pinned
 
 METHODS = ("purediffusion", "elijah", "terd")
-INITS = ("neg-uniform", "zeros", "normal")
+INITS = ("neg-uniform", "zeros", "normal", "alt-uniform")
 NORMS = ("l1", "l2")
 DTYPES = ("float32", "bfloat16")
 CHAINS = ("ddpm", "ddim")  # chain="ddim" walks the first K steps of DDIM-100 (samplers.DDIM_STEPS)
@@ -80,7 +80,10 @@ class InversionConfig:
       steps: optimiser steps (TERD: phase 1).
       lr: learning rate (Adam for purediffusion/elijah, SGD for terd).
       batch: noise batch B.
-      init: delta_0: "neg-uniform" (-U[0, 1), Elijah's), "zeros" or "normal".
+      init: delta_0: "neg-uniform" (-U[0, 1), Elijah's), "zeros", "normal", or "alt-uniform" (restart r from
+        (-1)^(r+1) U[0, 1): even restarts as neg-uniform, odd ones positive; a loss with a sign-symmetric
+        landscape, L_spread under a norm bound, stalled in the negative basin from every normal init while a
+        TrojDiff trigger with positive mean lay in the other, experiments/results/detection_table.md).
       K: purediffusion: reverse steps unrolled per loss evaluation.
       norm: purediffusion: "l1" (mean |r|) or "l2" (mean r^2) of the shift residual.
       per_sample: purediffusion: per-sample residual against the clean chain instead of the batch mean.
@@ -622,17 +625,19 @@ def _keys(key):
     return k_init, k_noise, k_chain, k_steps
 
 
-def initial_delta(cfg: InversionConfig, shape, key) -> jax.Array:
+def initial_delta(cfg: InversionConfig, shape, key, restart: int = 0) -> jax.Array:
     """delta_0 of ``shape`` ([H, W, C], or the coarse grid with ``cfg.cells``) from the init rule and the key's
     init branch; with ``cfg.restarts`` = R > 1, [R, *shape]: restart 0 from ``key``, restart r from
-    ``fold_in(key, r)``."""
+    ``fold_in(key, r)`` (``restart`` = r: the sign of "alt-uniform")."""
     if cfg.restarts > 1:
         one = dataclasses.replace(cfg, restarts=1)
         keys = [key] + [jax.random.fold_in(key, r) for r in range(1, cfg.restarts)]
-        return jnp.stack([initial_delta(one, shape, k) for k in keys])
+        return jnp.stack([initial_delta(one, shape, k, r) for r, k in enumerate(keys)])
     k_init = _keys(key)[0]
-    if cfg.init == "neg-uniform":
+    if cfg.init == "neg-uniform" or (cfg.init == "alt-uniform" and restart % 2 == 0):
         return -jax.random.uniform(k_init, shape)
+    if cfg.init == "alt-uniform":
+        return jax.random.uniform(k_init, shape)
     if cfg.init == "normal":
         return jax.random.normal(k_init, shape)
     return jnp.zeros(shape, jnp.float32)
