@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from detection_eval import scan_all  # noqa: E402
 
-from pdjax.defense.detection import BALL_FEATURE, BALL_PROBE, PROBE_Z, Detector, _clean_fit  # noqa: E402
+from pdjax.defense.detection import BALL_FEATURE, BALL_PROBE, PROBE_Z, Detector, clean_fit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --clean models with an attack in their metadata: "
                          f"{', '.join(p for p, r in cal.items() if r['label'])}")
     feats = [{BALL_FEATURE: r["features"]["final_loss"]} for r in cal.values()]
-    values, thr, scale = _clean_fit(feats, labels, BALL_FEATURE, "--ball")
+    values, thr, scale = clean_fit(feats, labels, BALL_FEATURE, "--ball")
     det = Detector.load(args.detector)
     meta = {**det.meta, "ball": {"reference_models": args.clean, "reference_values": [float(v) for v in values],
                                  "rule": f"mean - {PROBE_Z:g} sd of the clean references' {BALL_FEATURE}",

@@ -28,7 +28,8 @@ generations collapse more is judged, so the one threshold also sees a TrojDiff t
 With the ball probe (``pdjax scan --ball``, :data:`BALL_PROBE`), L_spread is maximised again with the trigger
 held to a fixed L2 norm; its final loss (``ball_loss``, -log of the spread gain a trigger of that size can
 cause) gets a third threshold, fitted on the clean reference models like the probe's. It sees TrojDiff
-backdoors (d2i and out-d2d) whose triggers do not make the generations collapse from the scan's start.
+backdoors (d2i, in-d2d and out-d2d in detection_table.md's held-out check) whose triggers do not make the
+generations collapse from the scan's start.
 The likely target is the per-pixel median of the triggered generations.
 """
 
@@ -402,8 +403,9 @@ def check_probe_references(n_clean: int, flag: str = "--final-probe") -> None:
                           f"{n_clean}; add --clean models or drop {flag}")
 
 
-def _clean_fit(features: list[dict], y: np.ndarray, key: str, flag: str) -> tuple[np.ndarray, float, float]:
-    """(values of ``key``, threshold mean - PROBE_Z * sd of the clean models' values, sd) for a clean-fitted rule."""
+def clean_fit(features: list[dict], y: np.ndarray, key: str, flag: str) -> tuple[np.ndarray, float, float]:
+    """(values of ``key`` [N], threshold mean - PROBE_Z * sd of the clean models' values, sd) of a rule fitted on
+    the clean models (``y`` [N] False) alone: the probe's and the ball probe's; at least PROBE_MIN_CLEAN of them."""
     v = np.asarray([f[key] for f in features], np.float64)
     check_probe_references(int((~y).sum()), flag)
     scale = max(float(np.std(v[~y], ddof=1)), 0.01)
@@ -445,7 +447,7 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     fitted = {}  # rule -> (threshold, scale)
     for rule, key, flag in (("probe", PROBE_FEATURE, "--final-probe"), ("ball", BALL_FEATURE, "--ball")):
         if all(key in f for f in features):
-            v, rule_thr, rule_scale = _clean_fit(features, y, key, flag)
+            v, rule_thr, rule_scale = clean_fit(features, y, key, flag)
             fitted[rule] = (rule_thr, rule_scale)
             pred = pred | (v < fitted[rule][0])
             info[f"{rule}_reference_values"] = [float(a) for a in v]
