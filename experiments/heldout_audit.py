@@ -1,0 +1,139 @@
+"""Held-out accuracy of the shipped detector, all rules on, audited with one command (issue 5).
+
+Command:
+
+    python experiments/heldout_audit.py MODEL_OR_DIR_OR_LIST ... --out runs/heldout-audit [--seed 0]
+        [--detector pdjax/assets/detector.json] [--seen M1 M2 ...] [--json F] [--table F] [--steps S] [--samples N]
+
+It runs ``pdjax audit --final-probe --ball SOURCES --out OUT --seed SEED`` (the library's own command; a killed
+run resumes from OUT/audit.jsonl and does not redo finished models), labels every audited model from its own
+provenance metadata (backdoored when ``pdjax attack`` recorded an attack), and scores the detector's rules from
+the features the audit saved, with no refitting:
+
+- main: PureDiffusion's inversion, ``log_uni_ratio`` against the main threshold (what plain ``pdjax scan`` does);
+- probe: the L_final probe's ``probe_log_uni_ratio`` against its clean-fitted threshold (``--final-probe``);
+- ball: the ball probe's ``ball_loss`` against its clean-fitted threshold (``--ball``).
+
+A model is flagged by a set of rules when any of them fires (the detector's margin is the largest of the rules'
+margins). For each set: accuracy, TPR, TNR and ROC AUC of that margin (ties count one half). ``--seen`` names
+models that influenced a design choice (they are reported apart as well as in the whole set). It prints a
+markdown table (per model, then per rule set) and writes it to ``--table`` and the numbers to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detection_eval import is_backdoored, roc_auc  # noqa: E402
+
+RULE_SETS = (("main",), ("main", "probe"), ("main", "ball"), ("main", "probe", "ball"))
+
+
+def run_audit(sources: list[str], out: Path, seed: int, detector: str | None, extra: list[str]) -> None:
+    """``pdjax audit --final-probe --ball`` through the command line (resumes from OUT); ``extra``: more options."""
+    cmd = [sys.executable, "-m", "pdjax", "audit", *sources, "--out", str(out), "--seed", str(seed),
+           "--final-probe", "--ball", *extra]
+    if detector:
+        cmd += ["--detector", detector]
+    print("$", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        sys.exit(rc)  # pdjax audit has said why (one line)
+
+
+def label_of(path: str) -> bool:
+    """True when the model's provenance records an attack (what ``pdjax attack`` writes)."""
+    from pdjax.model import load
+
+    return is_backdoored(load(path))
+
+
+def metrics(margins: list[float], labels: list[bool]) -> dict:
+    """Accuracy, TPR, TNR (None when a class is absent) and ROC AUC of ``margin > 0`` against ``labels``."""
+    pred = [m > 0 for m in margins]
+    pos = [p for p, y in zip(pred, labels) if y]
+    neg = [not p for p, y in zip(pred, labels) if not y]
+    return {"n": len(labels), "backdoored": len(pos), "clean": len(neg),
+            "accuracy": sum(p == y for p, y in zip(pred, labels)) / len(labels),
+            "tpr": sum(pos) / len(pos) if pos else None, "tnr": sum(neg) / len(neg) if neg else None,
+            "auc": roc_auc(margins, labels) if pos and neg else None}
+
+
+def rule_margin(scores: dict, rules: tuple[str, ...]) -> float:
+    """The largest margin among ``rules`` (a rule without its feature or threshold counts as not firing)."""
+    got = [scores[r] for r in rules if scores.get(r) is not None]
+    return max(got) if got else float("-inf")
+
+
+def evaluate(rows: list[dict], detector: str | None, seen: set[str]) -> dict:
+    """Per-model scores and per-rule-set metrics over all rows and over the rows not in ``seen``."""
+    from pdjax.defense.detection import Detector
+
+    det = Detector.load(detector)
+    models = []
+    for r in rows:
+        s = det.scores(r["features"])
+        models.append({"model": r["model"], "backdoored": label_of(r["model"]), "scores": s,
+                       "verdict": r["verdict"], "seen": r["model"] in seen, "seconds": r["seconds"]})
+    out = {"models": models, "sets": {}}
+    for name, subset in (("all", models), ("unseen", [m for m in models if not m["seen"]])):
+        if subset:
+            out["sets"][name] = {"+".join(rs): metrics([rule_margin(m["scores"], rs) for m in subset],
+                                                       [m["backdoored"] for m in subset]) for rs in RULE_SETS}
+    return out
+
+
+def _f(x, fmt="{:+.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def table(res: dict) -> str:
+    lines = ["| model | label | main | probe | ball | verdict (all rules) |", "|---|---|---|---|---|---|"]
+    for m in res["models"]:
+        s = m["scores"]
+        name = m["model"] + (" (seen)" if m["seen"] else "")
+        lines.append(f"| {name} | {'backdoored' if m['backdoored'] else 'clean'} | {_f(s['main'])} | "
+                     f"{_f(s['probe'])} | {_f(s['ball'])} | {m['verdict']} |")
+    lines += ["", "Margins are the detector's signed scores per rule (> 0 = that rule fires).", "",
+              "| models | rules | n (backdoored / clean) | accuracy | TPR | TNR | ROC AUC |", "|---|---|---|---|---|---|---|"]
+    for name, sets in res["sets"].items():
+        for rules, m in sets.items():
+            lines.append(f"| {name} | {rules} | {m['n']} ({m['backdoored']} / {m['clean']}) | {m['accuracy']:.2f} | "
+                         f"{_f(m['tpr'], '{:.2f}')} | {_f(m['tnr'], '{:.2f}')} | {_f(m['auc'], '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="+", help="model folders, folders of models, or text files listing paths")
+    ap.add_argument("--out", type=Path, default=Path("runs/heldout-audit"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--detector", help="detector JSON (default: the shipped one)")
+    ap.add_argument("--seen", nargs="*", default=[], help="models that influenced a design choice")
+    ap.add_argument("--steps", type=int, help="pdjax audit --steps (default: the scan's)")
+    ap.add_argument("--samples", type=int, help="pdjax audit --samples (default: the scan's)")
+    ap.add_argument("--no-run", action="store_true", help="only score OUT/audit.jsonl (no audit)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--table", type=Path)
+    args = ap.parse_args(argv)
+    if not args.no_run:
+        extra = [x for k in ("steps", "samples") if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
+        run_audit(args.sources, args.out, args.seed, args.detector, extra)
+    rows = [json.loads(line) for line in (args.out / "audit.jsonl").read_text().splitlines() if line.strip()]
+    res = evaluate(rows, args.detector, set(args.seen))
+    text = table(res)
+    print(text)
+    if args.table:
+        args.table.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "seed": args.seed, **res}, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

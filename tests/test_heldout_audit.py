@@ -1,0 +1,69 @@
+"""experiments/heldout_audit.py: per-rule margins of the shipped detector, labels from metadata, metrics."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdjax.testing import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("heldout_audit", ROOT / "experiments" / "heldout_audit.py")
+ha = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ha)
+
+# Shipped thresholds: main log_uni_ratio < -1.400, probe_log_uni_ratio < -0.416, ball_loss < -0.1216.
+ROWS = [  # (backdoored, log_uni_ratio, probe_log_uni_ratio, ball_loss)
+    (False, -0.01, -0.05, -0.09),   # clean, no rule fires
+    (False, -0.02, -0.60, -0.10),   # clean, the probe fires: a false positive of main+probe only
+    (True, -2.50, -0.10, -0.05),    # BadDiffusion-like: main fires
+    (True, -0.30, -0.10, -0.25),    # TrojDiff-like: only the ball fires
+]
+
+
+def write_audit(tmp_path: Path) -> tuple[Path, list[str]]:
+    paths, out = [], tmp_path / "aud"
+    out.mkdir()
+    with (out / "audit.jsonl").open("w") as f:
+        for i, (bd, main, probe, ball) in enumerate(ROWS):
+            meta = {"attack": {"kind": "trojdiff"}} if bd else {"data": "none"}
+            p = tmp_path / f"m{i}"
+            random_model("tiny", seed=i, timesteps=8, meta=meta).save(p)
+            paths.append(str(p))
+            feats = {"log_uni_ratio": main, "probe_log_uni_ratio": probe, "ball_loss": ball}
+            f.write(json.dumps({"model": str(p), "features": feats, "verdict": "x", "seconds": 1.0}) + "\n")
+    return out, paths
+
+
+def test_rule_sets_from_saved_features(tmp_path, capsys):
+    out, paths = write_audit(tmp_path)
+    table, js = tmp_path / "t.md", tmp_path / "r.json"
+    res = ha.main([*paths, "--out", str(out), "--no-run", "--seen", paths[3], "--table", str(table),
+                   "--json", str(js)])
+    assert [m["backdoored"] for m in res["models"]] == [r[0] for r in ROWS]
+    s = res["models"][3]["scores"]
+    assert s["ball"] == pytest.approx((-0.1216226 + 0.25) / 0.01, rel=1e-4) and s["main"] < 0 < s["ball"]
+    every = res["sets"]["all"]
+    assert every["main"]["accuracy"] == 0.75 and every["main"]["tpr"] == 0.5 and every["main"]["tnr"] == 1.0
+    assert every["main+probe"]["tnr"] == 0.5 and every["main+probe"]["tpr"] == 0.5
+    assert every["main+ball"]["accuracy"] == 1.0 and every["main+ball"]["auc"] == 1.0
+    assert every["main+probe+ball"]["tpr"] == 1.0 and every["main+probe+ball"]["tnr"] == 0.5
+    unseen = res["sets"]["unseen"]["main+ball"]  # the seen model (m3) left out
+    assert unseen["n"] == 3 and unseen["backdoored"] == 1 and unseen["accuracy"] == 1.0
+    assert "main+probe+ball" in table.read_text() and "(seen)" in capsys.readouterr().out
+    assert json.loads(js.read_text())["sets"]["all"]["main+ball"]["accuracy"] == 1.0
+
+
+def test_audit_failure_exits_with_its_code(tmp_path, monkeypatch):
+    class Done:
+        returncode = 2
+
+    seen = []
+    monkeypatch.setattr(ha.subprocess, "run", lambda cmd: seen.append(cmd) or Done)
+    with pytest.raises(SystemExit) as e:  # no traceback: pdjax audit has printed its one-line reason
+        ha.run_audit(["m"], tmp_path, 0, None, ["--steps", "2"])
+    assert e.value.code == 2
+    assert seen[0][:4] == [sys.executable, "-m", "pdjax", "audit"]
+    assert {"--final-probe", "--ball", "--steps"} <= set(seen[0])
