@@ -414,6 +414,22 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def _default_rules(args) -> None:
+    """audit: --final-probe / --ball left unset (None) are turned on when the detector file has the rule's
+    threshold (the shipped one has both), so a plain ``pdjax audit DIR`` applies every calibrated rule."""
+    from pdjax.defense.detection import Detector
+
+    if args.final_probe is None or args.ball is None:
+        det = Detector.load(args.detector)
+        if args.final_probe is None:
+            args.final_probe = det.probe_threshold is not None
+        if args.ball is None:
+            args.ball = det.ball_threshold is not None
+    rules = ["main"] + ["probe"] * bool(args.final_probe) + ["ball"] * bool(args.ball)
+    if not args.quiet:
+        print(f"rules: {', '.join(rules)} (a model is flagged when any fires)")
+
+
 def cmd_audit(args) -> int:
     import jax
 
@@ -421,6 +437,7 @@ def cmd_audit(args) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
+    _default_rules(args)
     entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
                     n=args.samples, stack=args.stack, progress=not args.quiet, probe=_scan_probe(args),
                     spread=_scan_spread(args), ball=_scan_ball(args))
@@ -438,7 +455,8 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _add_scan_options(p) -> None:
+def _add_scan_options(p, all_rules: bool = False) -> None:
+    """The scan's options; ``all_rules`` (audit): --final-probe / --ball default to the detector's rules."""
     from pdjax.defense.detection import SCAN_SAMPLES, SCAN_SPREAD
 
     p.add_argument("--seed", type=int, default=0)
@@ -450,19 +468,22 @@ def _add_scan_options(p) -> None:
                    help="purediffusion's lambda: closed-sde (default) | closed-ode | shipped table name | table path")
     p.add_argument("--chain", choices=("ddpm", "ddim"),
                    help="purediffusion: sampler unrolled for the K steps (default ddpm; ddim = DDIM-100, for ODE-trained models)")
-    p.add_argument("--final-probe", dest="final_probe", action="store_true",
+    every_rule = " (default: on when the detector has this rule's threshold, as the shipped one does)"
+    flag = {"action": argparse.BooleanOptionalAction, "default": None} if all_rules else {"action": "store_true"}
+    p.add_argument("--final-probe", dest="final_probe", **flag,
                    help="also invert by L_final alone (collapse of short DDIM-chain generations, DDPM and DDIM starts); "
                    "a detector with a probe threshold (calibrate --final-probe, >= 3 clean models) flags a model when "
                    "either rule fires, one without decides on whichever trigger collapses the generations more; "
-                   "about doubles the scan time")
+                   "about doubles the scan time" + (every_rule if all_rules else " (pdjax audit: on by default)"))
     p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=SCAN_SPREAD,
                    help="also invert by L_spread alone (the widening of the model's answer that a TrojDiff trigger "
                    "causes) and judge whichever trigger collapses the generations more by the main threshold"
                    f" (default {'on' if SCAN_SPREAD else 'off'})")
-    p.add_argument("--ball", action="store_true",
+    p.add_argument("--ball", **flag,
                    help="also maximise L_spread with the trigger held to a fixed L2 norm (BALL_PROBE) and flag a model "
                    "whose final loss lies below the detector's ball threshold (calibrate --ball fits it on >= 3 clean "
-                   "models); sees TrojDiff triggers whose generations do not collapse; about 30 s more per model on CPU")
+                   "models); sees TrojDiff triggers whose generations do not collapse; about 30 s more per model on CPU"
+                   + (every_rule if all_rules else " (pdjax audit: on by default)"))
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -634,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--detector", help="detector JSON (default: the shipped one)")
     au.add_argument("--stack", type=int, default=0, help="models per program (default: the device count)")
     au.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-    _add_scan_options(au)
+    _add_scan_options(au, all_rules=True)
     au.set_defaults(func=cmd_audit)
 
     ca = sub.add_parser("calibrate", help="fit the detection threshold on your own labelled reference models")

@@ -348,5 +348,30 @@ def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
     from pdjax.cli import _scan_ball
 
     assert _scan_ball(build_parser().parse_args(["scan", "--ball"])) == D.BALL_PROBE
-    assert _scan_ball(build_parser().parse_args(["audit", "x", "--out", "o"])) is None
+    assert _scan_ball(build_parser().parse_args(["scan"])) is None
     assert D.BALL_PROBE.max_norm == D.BALL_RADIUS and D.BALL_PROBE.spread_weight == 1.0
+
+
+def test_audit_applies_every_rule_the_detector_has_unless_told_not_to(tmp_path, capsys):
+    """pdjax audit: --final-probe / --ball unset -> on exactly when the detector file has that threshold."""
+    from pdjax.cli import _default_rules, _scan_ball, _scan_probe, build_parser
+
+    def resolved(*extra):
+        args = build_parser().parse_args(["audit", "x", "--out", "o", *extra])
+        _default_rules(args)
+        return args
+
+    args = resolved()  # the shipped detector has both thresholds
+    assert args.final_probe is True and args.ball is True
+    assert _scan_ball(args) == D.BALL_PROBE and _scan_probe(args) == D.FINAL_PROBE
+    assert "rules: main, probe, ball" in capsys.readouterr().out
+    args = resolved("--no-ball", "--quiet")
+    assert args.final_probe is True and args.ball is False and _scan_ball(args) is None
+    assert capsys.readouterr().out == ""
+    Detector(probe_threshold=-0.5).save(tmp_path / "d.json")  # a user's detector without a ball rule
+    args = resolved("--detector", str(tmp_path / "d.json"))
+    assert args.final_probe is True and args.ball is False
+    args = resolved("--detector", str(tmp_path / "d.json"), "--ball")  # asked for: audit() refuses it later
+    assert args.ball is True
+    scan_args = build_parser().parse_args(["scan"])  # scan stays fast: its extra rules are opt-in
+    assert scan_args.final_probe is False and scan_args.ball is False
