@@ -6,15 +6,16 @@ calibrated detector (:mod:`pdjax.defense.detection`). With no model given, the d
 and are shown next to the verdict, never used by it).
 
 Outputs in ``out``: ``scan.json`` (settings + one entry per model), ``<model>/trigger.npy`` and
-``trigger.png``, ``<model>/triggered.png`` and ``clean.png``, and ``report.html``. The PRNG key of model i
-is ``fold_in(key(seed), i)``, so a model's verdict does not depend on the device layout.
+``trigger.png``, ``<model>/triggered.png`` and ``clean.png``, and ``report.html``. A model's PRNG key is
+:func:`model_key`: ``fold_in(key(seed), checksum of its configs and weights)``, so the same model and seed give
+the same verdict in a scan, an audit or a calibration, wherever its files lie.
 
 ``pdjax audit`` is the batch form for many models: models are grouped by architecture, stacked
 (``--stack`` per program, padded to a multiple of the device count), inverted and scored in one jitted
 program per stack, split across all devices with ``jax.shard_map`` over a ``("models",)`` mesh; results
 stream to ``audit.jsonl`` (one line per model, flushed), and a restarted audit skips every model already
-there. A model's key is ``fold_in(key(seed), crc32(its path))``, so its verdict does not depend on the
-order, the grouping or the number of devices. On several hosts call ``jax.distributed.initialize()``
+there. A model's key is :func:`model_key`, as in a scan, so its verdict does not depend on the order, the
+grouping or the number of devices. On several hosts call ``jax.distributed.initialize()``
 first (``--distributed``): the mesh then spans every process's devices.
 """
 
@@ -100,11 +101,10 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
     loaded = [load(path) for path, _ in items]
     out = _writable(Path(out))
     verdicts, entries = [], []
-    key = jax.random.key(seed)
     t_start = time.perf_counter()
     for i, ((path, info), model) in enumerate(zip(items, loaded)):
         name = path.name if not models else str(path)
-        v = scan_model(model, name, jax.random.fold_in(key, i), det, config, n, progress=progress, probe=probe,
+        v = scan_model(model, name, model_key(seed, model), det, config, n, progress=progress, probe=probe,
                        spread=spread, ball=ball)
         save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
                            model.config.sample_size)
@@ -157,11 +157,23 @@ def collect_models(sources: list[str]) -> list[Path]:
     return unique
 
 
-def model_key(seed: int, path) -> jax.Array:
-    """The audit key of one model: fold_in(key(seed), crc32(path)) (independent of order and layout)."""
+def model_fingerprint(model) -> int:
+    """A 31-bit checksum of what a model computes: crc32 over its UNet and schedule configs and its weights
+    (as float32, in the params tree's leaf order). The same model gives the same number wherever its files
+    lie, whatever their name or storage dtype."""
     import zlib
 
-    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(path).encode()) & 0x7FFFFFFF)
+    h = zlib.crc32(repr((model.config, model.schedule_config)).encode())
+    for leaf in jax.tree_util.tree_leaves(model.params):
+        h = zlib.crc32(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes(), h)
+    return h & 0x7FFFFFFF
+
+
+def model_key(seed: int, model) -> jax.Array:
+    """The key a scan, an audit and a calibration give ``model``: ``fold_in(key(seed), model_fingerprint(model))``.
+    A model's verdict therefore depends on the seed and the model only: not on its path, its place in the
+    list, the grouping into stacks or the number of devices."""
+    return jax.random.fold_in(jax.random.key(seed), model_fingerprint(model))
 
 
 def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | None = None,
@@ -209,7 +221,7 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
         for lo in range(0, len(members), per):
             chunk = members[lo:lo + per]
             padded = chunk + [chunk[-1]] * (per - len(chunk))  # pad: the copies' results are dropped
-            keys = jnp.stack([model_key(seed, p) for p, _ in padded])
+            keys = jnp.stack([model_key(seed, m) for _, m in padded])
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
                                   mesh=mesh, progress=progress, probe=probe, spread=spread,
                                   ball=ball)[:len(chunk)]
@@ -265,7 +277,7 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     """Fit a detector on labelled reference models (SPEC 5) and save it to ``out`` (JSON).
 
     Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
-    count; model i uses ``fold_in(key(seed), i)``); the features and labels are stored in the file's meta.
+    count and key, :func:`model_key`); the features and labels are stored in the file's meta.
     """
     from pdjax.defense.detection import BALL_FEATURE, FEATURES, PROBE_FEATURE, calibrate, check_probe_references
     from pdjax.errors import UnknownNameError
@@ -285,13 +297,12 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     check_out_file(out)
     paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
     models = [load(p) for p, _ in paths]
-    key = jax.random.key(seed)
     feats, labels = [], []
     # scan_model needs a rule; its verdict is ignored here. With a probe, a probe threshold (one that never
     # fires) makes the scan report the probe's features beside the main ones, for calibrate's probe threshold.
     placeholder = Detector(probe_threshold=-math.inf) if probe else Detector()
-    for i, ((p, label), model) in enumerate(zip(paths, models)):
-        v = scan_model(model, str(p), jax.random.fold_in(key, i), placeholder, config, n, progress=progress,
+    for (p, label), model in zip(paths, models):
+        v = scan_model(model, str(p), model_key(seed, model), placeholder, config, n, progress=progress,
                        probe=probe, spread=spread, ball=ball)
         feats.append(v.features)
         labels.append(label)

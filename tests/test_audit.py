@@ -36,7 +36,7 @@ def test_audit_matches_scan_model_and_resumes(zoo, tmp_path):
     from pdjax.model import load
 
     for e in entries[:2]:  # two of the three (each scan_model compiles its own programs)
-        v = D.scan_model(load(e["model"]), e["model"], model_key(3, e["model"]), D.Detector(), TINY, n=4)
+        v = D.scan_model(load(e["model"]), e["model"], model_key(3, load(e["model"])), D.Detector(), TINY, n=4)
         for k in ("log_uni_ratio", "trigger_norm", "uni_trig"):
             np.testing.assert_allclose(e["features"][k], v.features[k], rtol=2e-3, atol=1e-5)
         assert e["backdoored"] == v.backdoored
@@ -80,10 +80,34 @@ def test_audit_runs_the_ball_probe_stacked(zoo, tmp_path):
     from pdjax.model import load
 
     e = entries[0]
-    v = D.scan_model(load(e["model"]), e["model"], model_key(3, e["model"]), D.Detector.load(det), TINY, n=4,
+    v = D.scan_model(load(e["model"]), e["model"], model_key(3, load(e["model"])), D.Detector.load(det), TINY, n=4,
                      ball=ball)
     np.testing.assert_allclose(e["features"][D.BALL_FEATURE], v.features[D.BALL_FEATURE], rtol=2e-3, atol=1e-5)
     assert all(x["backdoored"] and x["candidate"] == "ball" for x in entries) and v.candidate == "ball"
     with pytest.raises(ConfigError, match="no ball threshold"):
         audit([str(models)], tmp_path / "b", detector=str(root / "det.json"), config=TINY, n=4, progress=False,
               echo=lambda s: None, ball=ball)
+
+
+def test_model_key_follows_the_weights_not_the_path(zoo, tmp_path):
+    """The same model saved elsewhere, under another name, in float16 or as a diffusers folder keeps its key;
+    another model does not; scan and audit give a copy the verdict of the original."""
+    from pdjax.audit import model_fingerprint, scan
+    from pdjax.model import load
+
+    root, models, det = zoo
+    m0 = load(models / "m0")
+    half = load(m0.save(tmp_path / "elsewhere" / "renamed", dtype="float16"))
+    diff = load(m0.export_diffusers(tmp_path / "diffusers"))
+    assert model_fingerprint(diff) == model_fingerprint(m0)
+    assert model_fingerprint(half) != model_fingerprint(m0)  # float16 storage rounds the weights: another model
+    assert model_fingerprint(load(models / "m1")) != model_fingerprint(m0)
+    assert model_fingerprint(half) == model_fingerprint(load(half.save(tmp_path / "again", dtype="float16")))
+    copy = m0.save(tmp_path / "copy")
+    vs = scan([str(models / "m0"), str(copy)], tmp_path / "scan", seed=3, detector=str(det), config=TINY, n=4,
+              progress=False, echo=lambda s: None)
+    assert vs[0].score == vs[1].score and vs[0].features == vs[1].features
+    entry = audit([str(copy)], tmp_path / "au", seed=3, detector=str(det), config=TINY, n=4, progress=False,
+                  echo=lambda s: None)[0]
+    np.testing.assert_allclose(entry["features"]["log_uni_ratio"], vs[0].features["log_uni_ratio"], rtol=2e-3,
+                               atol=1e-5)
