@@ -5,8 +5,9 @@ Command:
     python experiments/heldout_audit.py MODEL_OR_DIR_OR_LIST ... --out runs/heldout-audit [--seed 0]
         [--detector pdjax/assets/detector.json] [--seen M1 M2 ...] [--json F] [--table F] [--steps S] [--samples N]
 
-It runs ``pdjax audit --final-probe --ball SOURCES --out OUT --seed SEED`` (the library's own command; a killed
-run resumes from OUT/audit.jsonl and does not redo finished models), labels every audited model from its own
+It runs ``pdjax audit --final-probe --ball MODELS --out OUT --seed SEED`` (the library's own command; a killed
+run resumes from OUT/audit.jsonl and does not redo finished models) on the models of SOURCES, each model once
+(a path whose weights are bitwise those of an earlier one is dropped, with a note), labels every audited model from its own
 provenance metadata (backdoored when ``pdjax attack`` recorded an attack), and scores the detector's rules from
 the features the audit saved, with no refitting:
 
@@ -44,6 +45,24 @@ def run_audit(sources: list[str], out: Path, seed: int, detector: str | None, ex
     rc = subprocess.run(cmd).returncode
     if rc:
         sys.exit(rc)  # pdjax audit has said why (one line)
+
+
+def distinct_models(sources: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The model paths of ``sources`` (as ``pdjax audit`` collects them), each model once: a path whose model
+    has the fingerprint of an earlier one (bitwise the same weights, e.g. rebuilt with the same command and
+    seed) is dropped. Returns (kept paths, {dropped path: the kept path it duplicates})."""
+    from pdjax.audit import collect_models, model_fingerprint
+    from pdjax.model import load
+
+    first, kept, dropped = {}, [], {}
+    for p in map(str, collect_models(sources)):
+        f = model_fingerprint(load(p))
+        if f in first:
+            dropped[p] = first[f]
+        else:
+            first[f] = p
+            kept.append(p)
+    return kept, dropped
 
 
 def label_of(path: str) -> bool:
@@ -121,11 +140,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--table", type=Path)
     args = ap.parse_args(argv)
+    kept, dropped = distinct_models(args.sources)
+    for p, q in dropped.items():
+        print(f"{p}: the same weights as {q}; counted once, as {q}")
     if not args.no_run:
         extra = [x for k in ("steps", "samples") if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
-        run_audit(args.sources, args.out, args.seed, args.detector, extra)
+        run_audit(kept, args.out, args.seed, args.detector, extra)
     rows = [json.loads(line) for line in (args.out / "audit.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["model"] in set(kept)]  # an OUT reused with another list: only this list's models
     res = evaluate(rows, args.detector, set(args.seen))
+    res["duplicates"] = dropped
     text = table(res)
     print(text)
     if args.table:

@@ -39,9 +39,13 @@ def write_audit(tmp_path: Path) -> tuple[Path, list[str]]:
 
 def test_rule_sets_from_saved_features(tmp_path, capsys):
     out, paths = write_audit(tmp_path)
+    from pdjax.model import load
+
+    twin = str(load(paths[0]).save(tmp_path / "rebuilt_m0"))  # bitwise the same model under another name
     table, js = tmp_path / "t.md", tmp_path / "r.json"
-    res = ha.main([*paths, "--out", str(out), "--no-run", "--seen", paths[3], "--table", str(table),
+    res = ha.main([*paths, twin, "--out", str(out), "--no-run", "--seen", paths[3], "--table", str(table),
                    "--json", str(js)])
+    assert res["duplicates"] == {twin: paths[0]} and len(res["models"]) == len(ROWS)
     assert [m["backdoored"] for m in res["models"]] == [r[0] for r in ROWS]
     s = res["models"][3]["scores"]
     assert s["ball"] == pytest.approx((-0.1216226 + 0.25) / 0.01, rel=1e-4) and s["main"] < 0 < s["ball"]
