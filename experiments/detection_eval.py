@@ -191,9 +191,11 @@ def evaluate_method(cal: dict, held: dict, method: str) -> dict:
                          for (p, r), s in zip(held.items(), scores)]}
 
 
-def roc_svg(results: list[dict], size: int = 320) -> str:
+def roc_svg(results: list[dict], size: int = 320, colours: dict | None = None) -> str:
+    """An SVG of each result's ROC curve (``method``, ``roc`` points, ``auc``); ``colours``: method -> colour
+    beside the built-in ones."""
     pad = 40
-    colours = {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
+    colours = (colours or {}) | {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
                "pd+probe": "#7d3c98", "spread-only": "#b7950b", "pd+spread": "#ca6f1e", "pd+spread+probe": "#117864",
                "spread-ball": "#6c3483",
                "elijah": "#2471a3", "terd": "#229954"}

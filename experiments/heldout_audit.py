@@ -3,7 +3,7 @@
 Command:
 
     python experiments/heldout_audit.py MODEL_OR_DIR_OR_LIST ... --out runs/heldout-audit [--seed 0]
-        [--detector pdjax/assets/detector.json] [--seen M1 M2 ...] [--json F] [--table F] [--steps S] [--samples N]
+        [--detector pdjax/assets/detector.json] [--seen M1 M2 ...] [--json F] [--table F] [--roc F.svg] [--steps S] [--samples N]
 
 It runs ``pdjax audit --final-probe --ball MODELS --out OUT --seed SEED`` (the library's own command; a killed
 run resumes from OUT/audit.jsonl and does not redo finished models) on the models of SOURCES, each model once
@@ -18,7 +18,8 @@ the features the audit saved, with no refitting:
 A model is flagged by a set of rules when any of them fires (the detector's margin is the largest of the rules'
 margins). For each set: accuracy, TPR, TNR and ROC AUC of that margin (ties count one half). ``--seen`` names
 models that influenced a design choice (they are reported apart as well as in the whole set). It prints a
-markdown table (per model, then per rule set) and writes it to ``--table`` and the numbers to ``--json``.
+markdown table (per model, then per rule set) and writes it to ``--table``, the numbers to ``--json`` and the
+rule sets' ROC curves (over all models) to ``--roc``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detection_eval import is_backdoored, roc_auc  # noqa: E402
+from detection_eval import is_backdoored, roc_auc, roc_points, roc_svg  # noqa: E402
 
 RULE_SETS = (("main",), ("main", "probe"), ("main", "ball"), ("main", "probe", "ball"))
+COLOURS = {"main": "#c0392b", "main+probe": "#7d3c98", "main+ball": "#2471a3", "main+probe+ball": "#229954"}
 
 
 def run_audit(sources: list[str], out: Path, seed: int, detector: str | None, extra: list[str]) -> None:
@@ -100,6 +102,9 @@ def evaluate(rows: list[dict], detector: str | None, seen: set[str]) -> dict:
         models.append({"model": r["model"], "backdoored": label_of(r["model"]), "scores": s,
                        "verdict": r["verdict"], "seen": r["model"] in seen, "seconds": r["seconds"]})
     out = {"models": models, "sets": {}}
+    labels = [m["backdoored"] for m in models]
+    out["roc"] = {"+".join(rs): roc_points([max(rule_margin(m["scores"], rs), -1e9) for m in models], labels)
+                  for rs in RULE_SETS}  # every model; a rule that never fires sits at the far end
     for name, subset in (("all", models), ("unseen", [m for m in models if not m["seen"]])):
         if subset:
             out["sets"][name] = {"+".join(rs): metrics([rule_margin(m["scores"], rs) for m in subset],
@@ -139,6 +144,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-run", action="store_true", help="only score OUT/audit.jsonl (no audit)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--table", type=Path)
+    ap.add_argument("--roc", type=Path, help="SVG of each rule set's ROC curve over all models")
     args = ap.parse_args(argv)
     kept, dropped = distinct_models(args.sources)
     for p, q in dropped.items():
@@ -154,6 +160,10 @@ def main(argv=None) -> dict:
     print(text)
     if args.table:
         args.table.write_text(text)
+    if args.roc:
+        curves = [{"method": k, "roc": pts, "auc": res["sets"]["all"][k]["auc"] or float("nan")}
+                  for k, pts in res["roc"].items()]
+        args.roc.write_text(roc_svg(curves, colours=COLOURS))
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "seed": args.seed, **res}, indent=2))
     return res

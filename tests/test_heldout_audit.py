@@ -42,9 +42,11 @@ def test_rule_sets_from_saved_features(tmp_path, capsys):
     from pdjax.model import load
 
     twin = str(load(paths[0]).save(tmp_path / "rebuilt_m0"))  # bitwise the same model under another name
-    table, js = tmp_path / "t.md", tmp_path / "r.json"
+    table, js, roc = tmp_path / "t.md", tmp_path / "r.json", tmp_path / "roc.svg"
     res = ha.main([*paths, twin, "--out", str(out), "--no-run", "--seen", paths[3], "--table", str(table),
-                   "--json", str(js)])
+                   "--json", str(js), "--roc", str(roc)])
+    assert res["roc"]["main+ball"][0] == (0.0, 0.0) and (0.0, 1.0) in res["roc"]["main+ball"]  # separates fully
+    assert roc.read_text().startswith("<svg") and "main+probe+ball AUC" in roc.read_text()
     assert res["duplicates"] == {twin: paths[0]} and len(res["models"]) == len(ROWS)
     assert [m["backdoored"] for m in res["models"]] == [r[0] for r in ROWS]
     s = res["models"][3]["scores"]
