@@ -49,29 +49,24 @@ def run_audit(sources: list[str], out: Path, seed: int, detector: str | None, ex
         sys.exit(rc)  # pdjax audit has said why (one line)
 
 
-def distinct_models(sources: list[str]) -> tuple[list[str], dict[str, str]]:
+def distinct_models(sources: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
     """The model paths of ``sources`` (as ``pdjax audit`` collects them), each model once: a path whose model
     has the fingerprint of an earlier one (bitwise the same weights, e.g. rebuilt with the same command and
-    seed) is dropped. Returns (kept paths, {dropped path: the kept path it duplicates})."""
+    seed) is dropped. Returns ({kept path: backdoored, from its provenance metadata}, {dropped path: the kept
+    path it duplicates})."""
     from pdjax.audit import collect_models, model_fingerprint
     from pdjax.model import load
 
-    first, kept, dropped = {}, [], {}
+    first, kept, dropped = {}, {}, {}
     for p in map(str, collect_models(sources)):
-        f = model_fingerprint(load(p))
+        model = load(p)
+        f = model_fingerprint(model)
         if f in first:
             dropped[p] = first[f]
         else:
             first[f] = p
-            kept.append(p)
+            kept[p] = is_backdoored(model)
     return kept, dropped
-
-
-def label_of(path: str) -> bool:
-    """True when the model's provenance records an attack (what ``pdjax attack`` writes)."""
-    from pdjax.model import load
-
-    return is_backdoored(load(path))
 
 
 def metrics(margins: list[float], labels: list[bool]) -> dict:
@@ -91,19 +86,20 @@ def rule_margin(scores: dict, rules: tuple[str, ...]) -> float:
     return max(got) if got else float("-inf")
 
 
-def evaluate(rows: list[dict], detector: str | None, seen: set[str]) -> dict:
-    """Per-model scores and per-rule-set metrics over all rows and over the rows not in ``seen``."""
+def evaluate(rows: list[dict], labels: dict[str, bool], detector: str | None, seen: set[str]) -> dict:
+    """Per-model scores and per-rule-set metrics over all rows and over the rows not in ``seen``; ``labels``:
+    path -> backdoored."""
     from pdjax.defense.detection import Detector
 
     det = Detector.load(detector)
     models = []
     for r in rows:
         s = det.scores(r["features"])
-        models.append({"model": r["model"], "backdoored": label_of(r["model"]), "scores": s,
+        models.append({"model": r["model"], "backdoored": labels[r["model"]], "scores": s,
                        "verdict": r["verdict"], "seen": r["model"] in seen, "seconds": r["seconds"]})
     out = {"models": models, "sets": {}}
-    labels = [m["backdoored"] for m in models]
-    out["roc"] = {"+".join(rs): roc_points([max(rule_margin(m["scores"], rs), -1e9) for m in models], labels)
+    out["roc"] = {"+".join(rs): roc_points([rule_margin(m["scores"], rs) for m in models],
+                                           [m["backdoored"] for m in models])
                   for rs in RULE_SETS}  # every model; a rule that never fires sits at the far end
     for name, subset in (("all", models), ("unseen", [m for m in models if not m["seen"]])):
         if subset:
@@ -151,10 +147,10 @@ def main(argv=None) -> dict:
         print(f"{p}: the same weights as {q}; counted once, as {q}")
     if not args.no_run:
         extra = [x for k in ("steps", "samples") if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
-        run_audit(kept, args.out, args.seed, args.detector, extra)
+        run_audit(list(kept), args.out, args.seed, args.detector, extra)
     rows = [json.loads(line) for line in (args.out / "audit.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["model"] in set(kept)]  # an OUT reused with another list: only this list's models
-    res = evaluate(rows, args.detector, set(args.seen))
+    rows = [r for r in rows if r["model"] in kept]  # an OUT reused with another list: only this list's models
+    res = evaluate(rows, kept, args.detector, set(args.seen))
     res["duplicates"] = dropped
     text = table(res)
     print(text)

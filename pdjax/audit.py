@@ -221,7 +221,8 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
         for lo in range(0, len(members), per):
             chunk = members[lo:lo + per]
             padded = chunk + [chunk[-1]] * (per - len(chunk))  # pad: the copies' results are dropped
-            keys = jnp.stack([model_key(seed, m) for _, m in padded])
+            keys = [model_key(seed, m) for _, m in chunk]  # one pass over each model's weights
+            keys = jnp.stack(keys + [keys[-1]] * (per - len(chunk)))
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
                                   mesh=mesh, progress=progress, probe=probe, spread=spread,
                                   ball=ball)[:len(chunk)]
