@@ -3,7 +3,7 @@
 Command:
 
     python experiments/detection_eval.py --calibrate M1 M2 ... --held-out H1 H2 ... [--out runs/detection-eval]
-        [--methods purediffusion,elijah,terd] [--seed 0] [--n 16] [--steps 40]
+        [--methods purediffusion,elijah,terd] [--seed 0] [--n 16] [--steps 40] [--elijah 100,100] [--terd 1000,20]
         [--table experiments/results/detection_table.md] [--roc experiments/results/detection_roc.svg]
         [--detector-out pdjax/assets/detector.json] [--detector-method pd+probe]
 
@@ -31,6 +31,11 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
   (-log of the spread gain reached at that size);
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
+
+The two baselines take their own budgets with ``--elijah STEPS,BATCH`` and ``--terd PHASE1,PHASE2`` (the
+papers': 100,100 and 3000,1000; TERD's phase 2 unrolls a 10-step DDIM chain, about 0.6 s per step on 2 cores,
+so the paper's budget costs about 13 minutes per model). Without them they run ``--steps`` steps on a batch of
+16, as the earlier tables did.
 
 Each statistic gets a threshold from :func:`pdjax.defense.detection.calibrate` on the calibration models;
 held-out accuracy, TPR, TNR and ROC AUC (rank statistic of the signed score; ties count one half) follow.
@@ -88,7 +93,31 @@ def is_backdoored(model) -> bool:
     return bool(model.meta.get("attack"))
 
 
-def inversion_config(method: str, steps: int) -> InversionConfig:
+# --elijah STEPS,BATCH and --terd PHASE1,PHASE2: the baselines' own budgets (the paper's: elijah 100,100 and
+# terd 3000,1000). Without them a baseline runs --steps steps on the scan's batch of 16 (TERD: then 1000
+# phase-2 steps), as the earlier tables in detection_table.md did.
+BUDGET_FIELDS = {"elijah": ("steps", "batch"), "terd": ("steps", "terd_refine_steps")}
+
+
+def budget(method: str, spec: str | None) -> dict:
+    """``"A,B"`` -> the InversionConfig fields of ``method``'s budget (BUDGET_FIELDS); {} when ``spec`` is None."""
+    if not spec:
+        return {}
+    try:
+        a, b = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--{method} takes two integers 'A,B', got {spec!r}") from None
+    return dict(zip(BUDGET_FIELDS[method], (a, b)))
+
+
+def cache_name(method: str, overrides: dict | None) -> str:
+    """``method`` plus its budget, e.g. ``terd@steps1000-terd_refine_steps20``: each budget its own cache."""
+    return method + ("@" + "-".join(f"{k}{v}" for k, v in overrides.items()) if overrides else "")
+
+
+def inversion_config(method: str, steps: int, overrides: dict | None = None) -> InversionConfig:
+    if overrides:
+        return dataclasses.replace(inversion_config(method, steps), **overrides)
     if method == "purediffusion":
         return dataclasses.replace(SCAN_INVERSION, steps=steps)
     if method == "pd-final":
@@ -102,11 +131,13 @@ def inversion_config(method: str, steps: int) -> InversionConfig:
     return InversionConfig(method=method, steps=steps, batch=SCAN_INVERSION.batch)
 
 
-def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps: int) -> dict[str, dict]:
-    """{path: {"label", "features"}} for every path, reusing lines of ``OUT/<method>.jsonl``."""
+def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps: int,
+             overrides: dict | None = None) -> dict[str, dict]:
+    """{path: {"label", "features"}} for every path, reusing lines of ``OUT/<method>.jsonl`` (``overrides``: a
+    baseline's budget, :func:`budget`; cached in ``OUT/<cache_name>.jsonl``)."""
     from pdjax.model import load
 
-    cache = out / f"{method}.jsonl"
+    cache = out / f"{cache_name(method, overrides)}.jsonl"
     done = {}
     if cache.is_file():
         for line in cache.read_text().splitlines():
@@ -115,7 +146,7 @@ def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps:
                 done[r["model"]] = r
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by a kill: redone
-    cfg = inversion_config(method, steps)
+    cfg = inversion_config(method, steps, overrides)
     for p in paths:
         if p in done:
             continue
@@ -223,7 +254,8 @@ def write_table(results: list[dict], args, path: Path) -> None:
              f"{results[0]['n_backdoored']} backdoored)", "",
              f"Command: `python experiments/detection_eval.py --calibrate {' '.join(args.calibrate)} "
              f"--held-out {' '.join(args.held_out)} --methods {args.methods} --seed {args.seed} --n {args.n} "
-             f"--steps {args.steps}`", "",
+             f"--steps {args.steps}"
+             + "".join(f" --{m} {getattr(args, m)}" for m in BUDGET_FIELDS if getattr(args, m)) + "`", "",
              "| method | statistic | threshold | calibration acc. | held-out acc. | TPR | TNR | ROC AUC |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -250,6 +282,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--steps", type=int, default=SCAN_INVERSION.steps)
+    ap.add_argument("--elijah", metavar="STEPS,BATCH",
+                    help="Elijah's budget (the paper's: 100,100); default --steps steps on a batch of 16")
+    ap.add_argument("--terd", metavar="PHASE1,PHASE2",
+                    help="TERD's phase-1 and phase-2 steps (the paper's: 3000,1000); default --steps,1000")
     ap.add_argument("--table", default="experiments/results/detection_table.md", type=Path)
     ap.add_argument("--roc", default="experiments/results/detection_roc.svg", type=Path)
     ap.add_argument("--detector-out", type=Path,
@@ -273,8 +309,9 @@ def main(argv=None):
     results = []
     for method in methods:
         scan = scan_combined if method in COMBINED else scan_all
-        cal = scan(args.calibrate, method, args.out, args.seed, args.n, args.steps)
-        held = scan(args.held_out, method, args.out, args.seed, args.n, args.steps)
+        extra = {"overrides": budget(method, getattr(args, method))} if method in BUDGET_FIELDS else {}
+        cal = scan(args.calibrate, method, args.out, args.seed, args.n, args.steps, **extra)
+        held = scan(args.held_out, method, args.out, args.seed, args.n, args.steps, **extra)
         r = evaluate_method(cal, held, method)
         results.append(r)
         if method == args.detector_method and args.detector_out:

@@ -4,6 +4,7 @@ Command:
 
     python experiments/heldout_audit.py MODEL_OR_DIR_OR_LIST ... --out runs/heldout-audit [--seed 0]
         [--detector pdjax/assets/detector.json] [--seen M1 M2 ...] [--json F] [--table F] [--roc F.svg] [--steps S] [--samples N]
+        [--baselines runs/baselines-elijah/results.json runs/baselines-terd/results.json] [--compare-roc F.svg]
 
 It runs ``pdjax audit --final-probe --ball MODELS --out OUT --seed SEED`` (the library's own command; a killed
 run resumes from OUT/audit.jsonl and does not redo finished models) on the models of SOURCES, each model once
@@ -20,6 +21,12 @@ margins). For each set: accuracy, TPR, TNR and ROC AUC of that margin (ties coun
 models that influenced a design choice (they are reported apart as well as in the whole set). It prints a
 markdown table (per model, then per rule set) and writes it to ``--table``, the numbers to ``--json`` and the
 rule sets' ROC curves (over all models) to ``--roc``.
+
+``--baselines`` takes ``results.json`` files of ``experiments/detection_eval.py`` (Elijah's and TERD's statistics,
+each thresholded on its own calibration models, which must not be in this list). On the models both the audit
+and every baseline scored, it compares PureDiffusion's detector (all three rules) with each baseline: the same
+metrics, over all of them and over the unseen ones, a per-model table, and their ROC curves to
+``--compare-roc``.
 """
 
 from __future__ import annotations
@@ -108,6 +115,49 @@ def evaluate(rows: list[dict], labels: dict[str, bool], detector: str | None, se
     return out
 
 
+def compare(res: dict, baselines: list[dict]) -> dict:
+    """PureDiffusion's detector (all rules) against each baseline (a detection_eval result: ``method``,
+    ``statistic``, ``threshold``, ``held_out`` [{model, label, score}]) on the models every one of them scored."""
+    pd = {m["model"]: m for m in res["models"]}
+    scored = [{h["model"]: h for h in b["held_out"]} for b in baselines]
+    common = [p for p in pd if all(p in sc for sc in scored)]
+    labels = {p: pd[p]["backdoored"] for p in common}
+    for b, sc in zip(baselines, scored):
+        wrong = [p for p in common if bool(sc[p]["label"]) != labels[p]]
+        if wrong:
+            raise SystemExit(f"{b['method']} labels {wrong[0]} otherwise than the audit: not the same model")
+    margins = {"purediffusion": {p: rule_margin(pd[p]["scores"], RULE_SETS[-1]) for p in common}}
+    margins |= {b["method"]: {p: sc[p]["score"] for p in common} for b, sc in zip(baselines, scored)}
+    out = {"models": common, "margins": margins, "sets": {},
+           "baselines": {b["method"]: {k: b[k] for k in ("statistic", "threshold", "calibration_accuracy")}
+                         for b in baselines},
+           "roc": {m: roc_points([s[p] for p in common], [labels[p] for p in common]) for m, s in margins.items()}}
+    for name, subset in (("all", common), ("unseen", [p for p in common if not pd[p]["seen"]])):
+        if subset:
+            out["sets"][name] = {m: metrics([s[p] for p in subset], [labels[p] for p in subset])
+                                 for m, s in margins.items()}
+    return out
+
+
+def comparison_table(res: dict, cmp: dict) -> str:
+    methods = list(cmp["margins"])
+    lines = ["| model | label | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    pd = {m["model"]: m for m in res["models"]}
+    for p in cmp["models"]:
+        name = p + (" (seen)" if pd[p]["seen"] else "")
+        lines.append(f"| {name} | {'backdoored' if pd[p]['backdoored'] else 'clean'} | "
+                     + " | ".join(_f(cmp["margins"][m][p]) for m in methods) + " |")
+    lines += ["", "purediffusion: the shipped detector, all three rules (its largest margin); the baselines: their "
+              "statistic against the threshold fitted on their calibration models (> 0 = flagged).", "",
+              "| models | method | n (backdoored / clean) | accuracy | TPR | TNR | ROC AUC |",
+              "|---|---|---|---|---|---|---|"]
+    for name, sets in cmp["sets"].items():
+        for method, m in sets.items():
+            lines.append(f"| {name} | {method} | {m['n']} ({m['backdoored']} / {m['clean']}) | {m['accuracy']:.2f} | "
+                         f"{_f(m['tpr'], '{:.2f}')} | {_f(m['tnr'], '{:.2f}')} | {_f(m['auc'], '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _f(x, fmt="{:+.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -138,6 +188,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, help="pdjax audit --steps (default: the scan's)")
     ap.add_argument("--samples", type=int, help="pdjax audit --samples (default: the scan's)")
     ap.add_argument("--no-run", action="store_true", help="only score OUT/audit.jsonl (no audit)")
+    ap.add_argument("--baselines", nargs="*", type=Path, default=[],
+                    help="results.json files of experiments/detection_eval.py (Elijah, TERD) to compare with")
+    ap.add_argument("--compare-roc", type=Path, help="SVG of PureDiffusion's and the baselines' ROC curves")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--table", type=Path)
     ap.add_argument("--roc", type=Path, help="SVG of each rule set's ROC curve over all models")
@@ -153,6 +206,14 @@ def main(argv=None) -> dict:
     res = evaluate(rows, kept, args.detector, set(args.seen))
     res["duplicates"] = dropped
     text = table(res)
+    if args.baselines:
+        res["comparison"] = compare(res, [r for f in args.baselines for r in json.loads(f.read_text())])
+        text += "\n" + comparison_table(res, res["comparison"])
+        if args.compare_roc:
+            c = res["comparison"]
+            curves = [{"method": k, "roc": pts, "auc": c["sets"]["all"][k]["auc"] or float("nan")}
+                      for k, pts in c["roc"].items()]
+            args.compare_roc.write_text(roc_svg(curves))
     print(text)
     if args.table:
         args.table.write_text(text)

@@ -82,3 +82,16 @@ def test_combined_method_takes_the_lower_log_ratio_of_its_parts(tmp_path):
     assert three["a"]["features"] == {"log_uni_ratio": -2.0, "part": pd_part, de.PROBE_FEATURE: -0.3}
     assert three["b"]["features"] == {"log_uni_ratio": -3.0, "part": "spread-only", de.PROBE_FEATURE: -1.5}
     assert three["b"]["seconds"] == 25.0
+
+
+def test_baseline_budgets_set_their_own_config_and_cache():
+    assert de.budget("terd", "1000,20") == {"steps": 1000, "terd_refine_steps": 20}
+    assert de.budget("elijah", "100,100") == {"steps": 100, "batch": 100} and de.budget("terd", None) == {}
+    cfg = de.inversion_config("terd", 40, de.budget("terd", "1000,20"))
+    assert (cfg.method, cfg.steps, cfg.terd_refine_steps, cfg.batch) == ("terd", 1000, 20, 16)
+    old = de.inversion_config("elijah", 40)  # no budget: the earlier tables' setting
+    assert (old.steps, old.batch) == (40, 16)
+    assert de.cache_name("terd", de.budget("terd", "1000,20")) == "terd@steps1000-terd_refine_steps20"
+    assert de.cache_name("elijah", {}) == "elijah"  # earlier caches stay valid
+    with pytest.raises(SystemExit, match="two integers"):
+        de.budget("elijah", "100")

@@ -73,3 +73,28 @@ def test_audit_failure_exits_with_its_code(tmp_path, monkeypatch):
     assert e.value.code == 2
     assert seen[0][:4] == [sys.executable, "-m", "pdjax", "audit"]
     assert {"--final-probe", "--ball", "--steps"} <= set(seen[0])
+
+
+def test_baselines_compared_on_the_models_all_scored(tmp_path):
+    out, paths = write_audit(tmp_path)
+    # An Elijah-like baseline that scored models 0-2 only: it flags clean m1 and misses backdoored m2.
+    held = [{"model": paths[i], "label": ROWS[i][0], "score": s} for i, s in zip(range(3), (-1.0, 0.5, -0.2))]
+    res_file = tmp_path / "results.json"
+    res_file.write_text(json.dumps([{"method": "elijah", "statistic": "uni_trig", "threshold": 5.0,
+                                     "calibration_accuracy": 1.0, "held_out": held}]))
+    roc, table = tmp_path / "cmp.svg", tmp_path / "t.md"
+    res = ha.main([*paths, "--out", str(out), "--no-run", "--baselines", str(res_file), "--compare-roc", str(roc),
+                   "--table", str(table)])
+    c = res["comparison"]
+    assert c["models"] == paths[:3] and set(c["margins"]) == {"purediffusion", "elijah"}
+    assert c["margins"]["elijah"][paths[1]] == 0.5
+    e, pd = c["sets"]["all"]["elijah"], c["sets"]["all"]["purediffusion"]
+    assert e["n"] == 3 and e["accuracy"] == pytest.approx(1 / 3) and e["tpr"] == 0.0 and e["tnr"] == 0.5
+    # the shipped detector, all rules: m1's probe fires (a false positive), m2's main rule fires
+    assert pd["tpr"] == 1.0 and pd["tnr"] == 0.5
+    assert "elijah AUC" in roc.read_text() and "| elijah |" in table.read_text()
+    held[2]["label"] = False  # a results file about other models under the same paths
+    res_file.write_text(json.dumps([{"method": "elijah", "statistic": "uni_trig", "threshold": 5.0,
+                                     "calibration_accuracy": 1.0, "held_out": held}]))
+    with pytest.raises(SystemExit, match="otherwise than the audit"):
+        ha.main([*paths, "--out", str(out), "--no-run", "--baselines", str(res_file)])
