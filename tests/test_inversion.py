@@ -584,3 +584,33 @@ def test_alt_uniform_init_alternates_the_sign_over_restarts():
     np.testing.assert_array_equal(d[0], inv.initial_delta(neg, (4, 4, 1), jax.random.key(2)))
     one = dataclass_replace(cfg, restarts=1)
     np.testing.assert_array_equal(inv.initial_delta(one, (4, 4, 1), jax.random.key(2)), d[0])
+
+
+def test_terd_losses_sum_over_pixels_and_its_sgd_decays(models):
+    """TERD as its published code: per-sample sums (not per-element means), cosine-decayed SGD, phase 2 clipped."""
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = InversionConfig(method="terd", batch=2, terd_ddim_steps=2).resolved()
+    delta = 0.3 * jax.random.normal(jax.random.key(5), m.image_shape)
+    p1, p2 = inv.terd_losses(prob, cfg)
+    key = jax.random.key(3)
+    kt, ks, kp = jax.random.split(key, 3)  # phase 1's draws, by hand
+    T, B = m.schedule.num_timesteps, cfg.batch
+    t = jax.random.randint(kt, (B,), T - 10, T)
+    x_start = jax.random.normal(ks, (B, *prob.shape))
+    e1, e2 = (jax.random.normal(k, x_start.shape) for k in jax.random.split(kp))
+    sa, s1 = (np.asarray(a)[np.asarray(t)][:, None, None, None] for a in (m.schedule.sqrt_abar,
+                                                                           m.schedule.sqrt_one_minus_abar))
+    r = (e1 - m.eps(m.params, sa * x_start + s1 * e1 + delta, t)) - (e2 - m.eps(m.params, sa * x_start + s1 * e2 + delta, t))
+    want = 0.5 * float(np.sum(np.asarray(r) ** 2)) / B - cfg.terd_l1 * float(np.sum(np.abs(delta)))
+    np.testing.assert_allclose(float(p1(delta, m.params, {}, key)), want, rtol=1e-5)
+    assert np.isfinite(float(p2(delta, m.params, {}, key)))
+    opt = inv.terd_optimizer(0.5, 4)
+    state, g, lrs = opt.init(delta), jnp.ones_like(delta), []
+    for _ in range(4):
+        upd, state = opt.update(g, state, delta)
+        lrs.append(-float(upd.ravel()[0]))
+    np.testing.assert_allclose(lrs, [0.5 * (1 + np.cos(np.pi * i / 4)) / 2 for i in range(4)], rtol=1e-6)
+    clipped = inv.terd_optimizer(0.5, 4, inv.TERD_CLIP)
+    upd, _ = clipped.update(100 * g, clipped.init(delta), delta)
+    assert float(jnp.linalg.norm(upd)) == pytest.approx(0.5 * inv.TERD_CLIP, rel=1e-5)

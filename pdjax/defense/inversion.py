@@ -8,11 +8,14 @@ Methods (each a loss ``loss(delta, params, fixed, key_i)``; SPEC 4 has the formu
 
 - ``elijah``: L = mean | mean_b eps(eps_b + delta, T-1) - lambda delta |, lambda = 0.5 (1.0 for ODE models),
   100 Adam steps, lr 0.1, B = 100 fixed noises.
-- ``terd``: phase 1 (3000 SGD steps, lr 0.5, B = 16): t ~ U{T-10..T-1} per sample, two noises eps_1, eps_2
-  on a shared x_start ~ N(0, I); L = 0.5 mean(((eps_1 - eps(x^1, t)) - (eps_2 - eps(x^2, t)))^2)
-  - 5e-5 mean|delta|. Phase 2 (1000 steps): generations x0^1, x0^2 of a 10-step DDIM chain from
-  eps_1 + delta and eps_2 + delta should coincide: L = 0.5 mean((x0^1 - x0^2)^2) - 5e-5 mean|delta|.
-  TERD's code does not state its norms: pdjax uses per-element means (a sum would need another lr).
+- ``terd``: as TERD's published code (PKU-ML/TERD, BadDiffusion/reverse.py and reverse_loss.py). The shared
+  loss p(x_start, t, d) = 0.5 mean_b sum_pixels ((eps_1 - eps(x^1, t)) - (eps_2 - eps(x^2, t)))^2 with
+  x^k = sqrt(abar_t) x_start + sqrt(1 - abar_t) eps_k + d (per-sample sums, batch mean). Phase 1 (3000 SGD
+  steps, lr 0.5 with cosine decay to 0, B = 16): x_start ~ N(0, I), t ~ U{T-10..T-1},
+  L = p(x_start, t, delta) - 5e-5 ||delta||_1. Phase 2 (1000 steps; SGD lr 0.5, cosine decay, gradient clipped
+  to L2 norm 0.01): x0 = a 10-step DDIM chain from eps + delta, with gradients through it;
+  L = (p(x0, t ~ U{T-10..T-1}, delta) + p(x0, t ~ U{0..9}, 0)) / 2 - 5e-5 ||delta||_1. (Until 2026-12-04 pdjax
+  took per-element means, 1/(H W C) of this gradient, and its phase 2 asked two chains to agree.)
 - ``purediffusion``: start x_T = eps_b + delta, run the model's own DDPM sampler for K reverse steps with
   gradients through the chain; at each visited step t_i the output should carry the shift lambda_i delta:
   L_shift = mean_i norm(mean_b eps(x_{t_i}) - lambda_i delta) (``per_sample``: the residual is taken per
@@ -78,7 +81,7 @@ class InversionConfig:
     Attributes:
       method: "purediffusion" | "elijah" | "terd".
       steps: optimiser steps (TERD: phase 1).
-      lr: learning rate (Adam for purediffusion/elijah, SGD for terd).
+      lr: learning rate (Adam for purediffusion/elijah, SGD with cosine decay for terd).
       batch: noise batch B.
       init: delta_0: "neg-uniform" (-U[0, 1), Elijah's), "zeros", "normal", or "alt-uniform" (restart r from
         (-1)^(r+1) U[0, 1): even restarts as neg-uniform, odd ones positive; a loss with a sign-symmetric
@@ -526,30 +529,50 @@ def spread_log_ratio(prob: Problem):
 
 
 def terd_losses(prob: Problem, cfg: InversionConfig):
-    """TERD (SPEC 4): (phase-1 loss, phase-2 loss); both take a fresh key per step."""
+    """TERD (SPEC 4; the module docstring has its losses): (phase-1 loss, phase-2 loss); both take a fresh key
+    per step."""
     sched = prob.schedule
     T = sched.num_timesteps
     B = cfg.batch
 
-    def phase1(delta, params, fixed, key):
-        kt, ks, k1, k2 = jax.random.split(key, 4)
-        t = jax.random.randint(kt, (B,), T - 10, T)
-        x_start = jax.random.normal(ks, (B, *prob.shape))
-        e1, e2 = (jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2))
+    def pair_loss(params, x_start, t, d, key):
+        """0.5 mean_b sum_pixels of the difference of two noises' prediction errors at x_start's level t."""
+        k1, k2 = jax.random.split(key)
+        e1, e2 = (jax.random.normal(k, x_start.shape) for k in (k1, k2))
         sa = sched.sqrt_abar[t][:, None, None, None]
         s1 = sched.sqrt_one_minus_abar[t][:, None, None, None]
-        p1 = prob.eps_fn(params, sa * x_start + s1 * e1 + delta, t)
-        p2 = prob.eps_fn(params, sa * x_start + s1 * e2 + delta, t)
-        return 0.5 * jnp.mean(((e1 - p1) - (e2 - p2)) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
+        p1 = prob.eps_fn(params, sa * x_start + s1 * e1 + d, t)
+        p2 = prob.eps_fn(params, sa * x_start + s1 * e2 + d, t)
+        return 0.5 * jnp.mean(jnp.sum(((e1 - p1) - (e2 - p2)) ** 2, axis=(1, 2, 3)))
+
+    def l1(delta):
+        return cfg.terd_l1 * jnp.sum(jnp.abs(delta))
+
+    def phase1(delta, params, fixed, key):
+        kt, ks, kp = jax.random.split(key, 3)
+        t = jax.random.randint(kt, (B,), T - 10, T)
+        return pair_loss(params, jax.random.normal(ks, (B, *prob.shape)), t, delta, kp) - l1(delta)
 
     chain = _ddim_chain(prob, cfg, timesteps_ddim(T, cfg.terd_ddim_steps))
 
     def phase2(delta, params, fixed, key):
-        k1, k2 = jax.random.split(key)
-        x = chain(params, jnp.concatenate([jax.random.normal(k, (B, *prob.shape)) for k in (k1, k2)]) + delta)
-        return 0.5 * jnp.mean((x[:B] - x[B:]) ** 2) - cfg.terd_l1 * jnp.mean(jnp.abs(delta))
+        kn, kt1, kt2, kp1, kp2 = jax.random.split(key, 5)
+        x0 = chain(params, jax.random.normal(kn, (B, *prob.shape)) + delta)
+        late = pair_loss(params, x0, jax.random.randint(kt1, (B,), T - 10, T), delta, kp1)
+        early = pair_loss(params, x0, jax.random.randint(kt2, (B,), 0, 10), 0.0, kp2)
+        return 0.5 * (late + early) - l1(delta)
 
     return phase1, phase2
+
+
+def terd_optimizer(lr: float, steps: int, clip: float = 0.0) -> optax.GradientTransformation:
+    """TERD's SGD: ``lr`` decayed to 0 over ``steps`` on a cosine (torch's CosineAnnealingLR), the gradient
+    first clipped to L2 norm ``clip`` when > 0 (phase 2: 0.01)."""
+    sgd = optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)))
+    return optax.chain(optax.clip_by_global_norm(clip), sgd) if clip else sgd
+
+
+TERD_CLIP = 0.01  # phase 2's gradient norm clip (TERD's --clip_norm)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -614,9 +637,9 @@ def _method_phases(prob: Problem, cfg: InversionConfig) -> list[_Phase]:
         lambdas = get_lambda(cfg.lambda_source, prob.schedule, cfg.K, timesteps=ts)
         return [_Phase(purediffusion_loss(prob, cfg, lambdas), optax.adam(cfg.lr), cfg.steps)]
     p1, p2 = terd_losses(prob, cfg)
-    phases = [_Phase(p1, optax.sgd(cfg.lr), cfg.steps)]
+    phases = [_Phase(p1, terd_optimizer(cfg.lr, cfg.steps), cfg.steps)]
     if cfg.terd_refine_steps:
-        phases.append(_Phase(p2, optax.sgd(cfg.lr), cfg.terd_refine_steps))
+        phases.append(_Phase(p2, terd_optimizer(cfg.lr, cfg.terd_refine_steps, TERD_CLIP), cfg.terd_refine_steps))
     return phases
 
 
@@ -696,9 +719,10 @@ def _program(prob: Problem, cfg: InversionConfig, phase_index: int, n: int, stac
     axis (the model count must be a multiple of the mesh size). Cached per (problem, config, phase, n,
     layout), so repeated inversions of one architecture reuse the compile.
     """
-    # Step counts only set how often the program runs: leave them out of the cache key.
-    norm_cfg = dataclasses.replace(cfg, steps=0, terd_refine_steps=0, steps_per_call=0, scales=(), scale_samples=0,
-                                   starts=())
+    # Step counts only set how often the program runs: leave them out of the cache key (not TERD's: its
+    # cosine learning rate decays over the phase's steps).
+    counts = {} if cfg.method == "terd" else {"steps": 0, "terd_refine_steps": 0}
+    norm_cfg = dataclasses.replace(cfg, steps_per_call=0, scales=(), scale_samples=0, starts=(), **counts)
     # One model with several devices: its noise batch is split over them (SHARDED_METHODS' losses reduce
     # over the batch with pdjax.sharding's collectives; TERD draws its batch inside the loss and is not).
     bmesh = batch_mesh(cfg.batch) if not stacked and cfg.method in SHARDED_METHODS else None
