@@ -104,15 +104,27 @@ def evaluate(rows: list[dict], labels: dict[str, bool], detector: str | None, se
         s = det.scores(r["features"])
         models.append({"model": r["model"], "backdoored": labels[r["model"]], "scores": s,
                        "verdict": r["verdict"], "seen": r["model"] in seen, "seconds": r["seconds"]})
-    out = {"models": models, "sets": {}}
-    out["roc"] = {"+".join(rs): roc_points([rule_margin(m["scores"], rs) for m in models],
-                                           [m["backdoored"] for m in models])
-                  for rs in RULE_SETS}  # every model; a rule that never fires sits at the far end
-    for name, subset in (("all", models), ("unseen", [m for m in models if not m["seen"]])):
-        if subset:
-            out["sets"][name] = {"+".join(rs): metrics([rule_margin(m["scores"], rs) for m in subset],
-                                                       [m["backdoored"] for m in subset]) for rs in RULE_SETS}
+    margins = {"+".join(rs): [rule_margin(m["scores"], rs) for m in models] for rs in RULE_SETS}
+    # ROC over every model; a rule that never fires sits at the far end
+    return {"models": models, **summarise(margins, [m["backdoored"] for m in models], [m["seen"] for m in models])}
+
+
+def summarise(margins: dict[str, list[float]], labels: list[bool], seen: list[bool]) -> dict:
+    """``{"roc": {name: ROC points over all models}, "sets": {"all" | "unseen": {name: metrics}}}`` for each
+    name's margins (one per model, in the order of ``labels`` and ``seen``); "unseen" leaves out the seen
+    models and is absent when none is left."""
+    unseen = [i for i, s in enumerate(seen) if not s]
+    out = {"roc": {k: roc_points(v, labels) for k, v in margins.items()}, "sets": {}}
+    for name, idx in (("all", list(range(len(labels)))), ("unseen", unseen)):
+        if idx:
+            out["sets"][name] = {k: metrics([v[i] for i in idx], [labels[i] for i in idx]) for k, v in margins.items()}
     return out
+
+
+def roc_curves(summary: dict) -> list[dict]:
+    """:func:`summarise`'s ROC points as ``roc_svg`` curves, each with its AUC over all models."""
+    return [{"method": k, "roc": pts, "auc": summary["sets"]["all"][k]["auc"] or float("nan")}
+            for k, pts in summary["roc"].items()]
 
 
 def compare(res: dict, baselines: list[dict]) -> dict:
@@ -128,15 +140,11 @@ def compare(res: dict, baselines: list[dict]) -> dict:
             raise SystemExit(f"{b['method']} labels {wrong[0]} otherwise than the audit: not the same model")
     margins = {"purediffusion": {p: rule_margin(pd[p]["scores"], RULE_SETS[-1]) for p in common}}
     margins |= {b["method"]: {p: sc[p]["score"] for p in common} for b, sc in zip(baselines, scored)}
-    out = {"models": common, "margins": margins, "sets": {},
+    out = {"models": common, "margins": margins,
            "baselines": {b["method"]: {k: b[k] for k in ("statistic", "threshold", "calibration_accuracy")}
-                         for b in baselines},
-           "roc": {m: roc_points([s[p] for p in common], [labels[p] for p in common]) for m, s in margins.items()}}
-    for name, subset in (("all", common), ("unseen", [p for p in common if not pd[p]["seen"]])):
-        if subset:
-            out["sets"][name] = {m: metrics([s[p] for p in subset], [labels[p] for p in subset])
-                                 for m, s in margins.items()}
-    return out
+                         for b in baselines}}
+    return out | summarise({m: [s[p] for p in common] for m, s in margins.items()}, [labels[p] for p in common],
+                           [pd[p]["seen"] for p in common])
 
 
 def comparison_table(res: dict, cmp: dict) -> str:
@@ -210,17 +218,12 @@ def main(argv=None) -> dict:
         res["comparison"] = compare(res, [r for f in args.baselines for r in json.loads(f.read_text())])
         text += "\n" + comparison_table(res, res["comparison"])
         if args.compare_roc:
-            c = res["comparison"]
-            curves = [{"method": k, "roc": pts, "auc": c["sets"]["all"][k]["auc"] or float("nan")}
-                      for k, pts in c["roc"].items()]
-            args.compare_roc.write_text(roc_svg(curves))
+            args.compare_roc.write_text(roc_svg(roc_curves(res["comparison"])))
     print(text)
     if args.table:
         args.table.write_text(text)
     if args.roc:
-        curves = [{"method": k, "roc": pts, "auc": res["sets"]["all"][k]["auc"] or float("nan")}
-                  for k, pts in res["roc"].items()]
-        args.roc.write_text(roc_svg(curves, colours=COLOURS))
+        args.roc.write_text(roc_svg(roc_curves(res), colours=COLOURS))
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "seed": args.seed, **res}, indent=2))
     return res
