@@ -33,8 +33,8 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 - terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
 
 The two baselines take their own budgets with ``--elijah STEPS,BATCH`` and ``--terd PHASE1,PHASE2`` (the
-papers': 100,100 and 3000,1000; TERD's phase 2 unrolls a 10-step DDIM chain, about 0.6 s per step on 2 cores,
-so the paper's budget costs about 13 minutes per model). Without them they run ``--steps`` steps on a batch of
+papers': 100,100 and 3000,1000; TERD's phase 2 unrolls a 10-step DDIM chain: the paper's budget took 703
+and 839 s per model on 2 cores, beside another job). Without them they run ``--steps`` steps on a batch of
 16, as the earlier tables did.
 
 Each statistic gets a threshold from :func:`pdjax.defense.detection.calibrate` on the calibration models;
