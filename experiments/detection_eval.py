@@ -30,7 +30,9 @@ steps, batch 16, K 5 for PureDiffusion; ``--n`` triggered and ``--n`` clean DDPM
 - spread-ball: the ball probe (BALL_PROBE: the spread candidate, trigger L2 norm <= 10); statistic ``final_loss``
   (-log of the spread gain reached at that size);
 - elijah: ``uni_trig`` (Elijah's uniformity of the generations from its inverted trigger);
-- terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels).
+- terd: ``trigger_kl`` (TERD's KL(N(m, v) || N(0, 1)) of its inverted trigger's pixels, SPEC 5's reading);
+- terd-mr: the same TERD scans, statistic ``terd_mr`` (M_r of TERD's published model_detection.py: the mean
+  over pixels of KL(N(delta_i, 1) || N(0, 1)) = delta_i^2 / 2; takes ``--terd`` like terd).
 
 The two baselines take their own budgets with ``--elijah STEPS,BATCH`` and ``--terd PHASE1,PHASE2`` (the
 papers': 100,100 and 3000,1000; TERD's phase 2 unrolls a 10-step DDIM chain: the paper's budget took 703
@@ -66,7 +68,11 @@ from pdjax.defense.inversion import InversionConfig
 STATISTIC = {"purediffusion": "log_uni_ratio", "pd-final": "log_uni_ratio", "final-only": "log_uni_ratio",
              "spread-only": "log_uni_ratio", "pd+final": "log_uni_ratio", "pd+probe": "log_uni_ratio",
              "pd+spread": "log_uni_ratio", "pd+spread+probe": "log_uni_ratio", "elijah": "uni_trig",
-             "spread-ball": "final_loss", "terd": "trigger_kl"}
+             "spread-ball": "final_loss", "terd": "trigger_kl", "terd-mr": "terd_mr"}
+# terd-mr: TERD's own scans (same inversion, same cache file and budget), judged by the statistic TERD's
+# published model detection computes, M_r = mean over pixels of delta_i^2 / 2 (features ``terd_mr``). Scans
+# cached before that feature existed get it from their trigger norm: M_r = trigger_norm^2 / (2 D) exactly.
+SCANS_AS = {"terd-mr": "terd"}
 # pd-final: the scan's PureDiffusion plus L_final (collapse of 10-step DDIM generations, weight 1), its size
 # search also trying the DDIM-100 start (where an ODE-trained backdoor fires).
 FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
@@ -137,6 +143,7 @@ def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps:
     baseline's budget, :func:`budget`; cached in ``OUT/<cache_name>.jsonl``)."""
     from pdjax.model import load
 
+    stat, method = STATISTIC[method], SCANS_AS.get(method, method)
     cache = out / f"{cache_name(method, overrides)}.jsonl"
     done = {}
     if cache.is_file():
@@ -158,7 +165,11 @@ def scan_all(paths: list[str], method: str, out: Path, seed: int, n: int, steps:
             f.write(json.dumps(row) + "\n")
         done[p] = row
         print(f"  {method:13} {p}: {'backdoored' if row['label'] else 'clean':10} "
-              f"{STATISTIC[method]} = {v.features[STATISTIC[method]]:.4g} ({v.seconds:.0f} s)", flush=True)
+              f"{stat} = {v.features[stat]:.4g} ({v.seconds:.0f} s)", flush=True)
+    for p in paths:
+        if stat == "terd_mr" and stat not in done[p]["features"]:  # a line cached before terd_mr existed
+            f, size = done[p]["features"], math.prod(load(p).image_shape)
+            done[p] = {**done[p], "features": {**f, stat: f["trigger_norm"] ** 2 / (2 * size)}}
     return {p: done[p] for p in paths}
 
 
@@ -229,7 +240,7 @@ def roc_svg(results: list[dict], size: int = 320, colours: dict | None = None) -
     colours = (colours or {}) | {"purediffusion": "#c0392b", "pd-final": "#8e44ad", "final-only": "#d35400", "pd+final": "#1abc9c",
                "pd+probe": "#7d3c98", "spread-only": "#b7950b", "pd+spread": "#ca6f1e", "pd+spread+probe": "#117864",
                "spread-ball": "#6c3483",
-               "elijah": "#2471a3", "terd": "#229954"}
+               "elijah": "#2471a3", "terd": "#229954", "terd-mr": "#7dcea0"}
     w = size - 2 * pad
     px = lambda x: pad + x * w  # noqa: E731
     py = lambda y: size - pad - y * w  # noqa: E731
@@ -309,7 +320,8 @@ def main(argv=None):
     results = []
     for method in methods:
         scan = scan_combined if method in COMBINED else scan_all
-        extra = {"overrides": budget(method, getattr(args, method))} if method in BUDGET_FIELDS else {}
+        base = SCANS_AS.get(method, method)
+        extra = {"overrides": budget(base, getattr(args, base))} if base in BUDGET_FIELDS else {}
         cal = scan(args.calibrate, method, args.out, args.seed, args.n, args.steps, **extra)
         held = scan(args.held_out, method, args.out, args.seed, args.n, args.steps, **extra)
         r = evaluate_method(cal, held, method)

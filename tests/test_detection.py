@@ -23,6 +23,11 @@ def test_trigger_features_kl_matches_closed_form():
     m, v = d.mean(), d.var()
     assert math.isclose(f["trigger_kl"], 0.5 * (v + m * m - 1 - math.log(v)), rel_tol=1e-9)
     assert math.isclose(f["trigger_norm"], float(np.linalg.norm(d)), rel_tol=1e-9)
+    # TERD's published M_r, V_r: mean and variance over pixels of delta_i^2 / 2 (by hand on 4 values).
+    g = D.trigger_features(np.array([1.0, -2.0, 0.0, 3.0]).reshape(2, 2, 1))
+    assert math.isclose(g["terd_mr"], (0.5 + 2.0 + 0.0 + 4.5) / 4, rel_tol=1e-12)
+    assert math.isclose(g["terd_vr"], ((0.5 - 1.75) ** 2 + 0.25 ** 2 + 1.75 ** 2 + 2.75 ** 2) / 4, rel_tol=1e-12)
+    assert math.isclose(g["terd_mr"], g["trigger_norm"] ** 2 / (2 * 4), rel_tol=1e-12)
     assert D.trigger_features(np.random.default_rng(1).normal(size=(64, 64, 1)))["trigger_kl"] < 0.01
 
 

@@ -95,3 +95,23 @@ def test_baseline_budgets_set_their_own_config_and_cache():
     assert de.cache_name("elijah", {}) == "elijah"  # earlier caches stay valid
     with pytest.raises(SystemExit, match="two integers"):
         de.budget("elijah", "100")
+
+
+def test_terd_mr_reads_terd_scans_and_derives_m_r_from_older_lines(tmp_path):
+    """terd-mr shares terd's cache file (same inversion and budget); a line cached before ``terd_mr`` existed
+    gets M_r = trigger_norm^2 / (2 D), D the model's pixel count; a line that has it keeps its own value."""
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"m{i}"
+        random_model("tiny", seed=i, timesteps=8).save(p)
+        paths.append(str(p))
+    d = int(np.prod(random_model("tiny", seed=0, timesteps=8).image_shape))
+    cache = tmp_path / f"{de.cache_name('terd', de.budget('terd', '500,20'))}.jsonl"
+    cache.write_text(json.dumps({"model": paths[0], "label": False, "seconds": 1.0,
+                                 "features": {"trigger_norm": 4.0, "trigger_kl": 1.0}}) + "\n"
+                     + json.dumps({"model": paths[1], "label": True, "seconds": 1.0,
+                                   "features": {"trigger_norm": 4.0, "terd_mr": 0.5}}) + "\n")
+    rows = de.scan_all(paths, "terd-mr", tmp_path, seed=0, n=2, steps=2, overrides=de.budget("terd", "500,20"))
+    assert rows[paths[0]]["features"]["terd_mr"] == pytest.approx(16.0 / (2 * d))
+    assert rows[paths[1]]["features"]["terd_mr"] == 0.5
+    assert de.STATISTIC["terd-mr"] == "terd_mr" and len(cache.read_text().splitlines()) == 2  # nothing rescanned

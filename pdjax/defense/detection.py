@@ -6,7 +6,10 @@ alone, the same noise, from the chosen start: DDPM by default, ``InversionConfig
 compute label-free features:
 
 - trigger: ``trigger_norm`` (L2), ``trigger_mean``, ``trigger_kl`` = KL(N(m, v) || N(0, 1)) of delta's
-  pixels (TERD's statistic);
+  pixels (SPEC 5's reading of TERD's statistic), and the statistics TERD's published model detection computes
+  (PKU-ML/TERD, model_detection.py): per pixel the KL of N(delta_i, 1) against N(0, 1), which is delta_i^2 / 2,
+  averaged (``terd_mr`` = M_r = mean of delta_i^2 / 2 = trigger_norm^2 / (2 D)) and its variance over the
+  pixels (``terd_vr`` = V_r); TERD's offsets N_m and N_v shift both by constants and change no ranking;
 - generations: ``uni_trig`` / ``uni_clean`` (uniformity, SPEC 5: trimmed mean pairwise distance),
   ``tv_trig`` / ``tv_clean`` (total variation), and ``log_uni_ratio`` = log(uni_trig / uni_clean): a
   backdoored model's generations collapse onto its target (ratio << 1), a clean model's stay diverse;
@@ -54,7 +57,7 @@ from pdjax.errors import ConfigError, OutputError
 DETECTOR_FORMAT = "pdjax-detector"
 DETECTOR_VERSION = 3  # 2 added the optional probe threshold, 3 the ball threshold; older files load without them
 FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "trigger_norm", "trigger_mean",
-            "trigger_kl", "final_loss")
+            "trigger_kl", "terd_mr", "terd_vr", "final_loss")
 PROBE_FEATURE = "probe_log_uni_ratio"
 BALL_FEATURE = "ball_loss"
 # The probe threshold: mean - PROBE_Z * sd of the clean reference models' probe log ratios (a Gaussian null:
@@ -241,11 +244,15 @@ class ModelVerdict:
 
 
 def trigger_features(delta) -> dict:
-    """Label-free statistics of an inverted trigger [H, W, C]: L2 norm, mean, KL(N(m, v) || N(0, 1))."""
+    """Label-free statistics of an inverted trigger [H, W, C]: L2 norm, mean, KL(N(m, v) || N(0, 1)) of its
+    pixels, and TERD's published M_r / V_r (mean and variance over pixels of KL(N(delta_i, 1) || N(0, 1)) =
+    delta_i^2 / 2, without TERD's constant offsets)."""
     d = np.asarray(delta, np.float64).ravel()
     m, v = float(d.mean()), float(d.var()) + 1e-12
     kl = 0.5 * (v + m * m - 1.0 - math.log(v))
-    return {"trigger_norm": float(np.linalg.norm(d)), "trigger_mean": m, "trigger_kl": kl}
+    per_pixel = 0.5 * d * d
+    return {"trigger_norm": float(np.linalg.norm(d)), "trigger_mean": m, "trigger_kl": kl,
+            "terd_mr": float(per_pixel.mean()), "terd_vr": float(per_pixel.var())}
 
 
 def features_of(trigger, triggered, clean, final_loss: float) -> dict:
