@@ -278,7 +278,7 @@ def fig_lambda(out: Path) -> dict:
     ts = np.asarray(table.timesteps)
     lo = min(min(table.lambdas), float(lam[ts].min()))
     hi = max(max(table.lambdas), float(lam[ts].max()))
-    right = [f'<g transform="translate(440,0)">', *svg_panel(0, 0, 430, 300, [
+    right = ['<g transform="translate(440,0)">', *svg_panel(0, 0, 430, 300, [
         {"name": "closed form rho_t", "x": ts, "y": lam[ts], "colour": COLOURS["closed"]},
         {"name": f"shipped table ({table.source})", "x": ts, "y": np.asarray(table.lambdas),
          "colour": COLOURS["table"], "width": 1.5},

@@ -32,13 +32,13 @@ import numpy as np
 
 
 def _torch():
+    import importlib
+
     try:
-        import torch  # noqa: F401
-        import diffusers  # noqa: F401
+        torch = importlib.import_module("torch")
+        importlib.import_module("diffusers")
     except ImportError as e:  # pragma: no cover - depends on the optional extra
         raise SystemExit(f"error: {e.name} is not installed; pip install torch==2.13.0 diffusers") from None
-    import torch
-
     return torch
 
 
@@ -49,7 +49,7 @@ def device_name() -> str:
 
 def load_unet(folder: str, device: str, dtype=None):
     """diffusers UNet2DModel from a folder written by ``Model.export_diffusers``, in eval mode."""
-    torch = _torch()
+    _torch()  # a clear error when the optional extra is missing
     from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder).to(device)
