@@ -610,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=int, help="noise batch B")
     i.add_argument("--init", help="neg-uniform | zeros | normal | alt-uniform (restarts alternate -U[0,1) and +U[0,1))")
     i.add_argument("--K", type=int, help="purediffusion: reverse steps unrolled")
+    i.add_argument("--terd-refine-steps", dest="terd_refine_steps", type=int,
+                   help="terd: phase-2 steps (default 1000, the paper's; --steps sets phase 1)")
     i.add_argument("--norm", help="purediffusion: l1 | l2")
     i.add_argument("--per-sample", dest="per_sample", action="store_true", default=None,
                    help="purediffusion: per-sample shift residual against the clean chain")

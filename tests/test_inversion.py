@@ -255,6 +255,19 @@ def test_cli_invert_writes_trigger_and_summary(models, tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and "purediffusion" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_invert_sets_terd_phase_two_steps(models, tmp_path, capsys):
+    from pdjax.cli import main
+
+    path = tmp_path / "m"
+    models[0].save(path)
+    out = tmp_path / "terd"
+    rc = main(["invert", str(path), "--method", "terd", "--steps", "2", "--terd-refine-steps", "1", "--batch", "2",
+               "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = json.loads((out / "inversion.json").read_text())["config"]
+    assert (cfg["method"], cfg["steps"], cfg["terd_refine_steps"], cfg["batch"]) == ("terd", 2, 1, 2)
+
+
 def test_explicit_start_trigger(models):
     g = np.full(models[0].image_shape, -0.5, np.float32)
     a = invert(models[0], "elijah", jax.random.key(3), dataclass_replace(ELIJAH, steps=1), start=g)
