@@ -237,14 +237,19 @@ def test_steps_per_call_must_divide(models):
         invert(models[0], "elijah", jax.random.key(0), dataclass_replace(ELIJAH, steps_per_call=3))
 
 
+def _cli_invert(model, tmp_path, method: str, *options: str):
+    """``pdjax invert`` on ``model`` (saved to tmp_path/m) with ``options``; returns (rc, path, out folder)."""
+    from pdjax.cli import main
+
+    path, out = tmp_path / "m", tmp_path / method
+    model.save(path)
+    return main(["invert", str(path), "--method", method, *options, "--out", str(out), "--quiet"]), path, out
+
+
 def test_cli_invert_writes_trigger_and_summary(models, tmp_path, capsys):
     from pdjax.cli import main
 
-    path = tmp_path / "m"
-    models[0].save(path)
-    out = tmp_path / "inv"
-    rc = main(["invert", str(path), "--method", "elijah", "--steps", "4", "--batch", "4", "--seed", "3",
-               "--out", str(out), "--quiet"])
+    rc, path, out = _cli_invert(models[0], tmp_path, "elijah", "--steps", "4", "--batch", "4", "--seed", "3")
     stdout, err = capsys.readouterr()
     assert rc == 0, err
     assert "elijah" in stdout and (out / "trigger.npy").is_file()
@@ -256,13 +261,7 @@ def test_cli_invert_writes_trigger_and_summary(models, tmp_path, capsys):
 
 
 def test_cli_invert_sets_terd_phase_two_steps(models, tmp_path, capsys):
-    from pdjax.cli import main
-
-    path = tmp_path / "m"
-    models[0].save(path)
-    out = tmp_path / "terd"
-    rc = main(["invert", str(path), "--method", "terd", "--steps", "2", "--terd-refine-steps", "1", "--batch", "2",
-               "--out", str(out), "--quiet"])
+    rc, _, out = _cli_invert(models[0], tmp_path, "terd", "--steps", "2", "--terd-refine-steps", "1", "--batch", "2")
     assert rc == 0, capsys.readouterr().err
     cfg = json.loads((out / "inversion.json").read_text())["config"]
     assert (cfg["method"], cfg["steps"], cfg["terd_refine_steps"], cfg["batch"]) == ("terd", 2, 1, 2)
