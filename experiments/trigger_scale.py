@@ -8,8 +8,9 @@ Command (the probe quoted in experiments/results/inversion_table.md):
 For each trigger file (an [H, W, C] .npy from ``pdjax invert`` or experiments/inversion_table.py) and each
 scale s, it draws ``--n`` DDPM generations (default 32) from eps + s * trigger. All candidates are drawn in
 one paired call, with the same start and chain noise for every candidate (key ``jax.random.key(7)``, as
-inversion_table.py uses). It prints the ASR against the model's recorded target (SPEC 7) and the
-trigger's L2 norm, with the true trigger's row first for reference.
+inversion_table.py uses). It prints the ASR against the model's recorded target (SPEC 7), the
+trigger's L2 norm, and where the trigger lies: its L2 norm and mean inside the true trigger's mask and its
+largest absolute value outside it, with the true trigger's row first for reference.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def main(argv=None) -> int:
             trigs.append(s * t)
     gens = triggered_generations(model, np.stack(trigs), jax.random.key(7), n=args.n)
     print(f"{args.model} ({spec.trigger} -> {spec.target}), n = {args.n}, key 7")
+    inside = np.broadcast_to(np.asarray(arrays.mask) > 0, trigs[0].shape)
     for name, t, g in zip(names, trigs, gens):
-        print(f"  {name:<60} ASR {asr(g, arrays.target):.2f}   |trigger| {np.linalg.norm(t):6.2f}")
+        print(f"  {name:<60} ASR {asr(g, arrays.target):.2f}   |trigger| {np.linalg.norm(t):6.2f}   "
+              f"in the true mask: |.| {np.linalg.norm(t[inside]):5.2f}, mean {t[inside].mean():+.2f}; "
+              f"max |value| outside {np.abs(t[~inside]).max() if (~inside).any() else 0.0:.2f}")
     return 0
 
 
