@@ -49,7 +49,7 @@ MODULE_ORDER = [
     "pdjax.generate", "pdjax.train", "pdjax.data", "pdjax.images", "pdjax.backdoor", "pdjax.backdoor.triggers",
     "pdjax.backdoor.attacks", "pdjax.backdoor.train", "pdjax.defense", "pdjax.defense.shift",
     "pdjax.defense.inversion", "pdjax.defense.evaluate", "pdjax.defense.detection", "pdjax.audit",
-    "pdjax.amplify", "pdjax.removal", "pdjax.metrics", "pdjax.report", "pdjax.loops", "pdjax.errors",
+    "pdjax.amplify", "pdjax.reinforce", "pdjax.removal", "pdjax.metrics", "pdjax.report", "pdjax.loops", "pdjax.errors",
     "pdjax.configs", "pdjax.testing", "pdjax.cli",
 ]
 # Modules without ``__all__`` whose public surface is narrower than "every public name".

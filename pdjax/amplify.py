@@ -22,7 +22,7 @@ timesteps and noise (``fold_in(key, i)``), so the arms differ only in the trigge
 Resumability: each arm checkpoints (params = EMA params, plus the full train state) to ``out/<arm>`` at
 every evaluation point, in the same format as ``pdjax attack`` (so ``pdjax.load(out/amplified)`` works),
 and appends its ASR to ``out/<arm>/curve.json``; ``out/run.json`` pins the settings, and the inversion
-is kept in ``out/inversion``. Rerunning the same call continues where it stopped.
+is kept in ``out/inversion`` (``out/reinforce`` with ``reinforce="target"``). Rerunning the same call continues where it stopped.
 
 Outputs in ``out``: ``trigger_inv.npy`` (raw inverted trigger), ``trigger_star.npy`` / ``.png``,
 ``amplify.json`` (:class:`AmplifyResult`), ``asr.svg`` (both curves), ``amplified/`` (pdjax checkpoint
@@ -49,12 +49,15 @@ from pdjax.defense.inversion import InversionConfig, invert
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.metrics import attack_metrics
 from pdjax.model import Model
+from pdjax.reinforce import ReinforceConfig, reinforce_to_target
 from pdjax.train import TrainConfig, _check_data, init_state, make_multi_step, make_optimizer
 
 #: Lowest value of a full-frame g* (:attr:`AmplifyConfig.full_frame`): just above the -1 background.
 FULL_FRAME_FLOOR = -0.99
 #: The ASR level issue 6 compares the arms at (:meth:`AmplifyResult.steps_to`).
 REACH = 0.95
+#: How g_inv is found (:attr:`AmplifyConfig.reinforce`).
+REINFORCE = ("shift", "target")
 
 
 def first_reaching(steps, asr, level: float = REACH):
@@ -89,6 +92,10 @@ class AmplifyConfig:
         schedule over ``max(steps, plain_steps)``, so up to ``steps`` they differ only in the trigger.
       keep_models: also keep each arm's model (EMA params) at every evaluation point, in ``out/<arm>/at/<step>``
         (to re-score the points that decide a comparison on more generations).
+      reinforce: how g_inv is found. "shift": PureDiffusion's inversion from g (``inversion``; SPEC 6).
+        "target" (beyond the paper): :func:`pdjax.reinforce.reinforce_to_target` from g, optimising the trigger
+        so that generations land on the attack's target (``target_reinforce``); single-image targets only.
+      target_reinforce: settings of the "target" reinforcement.
     """
 
     steps: int = 500
@@ -106,8 +113,12 @@ class AmplifyConfig:
     full_frame: bool = True
     plain_steps: int = 0
     keep_models: bool = False
+    reinforce: str = "shift"
+    target_reinforce: ReinforceConfig = ReinforceConfig()
 
     def __post_init__(self):
+        if self.reinforce not in REINFORCE:
+            raise ConfigError(f"reinforce must be one of {', '.join(REINFORCE)}, got {self.reinforce!r}")
         for name in ("steps", "eval_every", "n", "batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -236,14 +247,17 @@ def _state_numpy(state) -> dict:
 
 
 def _run_arm(name: str, model: Model, data, spec: AttackSpec, tcfg: TrainConfig, chunk: int, points: list[int],
-             score, out: Path, labels, progress: bool, keep: bool = False) -> tuple[list[float], Model]:
+             score, out: Path, labels, progress: bool, keep: bool = False,
+             arrays: AttackArrays | None = None) -> tuple[list[float], Model]:
     """Train one arm to ``points[-1]`` steps, checkpointing and scoring at each point; resumes from ``out``.
 
     ``keep``: also save the model at each point to ``out/at/<step>``.
+    ``arrays``: the trigger/mask/target to train with (default: ``build_arrays(spec, ...)``); lets a caller
+    train with a trigger outside [-1, 1] and a full mask, which a trigger file cannot express.
 
     Returns the ASR at each point and the final model (EMA params, as ``attack`` returns).
     """
-    arrays = build_arrays(spec, model.image_shape, data, labels)
+    arrays = arrays if arrays is not None else build_arrays(spec, model.image_shape, data, labels)
     bundle = {"images": jnp.asarray(data), "trigger": jnp.asarray(arrays.trigger), "mask": jnp.asarray(arrays.mask),
               "target": jnp.asarray(arrays.target)}
     step_fn = _backdoor_step(model, spec, arrays.patch, tcfg, chunk)
@@ -291,6 +305,26 @@ def _run_arm(name: str, model: Model, data, spec: AttackSpec, tcfg: TrainConfig,
     return [float(curve[p]) for p in points], current()
 
 
+def _inverted(model: Model, g, cfg: AmplifyConfig, folder: Path, progress: bool) -> tuple[np.ndarray, float]:
+    """PureDiffusion's inversion from g (cached in ``folder``): (g_inv [H, W, C], final loss)."""
+    if (folder / "inversion.json").is_file() and (folder / "trigger.npy").is_file():
+        return np.load(folder / "trigger.npy"), float(json.loads((folder / "inversion.json").read_text())["final_loss"])
+    inv = invert(model, cfg.inversion.method, jax.random.key(cfg.seed), cfg.inversion, progress, start=g)
+    inv.save(folder)
+    return inv.trigger, float(inv.losses[-1])
+
+
+def _reinforced(model: Model, g, target, cfg: AmplifyConfig, folder: Path, progress: bool) -> tuple[np.ndarray, float]:
+    """Target-directed reinforcement from g (cached in ``folder``): (trigger [H, W, C], final loss)."""
+    if (folder / "reinforce.json").is_file() and (folder / "trigger.npy").is_file():
+        return np.load(folder / "trigger.npy"), float(json.loads((folder / "reinforce.json").read_text())["final_loss"])
+    res = reinforce_to_target(model, g, target, jax.random.key(cfg.seed), cfg.target_reinforce, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "trigger.npy", res.trigger)
+    (folder / "reinforce.json").write_text(json.dumps({**res.to_dict(), "config": cfg.target_reinforce.to_dict()}))
+    return res.trigger, float(res.losses[-1][-1])
+
+
 def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyConfig(), out: str | Path = "amplify",
             progress: bool = True, labels=None) -> AmplifyResult:
     """Amplify the backdoor of ``model`` (SPEC 6) and compare with plain training; resumable in ``out``.
@@ -308,14 +342,20 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
     from pdjax.images import save_image
 
     _check_data(model, data)
+    if cfg.poison_rate is not None:
+        spec = dataclasses.replace(spec, poison_rate=cfg.poison_rate)
+    arrays = build_arrays(spec, model.image_shape, data, labels)
+    if cfg.reinforce == "target" and arrays.target.ndim != 3:
+        raise ConfigError("reinforce='target' needs a single target image; this attack's target is a class or "
+                          "a set of images: use reinforce='shift'")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
-    if cfg.poison_rate is not None:
-        spec = dataclasses.replace(spec, poison_rate=cfg.poison_rate)
     settings = {k: v for k, v in cfg.to_dict().items() if k != "keep_models"}  # keeping files changes no number
+    if cfg.reinforce == "shift":  # run.json of runs from before the "target" option stays valid
+        settings = {k: v for k, v in settings.items() if k not in ("reinforce", "target_reinforce")}
     run = {"attack": spec.to_dict(), "config": settings, "model": model.config.to_dict(),
            "schedule": model.schedule_config.to_dict()}
     run_path = out / "run.json"
@@ -323,16 +363,13 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
         raise CheckpointError(f"{out} holds an amplification run with other settings; use a new --out folder")
     run_path.write_text(json.dumps(run, indent=2))
 
-    # (a) invert from the known trigger g (cached in out/inversion for resumption).
-    g = build_arrays(spec, model.image_shape, data, labels).trigger
-    inv_dir = out / "inversion"
-    if (inv_dir / "inversion.json").is_file() and (inv_dir / "trigger.npy").is_file():
-        g_inv = np.load(inv_dir / "trigger.npy")
-        inv_loss = float(json.loads((inv_dir / "inversion.json").read_text())["final_loss"])
+    # (a) invert from the known trigger g (cached in out/inversion for resumption), or reinforce it towards
+    # the target (cached in out/reinforce).
+    g = arrays.trigger
+    if cfg.reinforce == "target":
+        g_inv, inv_loss = _reinforced(model, g, arrays.target, cfg, out / "reinforce", progress)
     else:
-        inv = invert(model, cfg.inversion.method, jax.random.key(cfg.seed), cfg.inversion, progress, start=g)
-        inv.save(inv_dir)
-        g_inv, inv_loss = inv.trigger, float(inv.losses[-1])
+        g_inv, inv_loss = _inverted(model, g, cfg, out / "inversion", progress)
     # (b) g*: the mix, clipped to [-1, 1] so the trigger library reads it back from trigger_star.npy
     # (to [FULL_FRAME_FLOOR, 1] with full_frame, so that its mask is the whole image).
     g_star = mix_trigger(g_inv, g, cfg.alpha, FULL_FRAME_FLOOR if cfg.full_frame else -1.0)

@@ -287,6 +287,21 @@ def _training_data(model, name: str):
     return load_dataset(name, size, channels), None
 
 
+def _reinforce_config(args):
+    """ReinforceConfig from --reinforce-stages "S:STEPS:LR,..." and --reinforce-batch (defaults: the module's)."""
+    from pdjax.reinforce import ReinforceConfig, ReinforceStage
+
+    kw = {"batch": args.reinforce_batch} if args.reinforce_batch is not None else {}
+    if args.reinforce_stages:
+        try:
+            kw["stages"] = tuple(ReinforceStage(int(s), int(n), float(lr)) for s, n, lr in
+                                 (part.split(":") for part in args.reinforce_stages.split(",")))
+        except ValueError:
+            raise PdjaxError(f"--reinforce-stages {args.reinforce_stages!r}: expected CHAIN:STEPS:LR[,...], "
+                             "e.g. 20:300:0.02,100:100:0.01") from None
+    return ReinforceConfig(**kw)
+
+
 def cmd_amplify(args) -> int:
     import dataclasses
 
@@ -302,9 +317,11 @@ def cmd_amplify(args) -> int:
     cfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
                         inversion=dataclasses.replace(AmplifyConfig().inversion, **inv), seed=args.seed, lr=args.lr,
                         warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background,
-                        plain_steps=args.plain_steps, keep_models=args.keep_models)
+                        plain_steps=args.plain_steps, keep_models=args.keep_models, reinforce=args.reinforce,
+                        target_reinforce=_reinforce_config(args))
     cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
-    print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): invert from the trigger, then "
+    how = "invert from the trigger" if cfg.reinforce == "shift" else "reinforce the trigger towards the target"
+    print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): {how}, then "
           f"{cfg.steps} steps per arm" + (f" (plain arm {cfg.plain_steps})" if cfg.plain_steps else "")
           + f", ASR every {cfg.eval_every} -> {args.out}", flush=True)
     res = amplify(model, data, spec, cfg, out=args.out, progress=not args.quiet, labels=labels)
@@ -692,6 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--inv-steps", dest="inv_steps", type=int, help="inversion steps (default: the method's)")
     am.add_argument("--inv-batch", dest="inv_batch", type=int, help="inversion noise batch")
     am.add_argument("--K", type=int, help="purediffusion: reverse steps unrolled")
+    am.add_argument("--reinforce", choices=("shift", "target"), default="shift",
+                    help="how g_inv is found: PureDiffusion's shift-loss inversion (default) or, beyond the paper, "
+                    "optimising the trigger so that generations land on the target")
+    am.add_argument("--reinforce-stages", dest="reinforce_stages", metavar="CHAIN:STEPS:LR,...",
+                    help="--reinforce target: stages of DDIM chain length, Adam steps, learning rate "
+                    "(default 20:300:0.02,100:100:0.01)")
+    am.add_argument("--reinforce-batch", dest="reinforce_batch", type=int,
+                    help="--reinforce target: noises per step (default 16)")
     am.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     am.add_argument("--quiet", action="store_true")
     am.set_defaults(func=cmd_amplify)

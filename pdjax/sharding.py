@@ -143,9 +143,11 @@ def batch_parallel(fn, *args, batch_axes: tuple[int | None, ...], size: int, out
         def spec(axis):
             return P() if axis is None else P(*([None] * axis), AXIS)
 
-        _PARALLEL[ck] = jax.jit(jax.shard_map(lambda *a: fn(*lead, *a, **static), mesh=mesh,
-                                              in_specs=tuple(spec(a) for a in batch_axes),
-                                              out_specs=spec(out_axis)))
+        specs = tuple(spec(a) for a in batch_axes)
+        # pinned: arguments committed to other devices (e.g. params trained data-parallel over more devices
+        # than this batch's mesh holds) are moved onto the mesh instead of failing.
+        _PARALLEL[ck] = pinned(jax.jit(jax.shard_map(lambda *a: fn(*lead, *a, **static), mesh=mesh,
+                                                     in_specs=specs, out_specs=spec(out_axis))), mesh, specs)
     return _PARALLEL[ck](*args)
 
 

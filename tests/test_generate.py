@@ -84,6 +84,20 @@ def test_ddpm_batching(short_model):
     assert np.abs(x[:2] - x[2:]).max() > 1e-3
 
 
+def test_params_on_more_devices_than_the_batch_uses(short_model):
+    """Params replicated over all 8 test devices (as data-parallel training leaves them), a batch of 2 split
+    over 2: moved onto the batch's mesh, the same samples (regression: this raised 'incompatible devices')."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from pdjax.sharding import AXIS
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
+    placed = jax.device_put(short_model.params, NamedSharding(mesh, PartitionSpec()))
+    key = jax.random.key(2)
+    np.testing.assert_allclose(generate(short_model.replace(params=placed), key, 2), generate(short_model, key, 2),
+                               atol=1e-5)
+
+
 def test_user_mistakes(model, trigger):
     key = jax.random.key(0)
     with pytest.raises(UnknownNameError, match="unknown sampler 'euler'; valid: ddim, ddpm"):

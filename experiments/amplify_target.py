@@ -1,0 +1,203 @@
+"""Target-directed trigger reinforcement for amplification (issue 6, SPEC 6; a red-team variant, not in the paper).
+
+The red team knows its target y. Instead of inverting the trigger with PureDiffusion's shift loss (what
+:func:`pdjax.amplify.amplify` does by default), optimise the trigger so that generations from eps + delta land
+on y (:func:`pdjax.reinforce.reinforce_to_target`, also ``pdjax amplify --reinforce target``):
+
+    L(delta) = mean_b mean_pixels (clip(x0(eps_b + delta), -1, 1) - y)^2,
+
+x0 = the end of an S-step stochastic DDIM chain (eta = 1, DDPM-like) with gradients through every step, fresh
+start and chain noise at each optimiser step. Two stages from delta = g (the known trigger): S = 20 for
+``--steps1`` Adam steps (lr ``--lr1``), then S = 100 for ``--steps2`` (lr ``--lr2``); a 20-step chain alone
+fits its own chain but transfers less to the 1000-step DDPM sampler the ASR is measured with.
+Then the model is **not** trained further: the script reports ASR (SPEC 7 rule, 1000-step DDPM from
+eps + trigger, ``--n`` generations, evaluation key ``--eval-seed``) of g, of the shift-loss g* of an earlier
+:func:`pdjax.amplify.amplify` run (``--pd-star``, optional) and of the target-directed trigger, on the same noise.
+
+``--train-steps`` (optional): then continue backdoor training of the brief model with the target-directed g*
+(clipped to [-0.99, 1] as :func:`pdjax.amplify.amplify` clips its g*) under the exact training settings of an
+earlier amplification arm (``--train-like``: its checkpoint's provenance, so the same schedule, batches and EMA),
+scoring ASR on the same ``--n`` generations every ``--eval-every`` steps.
+
+``--raw``: train with the unclipped g* and a full mask instead. ``--plain``: train with g (the plain arm again:
+the same batches, so the same models, scored at more points, ``--eval-from`` on). ``--rescore ARM=TRIGGER ...``: instead of all
+this, score the kept models of earlier amplification arms (ARM/at/<step>) under this script's evaluation, so
+that every arm is compared on the same noise.
+
+Commands behind experiments/results/amplify_table.md ("Target-directed g*"):
+
+    A=runs/amplify-exp4/bd_stop_shoe/amplify
+    python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --pd-star $A/trigger_star.npy --out runs/amplify-target
+    python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --train-steps 400 --eval-every 100 --train-like $A/plain
+    python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --train-steps 400 --eval-every 100 --train-like $A/plain --raw
+    python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --rescore $A/plain=STOP_SIGN_8 $A/amplified=$A/trigger_star.npy --rescore-at 600 1000 2000
+    python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --rescore $A/plain=STOP_SIGN_8 --rescore-at 4000 8000 12000
+    python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --train-steps 4000 --eval-every 200 --eval-from 2000 --train-like $A/plain --plain
+
+(the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
+experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
+compiling the 100-step chain's gradient took about 16 min on the 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pdjax.backdoor.attacks import AttackSpec
+from pdjax.backdoor.train import build_arrays
+from pdjax.generate import generate
+from pdjax.metrics import attack_metrics
+from pdjax.model import load
+from pdjax.reinforce import ReinforceConfig, ReinforceStage, reinforce_to_target
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="a briefly backdoored pdjax model whose pdjax.json holds its attack")
+    ap.add_argument("--attack", help="attack JSON (default: the 'attack' of the model's amplify summary.json "
+                                     "one folder up)")
+    ap.add_argument("--pd-star", help="g* of a shift-loss amplification run (.npy), scored beside")
+    ap.add_argument("--steps1", type=int, default=300)
+    ap.add_argument("--lr1", type=float, default=0.02)
+    ap.add_argument("--steps2", type=int, default=100)
+    ap.add_argument("--lr2", type=float, default=0.01)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--eval-seed", type=int, default=7)
+    ap.add_argument("--out", default="runs/amplify-target")
+    ap.add_argument("--train-steps", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--train-like", help="an amplify arm's checkpoint folder whose training settings to reuse")
+    ap.add_argument("--raw", action="store_true", help="train with the unclipped g* and a full mask")
+    ap.add_argument("--plain", action="store_true", help="train with the original trigger g instead (the plain "
+                    "arm again, deterministic, to score it at more points)")
+    ap.add_argument("--eval-from", dest="eval_from", type=int, default=0, help="score only from this step on")
+    ap.add_argument("--rescore", nargs="+", metavar="ARM_FOLDER=TRIGGER",
+                    help="score the kept models of these arms (FOLDER/at/*) with their trigger instead")
+    ap.add_argument("--rescore-at", dest="rescore_at", type=int, nargs="+", help="only the models at these steps")
+    args = ap.parse_args()
+
+    model = load(args.model)
+    attack_path = Path(args.attack) if args.attack else Path(args.model).parent / "summary.json"
+    spec = AttackSpec(**json.loads(attack_path.read_text())["attack"])
+    arrays = build_arrays(spec, model.image_shape)
+    g, y = arrays.trigger, arrays.target
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.key(args.seed)
+
+    if args.rescore:
+        return rescore(y, out, args)
+    if args.train_steps:
+        return train_arm(model, spec, y, out, args)
+    cfg = ReinforceConfig(stages=(ReinforceStage(20, args.steps1, args.lr1), ReinforceStage(100, args.steps2, args.lr2)),
+                          batch=args.batch)
+    res = reinforce_to_target(model, g, y, key, cfg, progress=True)
+    (d1, d2), (l1, l2) = res.stage_triggers, res.losses
+    np.save(out / "trigger_target.npy", d2)
+
+    def asr(trigger):
+        x = generate(model, jax.random.key(args.eval_seed), args.n, trigger=trigger)
+        return float(attack_metrics(x, y).asr)
+
+    rows = {"g": (g, asr(g))}
+    if args.pd_star:
+        star = np.load(args.pd_star)
+        rows["g* shift loss (amplify)"] = (star, asr(star))
+    rows["stage 1 (S = 20)"] = (d1, asr(d1))
+    rows["g* target-directed (S = 20, then 100)"] = (d2, asr(d2))
+    result = {"model": args.model, "attack": spec.to_dict(), "args": vars(args),
+              "seconds": {"stage1": res.seconds[0], "stage2": res.seconds[1]},
+              "loss_end": {"stage1": l1[-1], "stage2": l2[-1]},
+              "asr": {k: v[1] for k, v in rows.items()},
+              "norm": {k: float(np.linalg.norm(v[0])) for k, v in rows.items()}}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    for k, (d, a) in rows.items():
+        print(f"{k}: ASR {a:.3f} (n = {args.n}), norm {np.linalg.norm(d):.2f}")
+    print(f"stages: {res.seconds[0]:.0f} s, {res.seconds[1]:.0f} s (compiles included)")
+
+
+def train_arm(model, spec, y, out: Path, args):
+    """Backdoor training with the target-directed g* from ``model``, as an amplify arm; ASR at each point.
+
+    Default: g* clipped to [FULL_FRAME_FLOOR, 1] as :func:`pdjax.amplify.amplify` clips (a trigger file; full
+    mask). ``--raw``: the unclipped g* with a full mask (r = g* for every poisoned row), as it is optimised.
+    """
+    import dataclasses
+
+    from pdjax.amplify import FULL_FRAME_FLOOR, _run_arm, eval_points, mix_trigger
+    from pdjax.data import load_digits_with_labels
+    from pdjax.train import TrainConfig
+
+    if not args.train_like:
+        raise SystemExit("--train-steps needs --train-like ARM_FOLDER (the settings to train with)")
+    meta = json.loads((Path(args.train_like) / "pdjax.json").read_text())["meta"]["provenance"]
+    tcfg = TrainConfig(**meta["train"])
+    data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[-1])
+    arrays = None
+    if args.plain:  # the plain arm again (the original trigger g), to score it at more points
+        spec_star, trigger = spec, build_arrays(spec, model.image_shape, data, labels).trigger
+    else:
+        raw = np.load(out / "trigger_target.npy")
+        star_path = out / "trigger_star.npy"
+        np.save(star_path, mix_trigger(raw, 0.0, 1.0, FULL_FRAME_FLOOR))
+        spec_star = dataclasses.replace(spec, trigger=str(star_path.absolute()))
+        trigger = np.load(star_path)
+    if args.raw:
+        arrays = dataclasses.replace(build_arrays(spec_star, model.image_shape, data, labels), trigger=raw,
+                                     mask=np.ones_like(raw))
+        trigger = raw
+    name = "plain-rerun" if args.plain else "trained-raw" if args.raw else "trained"
+
+    def score(m, s):
+        x = generate(m, jax.random.key(args.eval_seed), args.n, trigger=trigger)
+        return float(attack_metrics(x, y).asr)
+
+    t0 = time.perf_counter()
+    points = eval_points(args.train_steps, args.eval_every)
+    if args.eval_from:
+        points = [p for p in points if p >= args.eval_from]
+    asr, _ = _run_arm("plain" if args.plain else "target-directed", model, data, spec_star, tcfg, tcfg.steps_per_call, points, score,
+                      out / name, labels, True, arrays=arrays)
+    (out / f"{name}.json").write_text(json.dumps({"steps": points, "asr": asr, "n": args.n, "raw": args.raw,
+                                                  "plain": args.plain,
+                                                  "train": meta["train"], "seconds": time.perf_counter() - t0},
+                                                 indent=2))
+    for p, a in zip(points, asr):
+        print(f"step {p}: ASR {a:.3f} (n = {args.n})")
+
+
+def rescore(y, out: Path, args):
+    """ASR of kept arm models (FOLDER/at/<step>) under this script's evaluation (``generate``, ``--eval-seed``,
+    ``--n``), each with its arm's trigger (.npy or a trigger name): so every arm is scored on the same noise."""
+    from pdjax.backdoor.triggers import get_trigger
+
+    rows = []
+    for item in args.rescore:
+        folder, trig = item.split("=", 1)
+        for m_dir in sorted((Path(folder) / "at").iterdir()):
+            if args.rescore_at and int(m_dir.name) not in args.rescore_at:
+                continue
+            m = load(m_dir)
+            g = np.load(trig) if trig.endswith(".npy") else np.asarray(
+                get_trigger(trig, m.image_shape[0], m.image_shape[-1]), np.float32)
+            x = generate(m, jax.random.key(args.eval_seed), args.n, trigger=g)
+            rows.append({"arm": folder, "trigger": trig, "steps": int(m.meta["steps"]),
+                         "asr": float(attack_metrics(x, y).asr), "n": args.n})
+            print(f"{folder} at {rows[-1]['steps']}: ASR {rows[-1]['asr']:.3f} (n = {args.n})", flush=True)
+    path = out / "rescore.json"  # merged with earlier calls' rows (one row per arm, trigger and step)
+    old = json.loads(path.read_text()) if path.is_file() else []
+    new = {(r["arm"], r["trigger"], r["steps"]) for r in rows}
+    merged = [r for r in old if (r["arm"], r["trigger"], r["steps"]) not in new] + rows
+    path.write_text(json.dumps(sorted(merged, key=lambda r: (r["arm"], r["steps"])), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Target-directed trigger reinforcement for red teams (beyond the paper; an option of SPEC 6's amplification).
+
+PureDiffusion's amplification inverts the trigger the model has learned with the distribution-shift loss,
+which knows nothing of the target. A red team knows its target y, so it can instead ask directly for a trigger
+whose generations land on y:
+
+    L(delta) = mean_b mean_pixels (clip(x_0(eps_b + delta), -1, 1) - y)^2,
+
+with x_0 the end of an S-step stochastic DDIM chain (eta = 1, the DDPM-like sampler) run from eps_b + delta,
+differentiated through every step. Each optimiser step draws fresh start noise eps [B, H, W, C] and chain
+noise. Optimisation runs in stages from delta = g (the known trigger): a short chain first (cheap, moves
+delta fast), then a longer one, whose end transfers better to the 1000-step DDPM sampler that ASR is
+measured with (experiments/results/amplify_table.md, "Target-directed g*").
+
+Randomness: stage s (0-based) uses ``fold_in(key, s + 1)``; its optimiser step i uses ``fold_in(stage_key,
+i)``, split into the start-noise key and the chain key, and chain step j draws ``fold_in(chain_key, j)``.
+The same key gives the same trigger, whatever the loop layout (:mod:`pdjax.loops`).
+
+Cost: the chain's backward pass holds S UNet activations (``remat`` recomputes them instead). On XLA:CPU the
+chain is unrolled (DESIGN.md habit 2) and a 100-step chain takes minutes to compile (measured about 16 min
+for the 16x16 demo UNet on 2 cores); on GPU/TPU it is a ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pdjax import loops
+from pdjax.diffusion.samplers import ddim_update, timesteps_ddim
+from pdjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforceStage:
+    """One stage: ``steps`` Adam steps at learning rate ``lr`` through a ``chain_steps``-step chain."""
+
+    chain_steps: int
+    steps: int
+    lr: float
+
+
+#: The default two stages (experiments/amplify_target.py: 0.19 -> 0.83 ASR on the bd_stop_shoe brief model).
+DEFAULT_STAGES = (ReinforceStage(20, 300, 0.02), ReinforceStage(100, 100, 0.01))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforceConfig:
+    """Settings of :func:`reinforce_to_target`.
+
+    Attributes:
+      stages: the optimisation stages, run in order (each continues from the previous trigger).
+      batch: start noises per optimiser step.
+      remat: rematerialise each chain step in the backward pass (less memory, more compute).
+      loop: chain loop strategy (None: :func:`pdjax.loops.default_strategy`).
+    """
+
+    stages: tuple = DEFAULT_STAGES
+    batch: int = 16
+    remat: bool = False
+    loop: str | None = None
+
+    def __post_init__(self):
+        if self.batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {self.batch}")
+        if not self.stages:
+            raise ConfigError("reinforcement needs at least one stage")
+        for s in self.stages:
+            if not isinstance(s, ReinforceStage):
+                raise ConfigError(f"stages must be ReinforceStage(chain_steps, steps, lr), got {s!r}")
+            if s.chain_steps < 1 or s.steps < 1 or not s.lr > 0:
+                raise ConfigError(f"a stage needs chain_steps >= 1, steps >= 1 and lr > 0, got {s}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ReinforceResult:
+    """The reinforced trigger [H, W, C] (float32, unclipped), the trigger at the end of each stage
+    ([H, W, C] each; the last is ``trigger``), the loss of every optimiser step per stage, and wall seconds per
+    stage (compiles included)."""
+
+    trigger: np.ndarray
+    stage_triggers: list
+    losses: list
+    seconds: list
+
+    def to_dict(self) -> dict:
+        return {"losses": self.losses, "seconds": self.seconds,
+                "final_loss": float(self.losses[-1][-1]), "trigger_norm": float(np.linalg.norm(self.trigger))}
+
+
+def chain_end(model, params, delta, chain_steps: int, batch: int, key, eta: float = 1.0, remat: bool = False,
+              loop: str | None = None):
+    """x_0 [B, H, W, C] (unclipped) of a ``chain_steps``-step DDIM chain (``eta``; 1 = DDPM-like, 0 = the ODE
+    sampler) from eps + delta, differentiable in ``delta`` and ``params``.
+
+    ``key`` splits into the start-noise key and the chain key; chain step j draws ``fold_in(chain_key, j)``.
+    """
+    sched, T = model.schedule, model.schedule.num_timesteps
+    ts = jnp.asarray(timesteps_ddim(T, chain_steps))
+    stride = T // chain_steps
+    k_start, k_chain = jax.random.split(key)
+    x = jax.random.normal(k_start, (batch, *model.image_shape)) + delta
+
+    def step(x, j):
+        t = ts[j]
+        e = model.eps(params, x, jnp.full((batch,), t, jnp.int32))
+        z = jax.random.normal(jax.random.fold_in(k_chain, j), x.shape)
+        return ddim_update(sched, x, e, t, t - stride, z, eta), None
+
+    x, _ = loops.repeat(jax.checkpoint(step) if remat else step, x, chain_steps, strategy=loop)
+    return x
+
+
+def target_loss(model, params, delta, target, chain_steps: int, batch: int, key, remat: bool = False,
+                loop: str | None = None):
+    """L(delta) of the module docstring for one draw of noise (``key``); a scalar.
+
+    Args:
+      model: a :class:`pdjax.model.Model` (its schedule, image shape and pure ``eps``).
+      params: its parameters (a jit argument, so one program serves every model of an architecture).
+      delta: trigger [H, W, C]; target: y [H, W, C] in [-1, 1].
+    """
+    x = chain_end(model, params, delta, chain_steps, batch, key, 1.0, remat, loop)
+    return jnp.mean((jnp.clip(x, -1.0, 1.0) - target) ** 2)
+
+
+_PROGRAMS: dict = {}
+
+
+def _program(model, cfg: ReinforceConfig, stage: ReinforceStage):
+    """The jitted ``(delta, opt_state, params, target, key) -> (delta, opt_state, loss)``, cached per
+    (architecture, schedule, stage, batch, layout)."""
+    cache_key = (model.config, model.schedule_config, stage, cfg.batch, cfg.remat, cfg.loop)
+    if cache_key not in _PROGRAMS:
+        opt = optax.adam(stage.lr)
+
+        def run(delta, opt_state, params, target, key):
+            value, grad = jax.value_and_grad(target_loss, argnums=2)(
+                model, params, delta, target, stage.chain_steps, cfg.batch, key, cfg.remat, cfg.loop)
+            updates, opt_state = opt.update(grad, opt_state)
+            return optax.apply_updates(delta, updates), opt_state, value
+
+        _PROGRAMS[cache_key] = (jax.jit(run), opt)
+    return _PROGRAMS[cache_key]
+
+
+def reinforce_to_target(model, start, target, key: jax.Array, cfg: ReinforceConfig = ReinforceConfig(),
+                        progress: bool = False) -> ReinforceResult:
+    """Optimise a trigger, from ``start``, so that triggered generations land on ``target``.
+
+    Args:
+      model: a :class:`pdjax.model.Model`.
+      start: delta_0 [H, W, C] (usually the known trigger g).
+      target: y [H, W, C] in [-1, 1] (a single target image).
+      key: PRNG key (see the module docstring for its layout).
+    Returns:
+      :class:`ReinforceResult`.
+    """
+    shape = tuple(model.image_shape)
+    delta = jnp.asarray(start, jnp.float32)
+    y = jnp.asarray(target, jnp.float32)
+    if delta.shape != shape:
+        raise ConfigError(f"start trigger has shape {tuple(delta.shape)}, the model needs {shape}")
+    if y.shape != shape:
+        raise ConfigError(f"target has shape {tuple(y.shape)}; target-directed reinforcement needs one "
+                          f"image of shape {shape}")
+    from tqdm.auto import tqdm
+
+    losses, seconds, triggers = [], [], []
+    for s, stage in enumerate(cfg.stages):
+        run, opt = _program(model, cfg, stage)
+        stage_key, opt_state, vals = jax.random.fold_in(key, s + 1), opt.init(delta), []
+        t0 = time.perf_counter()
+        for i in tqdm(range(stage.steps), desc=f"reinforce stage {s + 1} (S = {stage.chain_steps})",
+                      disable=not progress, leave=False):
+            delta, opt_state, value = run(delta, opt_state, model.params, y, jax.random.fold_in(stage_key, i))
+            vals.append(float(value))
+        seconds.append(time.perf_counter() - t0)
+        losses.append(vals)
+        triggers.append(np.asarray(delta, np.float32))
+    return ReinforceResult(triggers[-1], triggers, losses, seconds)
