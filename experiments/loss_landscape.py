@@ -1,7 +1,7 @@
 """PureDiffusion's loss at chosen triggers: can the loss tell the true trigger from the trivial one?
 
-For a zoo model (its metadata names the attack), evaluates L_shift and L_cons (SPEC 4) on one fixed noise
-batch at delta = 0, the true trigger g, 0.5 g and any inverted triggers given as .npy files, for each
+For a zoo model (its metadata names the attack), evaluates L_shift and L_cons (SPEC 4), and pdjax's L_final (10-step DDIM chain,
+the first ``--cons-batch`` noises), on one fixed noise batch at delta = 0, the true trigger g, 0.5 g and any inverted triggers given as .npy files, for each
 (chain, lambda) setting. If L_shift(g) is not clearly below L_shift(0), no optimiser can find g with that
 loss: the question is then the loss, not the optimisation.
 
@@ -54,12 +54,15 @@ def main() -> None:
                                    shift_weight=1.0, cons_weight=0.0, cons_batch=args.cons_batch).resolved()
         fixed = inv._prepare(prob, base, m.params, jax.random.key(args.seed))
         only_cons = dataclasses.replace(base, shift_weight=0.0, cons_weight=1.0)
-        losses = {part: jax.jit(inv._phases(prob, c)[0].loss) for part, c in (("shift", base), ("cons", only_cons))}
+        only_final = dataclasses.replace(base, shift_weight=0.0, final_weight=1.0)  # 10-step DDIM, first cons_batch
+        losses = {part: jax.jit(inv._phases(prob, c)[0].loss)
+                  for part, c in (("shift", base), ("cons", only_cons), ("final", only_final))}
         for name, d in cands.items():
             row = {"model": args.model, "chain": chain, "lambda": lam, "trigger": name,
                    **{part: float(f(jnp.asarray(d), m.params, fixed, None)) for part, f in losses.items()}}
             rows.append(row)
-            print(f"{chain:5s} {lam:12s} {name:45s} L_shift {row['shift']:.4f}  L_cons {row['cons']:.4f}", flush=True)
+            print(f"{chain:5s} {lam:12s} {name:45s} L_shift {row['shift']:.4f}  L_cons {row['cons']:.4f}  "
+                  f"L_final {row['final']:.4f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
