@@ -1,7 +1,7 @@
 """PureDiffusion's loss at chosen triggers: can the loss tell the true trigger from the trivial one?
 
-For a zoo model (its metadata names the attack), evaluates L_shift and L_cons (SPEC 4), and pdjax's L_final (10-step DDIM chain,
-the first ``--cons-batch`` noises), on one fixed noise batch at delta = 0, the true trigger g, 0.5 g and any inverted triggers given as .npy files, for each
+For a zoo model (its metadata names the attack), evaluates L_shift and L_cons (SPEC 4), and pdjax's L_final (``--final-steps``-step DDIM
+chain, default 10, the first ``--cons-batch`` noises), on one fixed noise batch at delta = 0, the true trigger g, 0.5 g and any inverted triggers given as .npy files, for each
 (chain, lambda) setting. If L_shift(g) is not clearly below L_shift(0), no optimiser can find g with that
 loss: the question is then the loss, not the optimisation.
 
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--cons-batch", type=int, default=8)
+    ap.add_argument("--final-steps", dest="final_steps", type=int, default=10, help="L_final's DDIM chain length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
                                    shift_weight=1.0, cons_weight=0.0, cons_batch=args.cons_batch).resolved()
         fixed = inv._prepare(prob, base, m.params, jax.random.key(args.seed))
         only_cons = dataclasses.replace(base, shift_weight=0.0, cons_weight=1.0)
-        only_final = dataclasses.replace(base, shift_weight=0.0, final_weight=1.0)  # 10-step DDIM, first cons_batch
+        only_final = dataclasses.replace(base, shift_weight=0.0, final_weight=1.0, final_steps=args.final_steps)
         losses = {part: jax.jit(inv._phases(prob, c)[0].loss)
                   for part, c in (("shift", base), ("cons", only_cons), ("final", only_final))}
         for name, d in cands.items():
