@@ -55,6 +55,10 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
         # noises, no size search, DDIM-100 start: for ODE-trained backdoors (start_search.md, section 8).
         "final_ode": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=16, cons_batch=16,
                                                        steps=150, lr=0.05, scales=(1.0,), starts=("ddim",))),
+        # the same with the trimmed (uniformity) statistic in L_final (start_search.md section 8)
+        "final_ode_u": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=16, cons_batch=16,
+                                                         final_stat="uniformity", steps=150, lr=0.05, scales=(1.0,),
+                                                         starts=("ddim",))),
         # pdjax's L_spread alone (TrojDiff: the trigger that widens eps_hat's spread at t = T-1), from a
         # normal start (experiments/results/start_search.md, section 7).
         "spread_only": ("purediffusion", InversionConfig(shift_weight=0.0, spread_weight=1.0, init="normal")),
@@ -182,7 +186,7 @@ def write_table(args) -> str:
     by = {(r["model"], r["variant"]): r for r in rows}
     models = sorted({r["model"] for r in rows})
     vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_final", "final_only", "final_ode",
-                          "spread_only",
+                          "final_ode_u", "spread_only",
                           "spread_only_unsized", "pd_K1", "pd_K5", "pd_l2",
                           "pd_per_sample", "pd_cons",
                           "pd_cons_only", "pd_table", "pd_fresh", "pd_fresh_unsized"]

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--cons-batch", type=int, default=8)
     ap.add_argument("--final-steps", dest="final_steps", type=int, default=10, help="L_final's DDIM chain length")
+    ap.add_argument("--final-stat", dest="final_stat", default="sq_mean", help="L_final's spread statistic")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -55,7 +56,8 @@ def main() -> None:
                                    shift_weight=1.0, cons_weight=0.0, cons_batch=args.cons_batch).resolved()
         fixed = inv._prepare(prob, base, m.params, jax.random.key(args.seed))
         only_cons = dataclasses.replace(base, shift_weight=0.0, cons_weight=1.0)
-        only_final = dataclasses.replace(base, shift_weight=0.0, final_weight=1.0, final_steps=args.final_steps)
+        only_final = dataclasses.replace(base, shift_weight=0.0, final_weight=1.0, final_steps=args.final_steps,
+                                         final_stat=args.final_stat)
         losses = {part: jax.jit(inv._phases(prob, c)[0].loss)
                   for part, c in (("shift", base), ("cons", only_cons), ("final", only_final))}
         for name, d in cands.items():

@@ -639,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--final-steps", dest="final_steps", type=int, help="purediffusion: DDIM steps of L_final's chain")
     i.add_argument("--final-eta", dest="final_eta", type=float,
                    help="purediffusion: eta of L_final's chain (0 deterministic, default; 1 stochastic, DDPM-like)")
+    i.add_argument("--final-stat", dest="final_stat", choices=("sq_mean", "uniformity"),
+                   help="purediffusion: L_final's spread of the chain ends: mean squared pairwise distance (default) "
+                        "or the trimmed mean distance (uniformity)")
     i.add_argument("--spread-weight", dest="spread_weight", type=float,
                    help="purediffusion: weight of L_spread, how much the trigger widens eps_hat's spread at t = T-1 "
                         "(TrojDiff; default 0)")

@@ -15,6 +15,7 @@ from pdjax.diffusion.samplers import ddpm_sample
 from pdjax.errors import ConfigError, UnknownNameError
 from pdjax.defense import inversion as inv
 from pdjax.defense.inversion import InversionConfig, invert, invert_many
+from pdjax.metrics import uniformity
 from pdjax.testing import random_model
 
 ELIJAH = InversionConfig(steps=4, batch=4)
@@ -494,6 +495,29 @@ def test_final_term_is_the_log_collapse_of_a_short_ddim_chain(models, eta):
         InversionConfig(final_weight=1.0, final_eta=1.5).resolved()
     with pytest.raises(ConfigError, match="final_weight"):
         InversionConfig(shift_weight=0.0).resolved()
+
+
+def test_final_stat_uniformity_is_the_trimmed_collapse(models):
+    """final_stat = "uniformity": L_final = log uniformity(x0(z + delta)) - log uniformity(x0(z)) over cons_batch
+    noises (here 4 of 4, so the trimming drops one distance at each end of every row); finite gradient; unknown
+    statistics are refused."""
+    m = models[0]
+    prob = inv.problem_of(m)
+    cfg = dataclass_replace(PD, shift_weight=0.0, cons_weight=0.0, final_weight=1.0, final_steps=3, cons_batch=4,
+                            final_stat="uniformity").resolved()
+    (phase,) = inv._phases(prob, cfg)
+    fixed = inv._prepare(prob, cfg, m.params, jax.random.key(2))
+    delta = 0.5 * jax.random.normal(jax.random.key(5), m.image_shape)
+    x0 = inv._ddim_chain(prob, cfg, inv.final_timesteps(1000, 3))
+    z = fixed["noise"][:4]
+    want = np.log(float(uniformity(x0(m.params, z + delta)))) - np.log(float(uniformity(x0(m.params, z))))
+    np.testing.assert_allclose(float(jax.jit(phase.loss)(delta, m.params, fixed, None)), want, rtol=1e-4)
+    sq = dataclass_replace(cfg, final_stat="sq_mean")
+    assert abs(float(inv._phases(prob, sq)[0].loss(delta, m.params, fixed, None)) - want) > 1e-3
+    grad = jax.grad(phase.loss)(delta, m.params, fixed, None)
+    assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad).max()) > 0
+    with pytest.raises(UnknownNameError, match="final_stat"):
+        InversionConfig(final_weight=1.0, final_stat="median").resolved()
 
 
 def test_cells_optimise_a_coarse_grid(models):

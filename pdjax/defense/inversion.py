@@ -55,6 +55,7 @@ from pdjax.configs import from_dict_strict
 from pdjax.diffusion.samplers import DDIM_STEPS, ddim_step, ddim_update, ddpm_step, timesteps_ddim
 from pdjax.diffusion.schedule import Schedule, ScheduleConfig, make_schedule
 from pdjax.errors import ConfigError, UnknownNameError
+from pdjax.metrics import uniformity
 from pdjax.models.unet import make_eps_fn
 from pdjax.sharding import AXIS, batch_agree, batch_gather, batch_mean, batch_mesh, batch_noise, pinned
 
@@ -62,6 +63,7 @@ METHODS = ("purediffusion", "elijah", "terd")
 INITS = ("neg-uniform", "zeros", "normal", "alt-uniform")
 NORMS = ("l1", "l2")
 DTYPES = ("float32", "bfloat16")
+FINAL_STATS = ("sq_mean", "uniformity")  # InversionConfig.final_stat
 CHAINS = ("ddpm", "ddim")  # chain="ddim" walks the first K steps of DDIM-100 (samplers.DDIM_STEPS)
 
 # SPEC 4 defaults per method: fresh noise per step, optimiser steps, learning rate, noise batch, size search
@@ -97,6 +99,9 @@ class InversionConfig:
         from eps + delta and once from eps alone; L_final = log L_cons(x0 | delta) - log L_cons(x0 | 0)
         (:func:`final_log_ratio`). It sees a backdoor that only shows at the end of the chain (VillanDiffusion
         ODE: the first steps' shift is that of any model, experiments/results/start_search.md section 3).
+      final_stat: L_final's spread of the chain ends: "sq_mean" (mean squared pairwise distance, as L_cons) or
+        "uniformity" (:func:`pdjax.metrics.uniformity`, the trimmed mean pairwise distance detection scores
+        with: a few stray generations do not dominate it; start_search.md section 8).
       final_eta: L_final's chain: 0 = deterministic DDIM; 1 = stochastic (DDPM-like), both chains sharing
         one chain noise (fresh with ``fresh_noise``). Along deterministic DDIM a TrojDiff blend trigger makes the
         generations diverge; along a 20-step stochastic chain they partly collapse, but the inversion did not
@@ -158,6 +163,7 @@ class InversionConfig:
     final_weight: float = 0.0
     final_steps: int = 10
     final_eta: float = 0.0
+    final_stat: str = "sq_mean"
     spread_weight: float = 0.0
     restarts: int = 1
     max_norm: float = 0.0
@@ -216,6 +222,8 @@ class InversionConfig:
                 raise ConfigError(f"final_steps must be >= 1, got {cfg.final_steps}")
             if not 0.0 <= cfg.final_eta <= 1.0:
                 raise ConfigError(f"final_eta must be in [0, 1], got {cfg.final_eta}")
+            if cfg.final_stat not in FINAL_STATS:
+                raise UnknownNameError("final_stat", cfg.final_stat, FINAL_STATS)
             if (cfg.cons_weight or cfg.final_weight) and not 2 <= cfg.cons_batch <= cfg.batch:
                 raise ConfigError(f"cons_batch must be in [2, batch={cfg.batch}], got {cfg.cons_batch}")
         if cfg.method == "terd" and (cfg.terd_refine_steps < 0 or cfg.terd_ddim_steps < 1):
@@ -450,15 +458,17 @@ def final_log_ratio(prob: Problem, cfg: InversionConfig):
 
     x0(z) = the ``cfg.final_steps``-step DDIM chain (:func:`final_timesteps`) from z, deterministic for
     ``cfg.final_eta`` = 0, else stochastic with the chain noise of ``key``, shared by both chains;
-    L_final = log pairwise_sq_mean(x0(noise + delta)) - log pairwise_sq_mean(x0(noise)), the second term
+    L_final = log S(x0(noise + delta)) - log S(x0(noise)), S = :func:`pairwise_sq_mean` or, with
+    ``cfg.final_stat = "uniformity"``, :func:`pdjax.metrics.uniformity`; the second term
     without gradient: < 0 when the trigger makes different noises end on the same image. The chain from the
     noise alone is the scale: a trigger that only enlarges or saturates the outputs does not score.
     """
     x0 = _ddim_chain(prob, cfg, final_timesteps(prob.schedule.num_timesteps, cfg.final_steps), cfg.final_eta)
+    stat = pairwise_sq_mean if cfg.final_stat == "sq_mean" else uniformity
 
     def loss(params, noise, delta, key=None):
-        clean = jax.lax.stop_gradient(pairwise_sq_mean(x0(params, noise, key)))
-        return jnp.log(pairwise_sq_mean(x0(params, noise + delta, key)) + 1e-12) - jnp.log(clean + 1e-12)
+        clean = jax.lax.stop_gradient(stat(x0(params, noise, key)))
+        return jnp.log(stat(x0(params, noise + delta, key)) + 1e-12) - jnp.log(clean + 1e-12)
 
     return loss
 
