@@ -36,7 +36,7 @@ Commands behind experiments/results/amplify_table.md ("Target-directed g*"):
 
 (the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
 experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
-compiling the 100-step chain's gradient took about 16 min on the 2-core CPU.
+compiling the 100-step chain's gradient took 14.5 and 13 min in the two runs (XLA's slow-compile notices in their logs).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ i)``, split into the start-noise key and the chain key, and chain step j draws `
 The same key gives the same trigger, whatever the loop layout (:mod:`pdjax.loops`).
 
 Cost: the chain's backward pass holds S UNet activations (``remat`` recomputes them instead). On XLA:CPU the
-chain is unrolled (DESIGN.md habit 2) and a 100-step chain takes minutes to compile (measured about 16 min
+chain is unrolled (DESIGN.md habit 2) and a 100-step chain takes minutes to compile (13-15 min in the two runs of experiments/amplify_target.py,
 for the 16x16 demo UNet on 2 cores); on GPU/TPU it is a ``lax.scan``.
 """
 
