@@ -8,6 +8,10 @@ plain-arm budget; the table file in ``--out`` holds the cases of the last call):
         --plain-steps 12000 --confirm-n 128 --no-removal
     python experiments/amplify_experiment.py --out runs/amplify-exp3 --only villan_box_hat --eval-every 200 \
         --plain-steps 8000 --confirm-n 128 --no-removal
+    python experiments/amplify_experiment.py --out runs/amplify-b150 --only bd_stop_shoe --brief-steps 150 \
+        --steps 400 --reinforce target --eval-every 50 --plain-steps 12000 --confirm-n 128 --no-removal
+
+(the last: a 150-step brief and the target-directed g* of pdjax.reinforce, amplify_table.md "A 150-step brief").
 
 For each case (an attack, trigger and target that the zoo does not use, with its own seed):
 1. brief backdoor: fine-tune the bundled clean base (``pdjax/assets/demo/clean_base``, 16x16 digits) for
@@ -89,13 +93,13 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     t0 = time.perf_counter()
     acfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
                          seed=case.seed, lr=1e-3, warmup_steps=0, batch=32, plain_steps=args.plain_steps,
-                         keep_models=True)
+                         keep_models=True, reinforce=args.reinforce)
     amp = amplify(brief, data, case.spec, acfg, out=out / "amplify", progress=not args.quiet, labels=labels)
     amp_s = time.perf_counter() - t0
     print(f"{case.name}: amplify ASR g* {amp.asr_amplified} at {amp.steps} / g {amp.asr_plain_all} at "
           f"{amp.plain_steps} ({amp_s:.0f} s)", flush=True)
     row = {"case": case.name, "attack": case.spec.to_dict(), "seed": case.seed, "brief_steps": args.brief_steps,
-           "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
+           "reinforce": args.reinforce, "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
            "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
     if args.confirm_n:
         row["confirm"] = confirm_points(out / "amplify", row, case, args.confirm_n, data, labels)
@@ -187,8 +191,11 @@ def _confirmed(r: dict) -> str:
 def write_table(rows: list[dict], path: Path, args) -> None:
     only = f" --only {' '.join(args.only)}" if args.only else ""
     plain = f" --plain-steps {args.plain_steps}" if args.plain_steps else ""
-    lines = [f"Command: `python experiments/amplify_experiment.py --out {args.out}{only} --eval-every {args.eval_every}"
-             f"{plain}{f' --confirm-n {args.confirm_n}' if args.confirm_n else ''}{' --no-removal' if args.no_removal else ''}` (brief backdoor {args.brief_steps} steps from the "
+    brief = f" --brief-steps {args.brief_steps}" if args.brief_steps != 300 else ""
+    steps = f" --steps {args.steps}" if args.steps != 1000 else ""
+    reinf = f" --reinforce {args.reinforce}" if args.reinforce != "shift" else ""
+    lines = [f"Command: `python experiments/amplify_experiment.py --out {args.out}{only}{brief}{steps}{reinf} "
+             f"--eval-every {args.eval_every}{plain}{f' --confirm-n {args.confirm_n}' if args.confirm_n else ''}{' --no-removal' if args.no_removal else ''}` (brief backdoor {args.brief_steps} steps from the "
              f"demo clean base; then {args.steps} steps with g* (amplified arm) and "
              f"{max(args.steps, args.plain_steps)} with g (plain arm), one learning-rate schedule; ASR on n = "
              f"{args.n} triggered DDPM generations, SPEC 7 rule MSE < 0.05, one fixed evaluation key per case; "
@@ -228,6 +235,9 @@ def main():
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--reinforce", choices=("shift", "target"), default="shift",
+                    help="how g* is found (AmplifyConfig.reinforce): PureDiffusion's shift loss from g, or the "
+                         "target-directed reinforcement of pdjax.reinforce (default stages)")
     ap.add_argument("--plain-steps", type=int, default=0,
                     help="budget of the plain arm (default --steps): run it longer to find the steps it needs")
     ap.add_argument("--removal-steps", type=int, default=500)
@@ -244,9 +254,10 @@ def main():
         write_table(rows, args.out / "amplify_table.md", args)
         print((args.out / "amplify_table.md").read_text())
         return
-    from pdjax import cpu_runtime
+    from pdjax import compile_cache, cpu_runtime
 
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
+    compile_cache.enable()  # as the pdjax command: a rerun skips the long compiles (the 100-step chain's)
     data, labels = load_digits_with_labels(16, 1)
     rows = []
     for case in CASES:

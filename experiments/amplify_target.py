@@ -83,6 +83,9 @@ def main():
                     help="score the kept models of these arms (FOLDER/at/*) with their trigger instead")
     ap.add_argument("--rescore-at", dest="rescore_at", type=int, nargs="+", help="only the models at these steps")
     args = ap.parse_args()
+    from pdjax import compile_cache
+
+    compile_cache.enable()  # as the pdjax command: reruns skip the long compiles
 
     model = load(args.model)
     attack_path = Path(args.attack) if args.attack else Path(args.model).parent / "summary.json"
