@@ -34,6 +34,11 @@ Commands behind experiments/results/amplify_table.md ("Target-directed g*"):
     python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --rescore $A/plain=STOP_SIGN_8 --rescore-at 4000 8000 12000
     python experiments/amplify_target.py runs/amplify-exp4/bd_stop_shoe/brief --out runs/amplify-target --train-steps 4000 --eval-every 200 --eval-from 2000 --train-like $A/plain --plain
 
+A second round (amplify_table.md, "A second reinforcement round"): reinforce from the trained g* on the
+amplified arm's model, ``B=runs/amplify-b150/bd_stop_shoe``:
+
+    python experiments/amplify_target.py $B/amplify/amplified/at/000100 --attack $B/summary.json --start $B/amplify/trigger_star.npy --out runs/amplify-round2-000100
+
 (the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
 experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
 compiling the 100-step chain's gradient took 14.5 and 13 min in the two runs (XLA's slow-compile notices in their logs).
@@ -63,6 +68,8 @@ def main():
     ap.add_argument("--attack", help="attack JSON (default: the 'attack' of the model's amplify summary.json "
                                      "one folder up)")
     ap.add_argument("--pd-star", help="g* of a shift-loss amplification run (.npy), scored beside")
+    ap.add_argument("--start", help="start the reinforcement from this trigger (.npy) instead of g, e.g. the g* a "
+                                    "model was already trained with (a second round); scored beside")
     ap.add_argument("--steps1", type=int, default=300)
     ap.add_argument("--lr1", type=float, default=0.02)
     ap.add_argument("--steps2", type=int, default=100)
@@ -102,7 +109,8 @@ def main():
         return train_arm(model, spec, y, out, args)
     cfg = ReinforceConfig(stages=(ReinforceStage(20, args.steps1, args.lr1), ReinforceStage(100, args.steps2, args.lr2)),
                           batch=args.batch)
-    res = reinforce_to_target(model, g, y, key, cfg, progress=True)
+    start = np.load(args.start).astype(np.float32) if args.start else g
+    res = reinforce_to_target(model, start, y, key, cfg, progress=True)
     (d1, d2), (l1, l2) = res.stage_triggers, res.losses
     np.save(out / "trigger_target.npy", d2)
 
@@ -111,6 +119,8 @@ def main():
         return float(attack_metrics(x, y).asr)
 
     rows = {"g": (g, asr(g))}
+    if args.start:
+        rows["start (--start)"] = (start, asr(start))
     if args.pd_star:
         star = np.load(args.pd_star)
         rows["g* shift loss (amplify)"] = (star, asr(star))
