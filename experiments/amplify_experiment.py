@@ -10,8 +10,12 @@ plain-arm budget; the table file in ``--out`` holds the cases of the last call):
         --plain-steps 8000 --confirm-n 128 --no-removal
     python experiments/amplify_experiment.py --out runs/amplify-b150 --only bd_stop_shoe --brief-steps 150 \
         --steps 400 --reinforce target --eval-every 50 --plain-steps 12000 --confirm-n 128 --no-removal
+    python experiments/amplify_experiment.py --out runs/amplify-vh --only villan_box_hat --steps 500 \
+        --reinforce target --eval-every 100 --plain-steps 8000 --confirm-n 128 --no-removal
 
-(the last: a 150-step brief and the target-directed g* of pdjax.reinforce, amplify_table.md "A 150-step brief").
+(the third: a 150-step brief and the target-directed g* of pdjax.reinforce, amplify_table.md "A 150-step brief";
+the fourth: the target-directed g* on the VillanDiffusion case, amplify_table.md "VillanDiffusion SDE with the
+target-directed g*", 1802 s for reinforcement and both arms).
 
 For each case (an attack, trigger and target that the zoo does not use, with its own seed):
 1. brief backdoor: fine-tune the bundled clean base (``pdjax/assets/demo/clean_base``, 16x16 digits) for
