@@ -27,6 +27,7 @@ Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,11 @@ from pdjax.defense.inversion import InversionConfig, size_search_key, invert, si
 from pdjax.model import load
 
 
+#: L_final alone along the deterministic 10-step DDIM chain (variant final_ode and its relatives).
+FINAL_ODE = InversionConfig(shift_weight=0.0, final_weight=1.0, batch=16, cons_batch=16, steps=150, lr=0.05,
+                            scales=(1.0,), starts=("ddim",))
+
+
 def variants(args) -> dict[str, tuple[str, InversionConfig]]:
     main = {
         "elijah": ("elijah", InversionConfig()),
@@ -53,16 +59,12 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
                                                         scales=(1.0,), starts=("ddpm", "ddim"))),
         # L_final alone along the deterministic 10-step DDIM chain from PureDiffusion's -U[0, 1) init, all 16
         # noises, no size search, DDIM-100 start: for ODE-trained backdoors (start_search.md, section 8).
-        "final_ode": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=16, cons_batch=16,
-                                                       steps=150, lr=0.05, scales=(1.0,), starts=("ddim",))),
+        "final_ode": ("purediffusion", FINAL_ODE),
         # the same with the trimmed (uniformity) statistic in L_final (start_search.md section 8)
-        "final_ode_u": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=16, cons_batch=16,
-                                                         final_stat="uniformity", steps=150, lr=0.05, scales=(1.0,),
-                                                         starts=("ddim",))),
+        "final_ode_u": ("purediffusion", dataclasses.replace(FINAL_ODE, final_stat="uniformity")),
         # final_ode_u from 4 restarts, -U[0, 1) and +U[0, 1) in turn; the restart with the lowest loss is kept
-        "final_ode_ur": ("purediffusion", InversionConfig(shift_weight=0.0, final_weight=1.0, batch=16, cons_batch=16,
-                                                          final_stat="uniformity", steps=150, lr=0.05, scales=(1.0,),
-                                                          starts=("ddim",), restarts=4, init="alt-uniform")),
+        "final_ode_ur": ("purediffusion", dataclasses.replace(FINAL_ODE, final_stat="uniformity", restarts=4,
+                                                              init="alt-uniform")),
         # pdjax's L_spread alone (TrojDiff: the trigger that widens eps_hat's spread at t = T-1), from a
         # normal start (experiments/results/start_search.md, section 7).
         "spread_only": ("purediffusion", InversionConfig(shift_weight=0.0, spread_weight=1.0, init="normal")),
@@ -252,11 +254,9 @@ def main():
     ap.add_argument("--table", type=Path, help="also write the table here (e.g. experiments/results/inversion_table.md)")
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
-    from pdjax import compile_cache
+    from pdjax import compile_cache, cpu_runtime
 
     compile_cache.enable()  # as the pdjax command: reruns skip the long compiles
-    from pdjax import cpu_runtime
-
     cpu_runtime.enable()  # as the pdjax command: YNNPACK kernels, one XLA:CPU device per core
     args.work.mkdir(parents=True, exist_ok=True)
     models = zoo_models(args.zoo, args.models)
