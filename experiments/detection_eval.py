@@ -87,7 +87,7 @@ FINAL = {"final_weight": 1.0, "starts": ("ddpm", "ddim")}
 # <= BALL_RADIUS, about a TrojDiff blend trigger's norm at 16x16); its statistic is the inversion's final loss,
 # -log of the spread gain reached at that size, not the generations' collapse (a d2d TrojDiff target is a
 # class: its generations hardly collapse). `pdjax scan --ball` applies it with a clean-fitted threshold
-# (experiments/fit_ball_rule.py).
+# (experiments/fit_clean_rule.py).
 # COMBINED: method -> (the main rule's parts, whose lowest log_uni_ratio is kept; the probe part or None).
 COMBINED = {"pd+final": (("purediffusion", "final-only"), None), "pd+probe": (("purediffusion",), "final-only"),
             "pd+spread": (("purediffusion", "spread-only"), None),

@@ -6,7 +6,7 @@ Command:
         [--detector pdjax/assets/detector.json] [--seen M1 M2 ...] [--json F] [--table F] [--roc F.svg] [--steps S] [--samples N]
         [--baselines runs/baselines-elijah/results.json runs/baselines-terd/results.json] [--compare-roc F.svg]
 
-It runs ``pdjax audit --final-probe --ball MODELS --out OUT --seed SEED`` (the library's own command; a killed
+It runs ``pdjax audit --final-probe --ball --terd MODELS --out OUT --seed SEED`` (the library's own command; a killed
 run resumes from OUT/audit.jsonl and does not redo finished models) on the models of SOURCES, each model once
 (a path whose weights are bitwise those of an earlier one is dropped, with a note), labels every audited model from its own
 provenance metadata (backdoored when ``pdjax attack`` recorded an attack), and scores the detector's rules from
@@ -14,7 +14,9 @@ the features the audit saved, with no refitting:
 
 - main: PureDiffusion's inversion, ``log_uni_ratio`` against the main threshold (what plain ``pdjax scan`` does);
 - probe: the L_final probe's ``probe_log_uni_ratio`` against its clean-fitted threshold (``--final-probe``);
-- ball: the ball probe's ``ball_loss`` against its clean-fitted threshold (``--ball``).
+- ball: the ball probe's ``ball_loss`` against its clean-fitted threshold (``--ball``);
+- terd: the TERD probe's ``terd_log_mr`` against its clean-fitted threshold (``--terd``; added 2026-12-05, after
+  the ``main+probe+ball`` audits of detection_table.md; an audit saved without it scores the rule as not firing).
 
 A model is flagged by a set of rules when any of them fires (the detector's margin is the largest of the rules'
 margins). For each set: accuracy, TPR, TNR and ROC AUC of that margin (ties count one half). ``--seen`` names
@@ -24,7 +26,7 @@ rule sets' ROC curves (over all models) to ``--roc``.
 
 ``--baselines`` takes ``results.json`` files of ``experiments/detection_eval.py`` (Elijah's and TERD's statistics,
 each thresholded on its own calibration models, which must not be in this list). On the models both the audit
-and every baseline scored, it compares PureDiffusion's detector (all three rules) with each baseline: the same
+and every baseline scored, it compares PureDiffusion's detector (all rules) with each baseline: the same
 metrics, over all of them and over the unseen ones, a per-model table, and their ROC curves to
 ``--compare-roc``.
 """
@@ -40,14 +42,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detection_eval import is_backdoored, roc_auc, roc_points, roc_svg  # noqa: E402
 
-RULE_SETS = (("main",), ("main", "probe"), ("main", "ball"), ("main", "probe", "ball"))
-COLOURS = {"main": "#c0392b", "main+probe": "#7d3c98", "main+ball": "#2471a3", "main+probe+ball": "#229954"}
+RULE_SETS = (("main",), ("main", "probe"), ("main", "ball"), ("main", "probe", "ball"), ("main", "probe", "ball", "terd"))
+COLOURS = {"main": "#c0392b", "main+probe": "#7d3c98", "main+ball": "#2471a3", "main+probe+ball": "#229954",
+           "main+probe+ball+terd": "#d68910"}
 
 
 def run_audit(sources: list[str], out: Path, seed: int, detector: str | None, extra: list[str]) -> None:
-    """``pdjax audit --final-probe --ball`` through the command line (resumes from OUT); ``extra``: more options."""
+    """``pdjax audit --final-probe --ball --terd`` through the command line (resumes from OUT); ``extra``: more
+    options."""
     cmd = [sys.executable, "-m", "pdjax", "audit", *sources, "--out", str(out), "--seed", str(seed),
-           "--final-probe", "--ball", *extra]
+           "--final-probe", "--ball", "--terd", *extra]
     if detector:
         cmd += ["--detector", detector]
     print("$", " ".join(cmd), flush=True)
@@ -155,7 +159,7 @@ def comparison_table(res: dict, cmp: dict) -> str:
         name = p + (" (seen)" if pd[p]["seen"] else "")
         lines.append(f"| {name} | {'backdoored' if pd[p]['backdoored'] else 'clean'} | "
                      + " | ".join(_f(cmp["margins"][m][p]) for m in methods) + " |")
-    lines += ["", "purediffusion: the shipped detector, all three rules (its largest margin); the baselines: their "
+    lines += ["", "purediffusion: the shipped detector, all its rules (its largest margin); the baselines: their "
               "statistic against the threshold fitted on their calibration models (> 0 = flagged).", "",
               "| models | method | n (backdoored / clean) | accuracy | TPR | TNR | ROC AUC |",
               "|---|---|---|---|---|---|---|"]
@@ -171,12 +175,12 @@ def _f(x, fmt="{:+.2f}") -> str:
 
 
 def table(res: dict) -> str:
-    lines = ["| model | label | main | probe | ball | verdict (all rules) |", "|---|---|---|---|---|---|"]
+    lines = ["| model | label | main | probe | ball | terd | verdict (the audit's rules) |", "|---|---|---|---|---|---|---|"]
     for m in res["models"]:
         s = m["scores"]
         name = m["model"] + (" (seen)" if m["seen"] else "")
         lines.append(f"| {name} | {'backdoored' if m['backdoored'] else 'clean'} | {_f(s['main'])} | "
-                     f"{_f(s['probe'])} | {_f(s['ball'])} | {m['verdict']} |")
+                     f"{_f(s['probe'])} | {_f(s['ball'])} | {_f(s.get('terd'))} | {m['verdict']} |")
     lines += ["", "Margins are the detector's signed scores per rule (> 0 = that rule fires).", "",
               "| models | rules | n (backdoored / clean) | accuracy | TPR | TNR | ROC AUC |", "|---|---|---|---|---|---|---|"]
     for name, sets in res["sets"].items():

@@ -80,20 +80,21 @@ def save_verdict_files(v: ModelVerdict, folder: Path, size: int) -> None:
 def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str | None = None,
          config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = True,
          echo=print, probe: InversionConfig | None = None,
-         spread: InversionConfig | None = None, ball: InversionConfig | None = None) -> list[ModelVerdict]:
+         spread: InversionConfig | None = None, ball: InversionConfig | None = None,
+         terd: InversionConfig | None = None) -> list[ModelVerdict]:
     """Scan ``models`` (paths; None or [] = the bundled demo models); write outputs into ``out``.
 
     Returns the verdicts in input order. ``echo`` receives one line per model as it finishes. ``probe``,
-    ``spread`` and ``ball``: more inversions per model (:func:`pdjax.defense.detection.scan_model`); ``ball``
-    needs a detector with a ball threshold.
+    ``spread``, ``ball`` and ``terd``: more inversions per model (:func:`pdjax.defense.detection.scan_model`);
+    ``ball`` and ``terd`` need a detector with the rule's threshold.
     """
     from pdjax.model import load
 
     # Every input is checked before the first model is scanned (a bad second model must not cost the
     # first one's scan) and before ``out`` is created.
     det = Detector.load(detector)
-    _check_configs(config, probe, spread, ball)
-    _check_ball(det, ball)
+    _check_configs(config, probe, spread, ball, terd)
+    _check_rules(det, ball=ball, terd=terd)
     if models:
         items = [(Path(m), {}) for m in models]
     else:
@@ -105,7 +106,7 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
     for i, ((path, info), model) in enumerate(zip(items, loaded)):
         name = path.name if not models else str(path)
         v = scan_model(model, name, model_key(seed, model), det, config, n, progress=progress, probe=probe,
-                       spread=spread, ball=ball)
+                       spread=spread, ball=ball, terd=terd)
         save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
                            model.config.sample_size)
         entry = v.to_dict()
@@ -115,7 +116,7 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
         verdicts.append(v)
         label = f" [demo label: {info['label']}]" if info else ""
         echo(f"{name}: {entry['verdict'].upper()} (score {v.score:+.2f}; {v.reason}; {v.seconds:.0f} s){label}")
-    settings = {"seed": seed, "inversion": config.resolved().to_dict(), **_extra_settings(probe, spread, ball),
+    settings = {"seed": seed, "inversion": config.resolved().to_dict(), **_extra_settings(probe, spread, ball, terd),
                 "samples": n,
                 "detector": det.to_dict(), "backend": jax.default_backend(),
                 "pdjax_version": _version(), "seconds": time.perf_counter() - t_start}
@@ -179,15 +180,16 @@ def model_key(seed: int, model) -> jax.Array:
 def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | None = None,
           config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, stack: int = 0,
           progress: bool = True, echo=print, probe: InversionConfig | None = None,
-          spread: InversionConfig | None = None, ball: InversionConfig | None = None) -> list[dict]:
+          spread: InversionConfig | None = None, ball: InversionConfig | None = None,
+          terd: InversionConfig | None = None) -> list[dict]:
     """Audit many models (see the module docstring); returns the JSONL entries of this run. ``probe``,
-    ``spread``, ``ball``: as in :func:`scan`."""
+    ``spread``, ``ball``, ``terd``: as in :func:`scan`."""
     from pdjax.defense.detection import scan_stack
     from pdjax.model import load
 
     det = Detector.load(detector)
-    _check_configs(config, probe, spread, ball)
-    _check_ball(det, ball)
+    _check_configs(config, probe, spread, ball, terd)
+    _check_rules(det, ball=ball, terd=terd)
     paths = collect_models(sources)
     results = Path(out) / "audit.jsonl"
     done, kept, cut = set(), [], False
@@ -225,7 +227,7 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
             keys = jnp.stack(keys + [keys[-1]] * (per - len(chunk)))
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
                                   mesh=mesh, progress=progress, probe=probe, spread=spread,
-                                  ball=ball)[:len(chunk)]
+                                  ball=ball, terd=terd)[:len(chunk)]
             with results.open("a") as f:
                 for (p, m), v in zip(chunk, verdicts):
                     folder = out / "evidence" / _safe(f"{zlib_name(p)}")
@@ -274,13 +276,14 @@ def _report(verdicts, path: Path, settings: dict) -> None:
 def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, seed: int = 0,
                      config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, feature: str = "log_uni_ratio",
                      progress: bool = True, echo=print, probe: InversionConfig | None = None,
-                     spread: InversionConfig | None = None, ball: InversionConfig | None = None) -> Detector:
+                     spread: InversionConfig | None = None, ball: InversionConfig | None = None,
+                     terd: InversionConfig | None = None) -> Detector:
     """Fit a detector on labelled reference models (SPEC 5) and save it to ``out`` (JSON).
 
     Every reference model is scanned exactly as ``pdjax scan`` would (same inversion settings and sample
     count and key, :func:`model_key`); the features and labels are stored in the file's meta.
     """
-    from pdjax.defense.detection import BALL_FEATURE, FEATURES, PROBE_FEATURE, calibrate, check_probe_references
+    from pdjax.defense.detection import CLEAN_RULES, FEATURES, calibrate, check_probe_references
     from pdjax.errors import UnknownNameError
     from pdjax.model import load
     from pdjax.paths import check_out_file
@@ -290,11 +293,10 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
         raise ConfigError("calibration needs at least one --clean and one --backdoored reference model")
     if feature not in FEATURES:
         raise UnknownNameError("detection feature", feature, FEATURES)
-    _check_configs(config, probe, spread, ball)
-    if probe is not None:
-        check_probe_references(len(clean))
-    if ball is not None:
-        check_probe_references(len(clean), "--ball")
+    _check_configs(config, probe, spread, ball, terd)
+    for c, flag in ((probe, "--final-probe"), (ball, "--ball"), (terd, "--terd")):
+        if c is not None:
+            check_probe_references(len(clean), flag)
     check_out_file(out)
     paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
     models = [load(p) for p, _ in paths]
@@ -304,18 +306,18 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     placeholder = Detector(probe_threshold=-math.inf) if probe else Detector()
     for (p, label), model in zip(paths, models):
         v = scan_model(model, str(p), model_key(seed, model), placeholder, config, n, progress=progress,
-                       probe=probe, spread=spread, ball=ball)
+                       probe=probe, spread=spread, ball=ball, terd=terd)
         feats.append(v.features)
         labels.append(label)
-        extra = "".join(f", {k} = {v.features[k]:.4g}" for k in (PROBE_FEATURE, BALL_FEATURE) if k in v.features)
+        extra = "".join(f", {k} = {v.features[k]:.4g}" for k, _ in CLEAN_RULES.values() if k in v.features)
         echo(f"{p}: {'backdoored' if label else 'clean'} reference, {feature} = {v.features[feature]:.4g}{extra}")
     det = calibrate(feats, labels, feature, meta={
         "reference_models": [str(p) for p, _ in paths], "seed": seed, "samples": n,
-        "inversion": config.resolved().to_dict(), **_extra_settings(probe, spread, ball), "features": feats,
+        "inversion": config.resolved().to_dict(), **_extra_settings(probe, spread, ball, terd), "features": feats,
         "pdjax_version": _version()})
     det.save(out)
-    extra = "".join(f", {rule} threshold {thr:.4g}" for rule, thr in (("probe", det.probe_threshold),
-                                                                     ("ball", det.ball_threshold)) if thr is not None)
+    extra = "".join(f", {rule} threshold {getattr(det, f'{rule}_threshold'):.4g}" for rule in CLEAN_RULES
+                    if getattr(det, f"{rule}_threshold") is not None)
     echo(f"detector: {feature} threshold {det.threshold:.4g} (sign {det.sign:+d}){extra}, "
          f"training accuracy {det.meta['train_accuracy']:.2f} on {len(paths)} models -> {out}")
     return det
@@ -329,18 +331,20 @@ def _check_configs(*configs: InversionConfig | None) -> None:
 
 
 def _extra_settings(probe: InversionConfig | None, spread: InversionConfig | None,
-                    ball: InversionConfig | None = None) -> dict:
-    """The probe's, the spread candidate's and the ball probe's settings for scan.json / a detector's meta
-    (those that ran)."""
-    return {name: c.resolved().to_dict() for name, c in (("probe", probe), ("spread", spread), ("ball", ball))
-            if c is not None}
+                    ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> dict:
+    """The probe's, the spread candidate's, the ball probe's and the TERD probe's settings for scan.json / a
+    detector's meta (those that ran)."""
+    return {name: c.resolved().to_dict()
+            for name, c in (("probe", probe), ("spread", spread), ("ball", ball), ("terd", terd)) if c is not None}
 
 
-def _check_ball(det: Detector, ball: InversionConfig | None) -> None:
-    """A ConfigError when the ball probe would run under a detector that has no threshold for it."""
-    if ball is not None and det.ball_threshold is None:
-        raise ConfigError("this detector has no ball threshold; fit one with `pdjax calibrate --ball` "
-                          "(>= 3 clean models) or drop --ball")
+def _check_rules(det: Detector, **extra: InversionConfig | None) -> None:
+    """A ConfigError when the ball or TERD probe (``ball=``, ``terd=``) would run under a detector that has no
+    threshold for it."""
+    for rule, c in extra.items():
+        if c is not None and getattr(det, f"{rule}_threshold") is None:
+            raise ConfigError(f"this detector has no {rule} threshold; fit one with `pdjax calibrate --{rule}` "
+                              f"(>= 3 clean models) or drop --{rule}")
 
 
 def _version() -> str:

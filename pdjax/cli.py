@@ -419,12 +419,24 @@ def _scan_ball(args):
     return _extra_scan_config(BALL_PROBE, args, steps=False) if args.ball else None
 
 
+def _scan_terd(args):
+    """--terd: the TERD probe (TERD_PROBE, with the fast-path options; its own step count), or None."""
+    from pdjax.defense.detection import TERD_PROBE
+
+    return _extra_scan_config(TERD_PROBE, args, steps=False) if args.terd else None
+
+
+def _extra_inversions(args) -> dict:
+    """The probe / spread / ball / TERD inversions the options ask for, as keyword arguments of scan / audit."""
+    return {"probe": _scan_probe(args), "spread": _scan_spread(args), "ball": _scan_ball(args),
+            "terd": _scan_terd(args)}
+
+
 def cmd_scan(args) -> int:
     from pdjax.audit import scan
 
     verdicts = scan(args.models, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, progress=not args.quiet, probe=_scan_probe(args),
-                    spread=_scan_spread(args), ball=_scan_ball(args))
+                    n=args.samples, progress=not args.quiet, **_extra_inversions(args))
     flagged = sum(v.backdoored for v in verdicts)
     print(f"{flagged} of {len(verdicts)} model(s) flagged as backdoored; wrote {Path(args.out) / 'scan.json'} "
           f"and {Path(args.out) / 'report.html'}")
@@ -432,17 +444,17 @@ def cmd_scan(args) -> int:
 
 
 def _default_rules(args) -> None:
-    """audit: --final-probe / --ball left unset (None) are turned on when the detector file has the rule's
-    threshold (the shipped one has both), so a plain ``pdjax audit DIR`` applies every calibrated rule."""
+    """audit: --final-probe / --ball / --terd left unset (None) are turned on when the detector file has the
+    rule's threshold (the shipped one has all three), so a plain ``pdjax audit DIR`` applies every calibrated rule."""
     from pdjax.defense.detection import Detector
 
-    if args.final_probe is None or args.ball is None:
+    flags = {"probe": "final_probe", "ball": "ball", "terd": "terd"}  # rule -> option
+    if any(getattr(args, a) is None for a in flags.values()):
         det = Detector.load(args.detector)
-        if args.final_probe is None:
-            args.final_probe = det.probe_threshold is not None
-        if args.ball is None:
-            args.ball = det.ball_threshold is not None
-    rules = ["main"] + ["probe"] * bool(args.final_probe) + ["ball"] * bool(args.ball)
+        for rule, a in flags.items():
+            if getattr(args, a) is None:
+                setattr(args, a, getattr(det, f"{rule}_threshold") is not None)
+    rules = ["main"] + [rule for rule, a in flags.items() if getattr(args, a)]
     if not args.quiet:
         print(f"rules: {', '.join(rules)} (a model is flagged when any fires)")
 
@@ -456,8 +468,7 @@ def cmd_audit(args) -> int:
         jax.distributed.initialize()
     _default_rules(args)
     entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, stack=args.stack, progress=not args.quiet, probe=_scan_probe(args),
-                    spread=_scan_spread(args), ball=_scan_ball(args))
+                    n=args.samples, stack=args.stack, progress=not args.quiet, **_extra_inversions(args))
     flagged = sum(e["backdoored"] for e in entries)
     print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
     return 0
@@ -467,8 +478,7 @@ def cmd_calibrate(args) -> int:
     from pdjax.audit import calibrate_models
 
     calibrate_models(args.clean or [], args.backdoored or [], args.out, seed=args.seed, config=_scan_config(args),
-                     n=args.samples, feature=args.feature, progress=not args.quiet, probe=_scan_probe(args),
-                     spread=_scan_spread(args), ball=_scan_ball(args))
+                     n=args.samples, feature=args.feature, progress=not args.quiet, **_extra_inversions(args))
     return 0
 
 
@@ -500,6 +510,11 @@ def _add_scan_options(p, all_rules: bool = False) -> None:
                    help="also maximise L_spread with the trigger held to a fixed L2 norm (BALL_PROBE) and flag a model "
                    "whose final loss lies below the detector's ball threshold (calibrate --ball fits it on >= 3 clean "
                    "models); sees TrojDiff triggers whose generations do not collapse; about 30 s more per model on CPU"
+                   + (every_rule if all_rules else " (pdjax audit: on by default)"))
+    p.add_argument("--terd", **flag,
+                   help="also invert by TERD at a reduced budget (TERD_PROBE: 500 + 20 steps) and flag a model whose "
+                   "TERD trigger's log M_r lies above the detector's TERD threshold (calibrate --terd fits it on >= 3 "
+                   "clean models); sees a TrojDiff patch trigger; about 40 s more per model on CPU"
                    + (every_rule if all_rules else " (pdjax audit: on by default)"))
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")

@@ -247,19 +247,21 @@ def _summary_table(verdicts: Sequence["ModelVerdict"]) -> str:
 
 def _features_table(features: dict, detector: dict) -> str:
     key = (detector or {}).get("feature")
-    clean_fitted = {}  # feature -> (threshold, rule name) of the rules fitted on clean models that applied
-    for rule in ("probe", "ball"):
+    from pdjax.defense.detection import CLEAN_RULES
+
+    clean_fitted = {}  # feature -> (threshold, rule name, direction) of the clean-fitted rules that applied
+    for rule, (_, direction) in CLEAN_RULES.items():
         thr, k = (detector or {}).get(f"{rule}_threshold"), (detector or {}).get(f"{rule}_feature")
         if thr is not None and k in (features or {}):
-            clean_fitted[k] = (thr, rule)
+            clean_fitted[k] = (thr, rule, direction)
     rows = []
     for name, val in (features or {}).items():
         cls = ' class="key"' if name == key or name in clean_fitted else ""
         rows.append(f'<tr{cls}><td>{_esc(name)}</td><td class="num">{_num(val)}</td></tr>')
     det = ""
     if detector:
-        either = "".join(f" or <code>{_esc(k)} &lt; {_num(thr)}</code> (the {rule} threshold, fitted on clean "
-                         "reference models)" for k, (thr, rule) in clean_fitted.items())
+        either = "".join(f" or <code>{_esc(k)} {'&lt;' if d < 0 else '&gt;'} {_num(thr)}</code> (the {rule} "
+                         "threshold, fitted on clean reference models)" for k, (thr, rule, d) in clean_fitted.items())
         det = ("<p class=\"muted\">Decision rule: backdoored when "
                f"<code>{_num(detector.get('sign', 1), '+.0f')} &#215; ({_esc(key)} &#8722; "
                f"{_num(detector.get('threshold'))}) &gt; 0</code>{either} (highlighted rows).</p>")
@@ -293,7 +295,7 @@ def _model_section(i: int, v: "ModelVerdict") -> str:
 
 
 def _candidate_note(v) -> str:
-    """", trigger from the spread / probe / ball inversion" when the evidence is not the scan's own inversion."""
+    """", trigger from the spread / probe / ball / terd inversion" when the evidence is not the scan's own inversion."""
     cand = getattr(v, "candidate", "main")
     return "" if cand == "main" else f", trigger from the {_esc(cand)} inversion"
 

@@ -69,24 +69,29 @@ def test_collect_models_sources(zoo, tmp_path):
         collect_models([str(tmp_path / "empty")])
 
 
-def test_audit_runs_the_ball_probe_stacked(zoo, tmp_path):
-    """audit(ball=...): the stacked ball probe gives each model scan_model's ball_loss (same key), judged by
-    the detector's ball threshold; a detector without one is refused before any model is scanned."""
+@pytest.mark.parametrize("rule", ["ball", "terd"])
+def test_audit_runs_a_clean_fitted_probe_stacked(zoo, tmp_path, rule):
+    """audit(ball=...) / audit(terd=...): the stacked probe gives each model scan_model's feature (same key),
+    judged by the detector's threshold for that rule; a detector without one is refused before any model is
+    scanned."""
     root, models, _ = zoo
-    ball = dataclasses.replace(D.BALL_PROBE, steps=2, batch=4, restarts=2)
-    det = D.Detector(ball_threshold=1e9, ball_scale=1.0).save(tmp_path / "ball.json")  # flags every model
+    probe = {"ball": dataclasses.replace(D.BALL_PROBE, steps=2, batch=4, restarts=2),
+             "terd": dataclasses.replace(D.TERD_PROBE, steps=3, terd_refine_steps=2, batch=4)}[rule]
+    feature, direction = D.CLEAN_RULES[rule]
+    flags_all = {f"{rule}_threshold": 1e9 * -direction, f"{rule}_scale": 1.0}  # flags every model
+    det = D.Detector(**flags_all).save(tmp_path / f"{rule}.json")
     entries = audit([str(models / "m0"), str(models / "m1")], tmp_path / "a", seed=3, detector=str(det), config=TINY,
-                    n=4, progress=False, echo=lambda s: None, ball=ball)
+                    n=4, progress=False, echo=lambda s: None, **{rule: probe})
     from pdjax.model import load
 
     e = entries[0]
     v = D.scan_model(load(e["model"]), e["model"], model_key(3, load(e["model"])), D.Detector.load(det), TINY, n=4,
-                     ball=ball)
-    np.testing.assert_allclose(e["features"][D.BALL_FEATURE], v.features[D.BALL_FEATURE], rtol=2e-3, atol=1e-5)
-    assert all(x["backdoored"] and x["candidate"] == "ball" for x in entries) and v.candidate == "ball"
-    with pytest.raises(ConfigError, match="no ball threshold"):
+                     **{rule: probe})
+    np.testing.assert_allclose(e["features"][feature], v.features[feature], rtol=2e-3, atol=1e-5)
+    assert all(x["backdoored"] and x["candidate"] == rule for x in entries) and v.candidate == rule
+    with pytest.raises(ConfigError, match=f"no {rule} threshold"):
         audit([str(models)], tmp_path / "b", detector=str(root / "det.json"), config=TINY, n=4, progress=False,
-              echo=lambda s: None, ball=ball)
+              echo=lambda s: None, **{rule: probe})
 
 
 def test_model_key_follows_the_weights_not_the_path(zoo, tmp_path):

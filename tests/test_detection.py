@@ -121,6 +121,36 @@ def test_calibrate_fits_the_ball_threshold_on_clean_models_only(tmp_path):
         calibrate(feats[:4], y[:4])
 
 
+def test_calibrate_fits_the_terd_threshold_above_the_clean_models(tmp_path):
+    """With TERD features, the TERD threshold is mean + PROBE_Z sd of the clean references' log M_r (the rule
+    fires above it, unlike the probe and ball rules); it flags a model the main rule calls clean; the reason
+    names it; a version-3 file loads without a TERD threshold."""
+    main = [-3.0, -2.8, -0.1, 0.0, 0.05, -0.2]
+    terd = [-2.5, -4.4, -4.4, -4.6, -4.3, -4.5]  # log M_r: a BadDiffusion reference, then a weak one, then clean
+    y = [True, True, False, False, False, False]
+    feats = [{"log_uni_ratio": a, D.TERD_FEATURE: b, "terd_trigger_norm": 3.0, "uni_trig": 9.0, "uni_clean": 10.0}
+             for a, b in zip(main, terd)]
+    det = calibrate(feats, y)
+    clean = np.array(terd[2:])
+    assert det.probe_threshold is None and det.ball_threshold is None
+    assert math.isclose(det.terd_scale, max(clean.std(ddof=1), 0.01))
+    assert math.isclose(det.terd_threshold, clean.mean() + D.PROBE_Z * det.terd_scale)
+    assert det.meta["terd_reference_values"] == terd and det.meta["train_accuracy"] == 1.0
+    patch_like = {"log_uni_ratio": 0.0, D.TERD_FEATURE: -3.3, "terd_trigger_norm": 4.4}
+    m = det.scores(patch_like)
+    assert m["main"] < 0 < m["terd"] and m["ball"] is None and det.decide(patch_like)
+    assert math.isclose(m["terd"], (-3.3 - det.terd_threshold) / det.terd_scale)
+    assert not det.decide({"log_uni_ratio": 0.0, D.TERD_FEATURE: -4.4, "terd_trigger_norm": 3.0})
+    assert "TERD" in D.explain(det, patch_like, True) and "TERD M_r" in D.explain(det, feats[2], False)
+    assert Detector.load(det.save(tmp_path / "t.json")) == det
+    old = {**det.to_dict(), "version": 3}
+    del old["terd_threshold"], old["terd_scale"]
+    (tmp_path / "v3.json").write_text(json.dumps(old))
+    assert Detector.load(tmp_path / "v3.json").terd_threshold is None
+    with pytest.raises(ConfigError, match="--terd threshold needs at least 3 clean"):
+        calibrate(feats[:4], y[:4])
+
+
 def test_detector_file_roundtrip_and_errors(tmp_path):
     det = Detector("trigger_kl", 1.5, 1, 2.0, {"note": "x"})
     p = det.save(tmp_path / "d.json")
@@ -356,6 +386,22 @@ def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
     assert _scan_ball(build_parser().parse_args(["scan"])) is None
     assert D.BALL_PROBE.max_norm == D.BALL_RADIUS and D.BALL_PROBE.spread_weight == 1.0
 
+    # The TERD probe: log M_r of its trigger is the feature; with a TERD threshold it decides when it fires.
+    terd = D.TERD_PROBE
+    value[terd] = 0.5  # M_r = 0.5^2 / 2
+    four = Detector(terd_threshold=math.log(0.05), terd_scale=0.1)
+    v = D.scan_model(m, "t", key, four, TINY_SCAN, n=4, terd=terd)
+    assert math.isclose(v.features[D.TERD_FEATURE], math.log(0.125), rel_tol=1e-6)
+    assert v.candidate == "terd" and v.backdoored and float(v.trigger[0, 0, 0]) == 0.5 and "TERD" in v.reason
+    assert v.detector["terd_threshold"] == math.log(0.05) and seen[-1][0] is terd
+    v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, terd=terd)  # no TERD threshold: reported only
+    assert v.candidate == "main" and not v.backdoored and "terd_trigger_norm" in v.features
+    from pdjax.cli import _scan_terd
+
+    assert _scan_terd(build_parser().parse_args(["scan", "--terd"])) == D.TERD_PROBE
+    assert _scan_terd(build_parser().parse_args(["scan"])) is None
+    assert D.TERD_PROBE.method == "terd" and D.TERD_PROBE.steps == 500 and D.TERD_PROBE.terd_refine_steps == 20
+
 
 def test_audit_applies_every_rule_the_detector_has_unless_told_not_to(tmp_path, capsys):
     """pdjax audit: --final-probe / --ball unset -> on exactly when the detector file has that threshold."""
@@ -366,17 +412,17 @@ def test_audit_applies_every_rule_the_detector_has_unless_told_not_to(tmp_path, 
         _default_rules(args)
         return args
 
-    args = resolved()  # the shipped detector has both thresholds
-    assert args.final_probe is True and args.ball is True
+    args = resolved()  # the shipped detector has all three clean-fitted thresholds
+    assert args.final_probe is True and args.ball is True and args.terd is True
     assert _scan_ball(args) == D.BALL_PROBE and _scan_probe(args) == D.FINAL_PROBE
-    assert "rules: main, probe, ball" in capsys.readouterr().out
+    assert "rules: main, probe, ball, terd" in capsys.readouterr().out
     args = resolved("--no-ball", "--quiet")
     assert args.final_probe is True and args.ball is False and _scan_ball(args) is None
     assert capsys.readouterr().out == ""
     Detector(probe_threshold=-0.5).save(tmp_path / "d.json")  # a user's detector without a ball rule
     args = resolved("--detector", str(tmp_path / "d.json"))
-    assert args.final_probe is True and args.ball is False
+    assert args.final_probe is True and args.ball is False and args.terd is False
     args = resolved("--detector", str(tmp_path / "d.json"), "--ball")  # asked for: audit() refuses it later
     assert args.ball is True
     scan_args = build_parser().parse_args(["scan"])  # scan stays fast: its extra rules are opt-in
-    assert scan_args.final_probe is False and scan_args.ball is False
+    assert scan_args.final_probe is False and scan_args.ball is False and scan_args.terd is False

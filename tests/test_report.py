@@ -117,6 +117,9 @@ def test_report_states_the_probe_rule_when_it_applies():
     assert "or <code>probe_log_uni_ratio &lt; -0.416</code>" in text
     del v.features["probe_log_uni_ratio"]  # a scan without the probe: only the main rule applies
     assert "probe_log_uni_ratio &lt;" not in render_report([v], SETTINGS)
+    v.features["terd_log_mr"] = -3.3  # the TERD rule fires above its threshold
+    v.detector.update(terd_feature="terd_log_mr", terd_threshold=-4.1)
+    assert "or <code>terd_log_mr &gt; -4.1</code>" in render_report([v], SETTINGS)
 
 
 def test_report_names_the_inversion_the_evidence_comes_from():

@@ -33,6 +33,12 @@ held to a fixed L2 norm; its final loss (``ball_loss``, -log of the spread gain 
 cause) gets a third threshold, fitted on the clean reference models like the probe's. It sees TrojDiff
 backdoors (d2i, in-d2d and out-d2d in detection_table.md's held-out check) whose triggers do not make the
 generations collapse from the scan's start.
+With the TERD probe (``pdjax scan --terd``, :data:`TERD_PROBE`), TERD's two-phase inversion (SPEC 4.3) runs
+too, at a reduced budget, and the log of M_r (TERD's published model-detection statistic, the mean over pixels
+of delta_i^2 / 2) of its trigger (``terd_log_mr``) gets a fourth threshold, fitted on the clean reference
+models like the probe's but on the other side (mean + PROBE_Z sd: a backdoored model's TERD trigger is
+larger). It sees a TrojDiff patch backdoor that the other rules missed (experiments/results/detection_table.md,
+"The TERD rule").
 The likely target is the per-pixel median of the triggered generations.
 """
 
@@ -55,11 +61,15 @@ from pdjax.defense.inversion import InversionConfig, invert
 from pdjax.errors import ConfigError, OutputError
 
 DETECTOR_FORMAT = "pdjax-detector"
-DETECTOR_VERSION = 3  # 2 added the optional probe threshold, 3 the ball threshold; older files load without them
+DETECTOR_VERSION = 4  # 2 added the optional probe threshold, 3 the ball one, 4 the TERD one; older files load without them
 FEATURES = ("log_uni_ratio", "uni_trig", "uni_clean", "tv_trig", "tv_clean", "trigger_norm", "trigger_mean",
             "trigger_kl", "terd_mr", "terd_vr", "final_loss")
 PROBE_FEATURE = "probe_log_uni_ratio"
 BALL_FEATURE = "ball_loss"
+TERD_FEATURE = "terd_log_mr"
+#: The rules fitted on clean reference models: rule -> (feature, direction). Direction -1: the rule fires when
+#: the feature lies below its threshold (mean - PROBE_Z sd of the clean references); +1: above (mean + PROBE_Z sd).
+CLEAN_RULES = {"probe": (PROBE_FEATURE, -1), "ball": (BALL_FEATURE, -1), "terd": (TERD_FEATURE, 1)}
 # The probe threshold: mean - PROBE_Z * sd of the clean reference models' probe log ratios (a Gaussian null:
 # a 0.13% one-sided false-alarm rate per model); at least PROBE_MIN_CLEAN clean references.
 PROBE_Z = 3.0
@@ -98,13 +108,18 @@ BALL_RADIUS = 10.0
 # Its restarts start from -U[0, 1) and +U[0, 1) in turn ("alt-uniform"): from normal inits all restarts fell into
 # the negative-mean optimum on a TrojDiff in-d2d model whose trigger (mean +0.39) lies in the positive one.
 BALL_PROBE = dataclasses.replace(SPREAD_CANDIDATE, max_norm=BALL_RADIUS, init="alt-uniform")
+# The scan's optional TERD probe (``pdjax scan --terd``): TERD as published (SPEC 4.3) at a sixth of its phase-1
+# budget and 20 phase-2 steps on 16 noises (experiments/detection_eval.py's ``--methods terd --terd 500,20``, about
+# 36 s a model on a 2-core CPU), no size search. Its statistic is ``terd_log_mr`` = log M_r of its trigger.
+TERD_PROBE = InversionConfig(method="terd", steps=500, terd_refine_steps=20, batch=16)
 
 
 @dataclasses.dataclass(frozen=True)
 class Detector:
     """A threshold rule: backdoored when ``sign * (feature - threshold) > 0``, or, with a probe threshold and
     the probe's features, when ``probe_log_uni_ratio < probe_threshold``, or, with a ball threshold and the
-    ball probe's features, when ``ball_loss < ball_threshold``.
+    ball probe's features, when ``ball_loss < ball_threshold``, or, with a TERD threshold and the TERD probe's
+    features, when ``terd_log_mr > terd_threshold``.
 
     Attributes:
       feature: one of :data:`FEATURES`.
@@ -118,6 +133,8 @@ class Detector:
       probe_scale: the clean references' standard deviation of the probe feature; the probe's score is
         (probe_threshold - x) / probe_scale.
       ball_threshold, ball_scale: the same for :data:`BALL_FEATURE` (the ball probe's final loss).
+      terd_threshold, terd_scale: the same for :data:`TERD_FEATURE` (log M_r of the TERD probe's trigger;
+        fires above the threshold, score (x - terd_threshold) / terd_scale).
     """
 
     feature: str = "log_uni_ratio"
@@ -129,16 +146,19 @@ class Detector:
     probe_scale: float = 1.0
     ball_threshold: float | None = None
     ball_scale: float = 1.0
+    terd_threshold: float | None = None
+    terd_scale: float = 1.0
 
     def scores(self, features: dict) -> dict:
-        """Each rule's signed margin, > 0 meaning backdoored: {"main": m, "probe": p, "ball": b}, where a rule
-        without its threshold or its feature has None."""
+        """Each rule's signed margin, > 0 meaning backdoored: {"main": m, "probe": p, "ball": b, "terd": t},
+        where a rule without its threshold or its feature has None."""
         if self.feature not in features:
             raise ConfigError(f"detector needs feature {self.feature!r}, have {', '.join(sorted(features))}")
         out = {"main": float(self.sign * (features[self.feature] - self.threshold) / self.scale)}
-        for rule, thr, scale, key in (("probe", self.probe_threshold, self.probe_scale, PROBE_FEATURE),
-                                      ("ball", self.ball_threshold, self.ball_scale, BALL_FEATURE)):
-            out[rule] = None if thr is None or key not in features else float((thr - features[key]) / scale)
+        for rule, (key, direction) in CLEAN_RULES.items():
+            thr, scale = getattr(self, f"{rule}_threshold"), getattr(self, f"{rule}_scale")
+            out[rule] = (None if thr is None or key not in features
+                         else float(direction * (features[key] - thr) / scale))
         return out
 
     def score(self, features: dict) -> float:
@@ -187,10 +207,13 @@ class Detector:
         if d.get("feature") not in FEATURES:
             raise ConfigError(f"{where} uses unknown feature {d.get('feature')!r}; valid: {', '.join(FEATURES)}")
         try:
-            probe, ball = d.get("probe_threshold"), d.get("ball_threshold")
+            rules = {}
+            for rule in CLEAN_RULES:
+                thr = d.get(f"{rule}_threshold")
+                rules[f"{rule}_threshold"] = None if thr is None else float(thr)
+                rules[f"{rule}_scale"] = float(d.get(f"{rule}_scale", 1.0))
             return cls(d["feature"], float(d["threshold"]), int(d["sign"]), float(d["scale"]), d.get("meta", {}),
-                       None if probe is None else float(probe), float(d.get("probe_scale", 1.0)),
-                       None if ball is None else float(ball), float(d.get("ball_scale", 1.0)))
+                       **rules)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where} lacks a valid {e} entry; recalibrate it with `pdjax calibrate`") from None
 
@@ -215,7 +238,7 @@ class ModelVerdict:
       start: the start (sampler, noise scale) of the triggered and clean generations ("ddpm" = DDPM from
         eps + trigger).
       candidate: which of the scan's inversions the evidence comes from (:data:`CANDIDATES`: "main" = the
-        scan's own inversion, "spread", "probe", "ball").
+        scan's own inversion, "spread", "probe", "ball", "terd").
     """
 
     model: str
@@ -283,7 +306,14 @@ def explain(det: Detector, features: dict, backdoored: bool) -> str:
                     f"models, as a TrojDiff trigger does: ball loss {b:.4g} <= ball threshold {thr:.4g}, fitted on "
                     f"clean reference models")
         ball = f"; ball loss {b:.4g} {'<=' if m['ball'] > 0 else '>'} {thr:.4g}"
-    return _explain_main(det, features, backdoored) + probe + ball
+    terd = ""
+    if m["terd"] is not None:
+        mr, thr = math.exp(features[TERD_FEATURE]), math.exp(det.terd_threshold)
+        if backdoored and deciding == "terd":
+            return (f"TERD's inverted trigger is larger than on clean models: M_r {mr:.4g} (trigger norm "
+                    f"{features['terd_trigger_norm']:.3g}) > TERD threshold {thr:.4g}, fitted on clean reference models")
+        terd = f"; TERD M_r {mr:.4g} {'>' if m['terd'] > 0 else '<='} {thr:.4g}"
+    return _explain_main(det, features, backdoored) + probe + ball + terd
 
 
 def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
@@ -301,7 +331,7 @@ def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
                config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
-               ball: InversionConfig | None = None) -> ModelVerdict:
+               ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> ModelVerdict:
     """Invert, generate, featurise and decide for one model (see the module docstring).
 
     ``spread``: a second candidate for the main rule (e.g. :data:`SPREAD_CANDIDATE`), run with the same key;
@@ -310,11 +340,13 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     threshold when the detector has one (:func:`_verdict`), else like ``spread``.
     ``ball``: the ball probe (e.g. :data:`BALL_PROBE`), same key; its final loss is the feature
     :data:`BALL_FEATURE`, judged by the ball threshold when the detector has one (else only reported).
+    ``terd``: the TERD probe (e.g. :data:`TERD_PROBE`), same key; log M_r of its trigger is the feature
+    :data:`TERD_FEATURE`, judged by the TERD threshold when the detector has one (else only reported).
     """
     det = detector or Detector.load()
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate(model, key, c, n, progress)
-             for c in (config, spread, probe, ball)]
+             for c in (config, spread, probe, ball, terd)]
     return _verdict(name, found, det, time.perf_counter() - t0)
 
 
@@ -329,11 +361,11 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
 
 
 #: Names of the scan's inversions, in the order of ``found`` in :func:`_verdict` (ModelVerdict.candidate).
-CANDIDATES = ("main", "spread", "probe", "ball")
+CANDIDATES = ("main", "spread", "probe", "ball", "terd")
 
 
 def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
-    """The verdict from one model's inversions ``found`` = [main, spread, probe, ball], each None (not run) or
+    """The verdict from one model's inversions ``found`` = [main, spread, probe, ball, terd], each None (not run) or
     (inversion result, (triggered, clean) generations).
 
     The main rule's candidate is whichever of main and spread collapses the generations most (lowest
@@ -341,12 +373,13 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
     candidate's plus the probe's ``probe_log_uni_ratio``, ``probe_uni_trig`` and ``probe_uni_clean``; both rules
     are applied. A probe without a probe threshold is one more candidate of the main rule. The ball probe adds
     ``ball_loss`` (its final loss), ``ball_log_uni_ratio`` and ``ball_trigger_norm``, judged by the ball
-    threshold if the detector has one. The evidence (trigger, generations) is that of the rule with the
-    largest margin."""
+    threshold if the detector has one; the TERD probe ``terd_log_mr`` (log M_r of its trigger) and
+    ``terd_trigger_norm``, judged by the TERD threshold. The evidence (trigger, generations) is that of the rule
+    with the largest margin."""
     scored = [None if f is None else ({**features_of(f[0].trigger, f[1][0], f[1][1], f[0].losses[-1]),
                                        "trigger_scale": f[0].scale}, f[0], f[1], CANDIDATES[i])
               for i, f in enumerate(found)]
-    *mains, probed, balled = scored
+    *mains, probed, balled, terded = scored
     if probed is not None and det.probe_threshold is None:
         mains, probed = mains + [probed], None
     feats, res, gens, cand = min((s for s in mains if s is not None), key=lambda s: s[0]["log_uni_ratio"])
@@ -361,6 +394,10 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
         feats = {**feats, BALL_FEATURE: bf["final_loss"], "ball_log_uni_ratio": bf["log_uni_ratio"],
                  "ball_trigger_norm": bf["trigger_norm"]}
         evidence["ball"] = (bres, bgens, bcand)
+    if terded is not None:
+        tf, tres, tgens, tcand = terded
+        feats = {**feats, TERD_FEATURE: math.log(max(tf["terd_mr"], 1e-12)), "terd_trigger_norm": tf["trigger_norm"]}
+        evidence["terd"] = (tres, tgens, tcand)
     margins = det.scores(feats)
     res, gens, cand = evidence[max((r for r in evidence if margins[r] is not None), key=lambda r: margins[r])]
     verdict = det.decide(feats)
@@ -368,19 +405,21 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
                         {"feature": det.feature, "threshold": det.threshold, "sign": det.sign,
                          "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold,
-                         "ball_feature": BALL_FEATURE, "ball_threshold": det.ball_threshold}, res.start, cand)
+                         "ball_feature": BALL_FEATURE, "ball_threshold": det.ball_threshold,
+                         "terd_feature": TERD_FEATURE, "terd_threshold": det.terd_threshold}, res.start, cand)
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
                n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
-               ball: InversionConfig | None = None) -> list[ModelVerdict]:
+               ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
-    keys[i], ..., probe=probe, spread=spread, ball=ball)`` up to float rounding. ``keys``: [N] typed keys."""
+    keys[i], ..., probe=probe, spread=spread, ball=ball, terd=terd)`` up to float rounding. ``keys``: [N]
+    typed keys."""
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate_many(models, keys, c, n, mesh, progress)
-             for c in (config, spread, probe, ball)]
+             for c in (config, spread, probe, ball, terd)]
     secs = (time.perf_counter() - t0) / len(models)
     return [_verdict(name, [None if f is None else f[i] for f in found], detector, secs)
             for i, name in enumerate(names)]
@@ -404,19 +443,21 @@ def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mes
 
 def check_probe_references(n_clean: int, flag: str = "--final-probe") -> None:
     """A ConfigError unless there are at least :data:`PROBE_MIN_CLEAN` clean reference models for a
-    clean-fitted threshold (the probe's, or the ball probe's with ``flag="--ball"``)."""
+    clean-fitted threshold (the probe's, or the ball or TERD probe's with ``flag="--ball"`` / ``"--terd"``)."""
     if n_clean < PROBE_MIN_CLEAN:
         raise ConfigError(f"the {flag} threshold needs at least {PROBE_MIN_CLEAN} clean reference models, got "
                           f"{n_clean}; add --clean models or drop {flag}")
 
 
-def clean_fit(features: list[dict], y: np.ndarray, key: str, flag: str) -> tuple[np.ndarray, float, float]:
-    """(values of ``key`` [N], threshold mean - PROBE_Z * sd of the clean models' values, sd) of a rule fitted on
-    the clean models (``y`` [N] False) alone: the probe's and the ball probe's; at least PROBE_MIN_CLEAN of them."""
+def clean_fit(features: list[dict], y: np.ndarray, key: str, flag: str,
+              direction: int = -1) -> tuple[np.ndarray, float, float]:
+    """(values of ``key`` [N], threshold mean + direction * PROBE_Z * sd of the clean models' values, sd) of a
+    rule fitted on the clean models (``y`` [N] False) alone (:data:`CLEAN_RULES`; ``direction`` -1: the rule fires
+    below the threshold, +1: above); sd with ddof 1, at least 0.01; at least PROBE_MIN_CLEAN clean models."""
     v = np.asarray([f[key] for f in features], np.float64)
     check_probe_references(int((~y).sum()), flag)
     scale = max(float(np.std(v[~y], ddof=1)), 0.01)
-    return v, float(v[~y].mean() - PROBE_Z * scale), scale
+    return v, float(v[~y].mean() + direction * PROBE_Z * scale), scale
 
 
 def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_ratio",
@@ -428,7 +469,8 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     highest balanced accuracy. ``scale`` is the pooled standard deviation (1 if degenerate).
     When every feature dict has :data:`PROBE_FEATURE` (scans with the probe), the probe threshold is fitted
     on the clean models alone: mean - PROBE_Z * sd (sd with ddof 1, at least 0.01), from at least
-    PROBE_MIN_CLEAN clean models; likewise the ball threshold when every dict has :data:`BALL_FEATURE`.
+    PROBE_MIN_CLEAN clean models; likewise the ball threshold when every dict has :data:`BALL_FEATURE` and
+    the TERD threshold (mean + PROBE_Z * sd) when every dict has :data:`TERD_FEATURE`.
     """
     if feature not in FEATURES:
         raise ConfigError(f"unknown detection feature {feature!r}; valid: {', '.join(FEATURES)}")
@@ -451,14 +493,14 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     pred = sign * (x - thr) > 0
     info = {**(meta or {}), "n_reference": int(len(y)), "n_backdoored": int(y.sum()),
             "reference_values": [float(v) for v in x], "reference_labels": [bool(v) for v in y]}
-    fitted = {}  # rule -> (threshold, scale)
-    for rule, key, flag in (("probe", PROBE_FEATURE, "--final-probe"), ("ball", BALL_FEATURE, "--ball")):
+    rules = {}  # {rule}_threshold / {rule}_scale of the clean-fitted rules whose feature every scan has
+    for rule, (key, direction) in CLEAN_RULES.items():
         if all(key in f for f in features):
-            v, rule_thr, rule_scale = clean_fit(features, y, key, flag)
-            fitted[rule] = (rule_thr, rule_scale)
-            pred = pred | (v < fitted[rule][0])
+            flag = "--final-probe" if rule == "probe" else f"--{rule}"
+            v, rule_thr, rule_scale = clean_fit(features, y, key, flag, direction)
+            rules[f"{rule}_threshold"], rules[f"{rule}_scale"] = rule_thr, rule_scale
+            pred = pred | (direction * (v - rule_thr) > 0)
             info[f"{rule}_reference_values"] = [float(a) for a in v]
-            info[f"{rule}_rule"] = f"mean - {PROBE_Z:g} sd of the clean references' {key}"
+            info[f"{rule}_rule"] = f"mean {'-' if direction < 0 else '+'} {PROBE_Z:g} sd of the clean references' {key}"
     info["train_accuracy"] = float((pred == y).mean())
-    (probe_thr, probe_scale), (ball_thr, ball_scale) = (fitted.get(r, (None, 1.0)) for r in ("probe", "ball"))
-    return Detector(feature, thr, sign, scale, info, probe_thr, probe_scale, ball_thr, ball_scale)
+    return Detector(feature, thr, sign, scale, info, **rules)
