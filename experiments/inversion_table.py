@@ -65,6 +65,8 @@ def variants(args) -> dict[str, tuple[str, InversionConfig]]:
         # final_ode_u from 4 restarts, -U[0, 1) and +U[0, 1) in turn; the restart with the lowest loss is kept
         "final_ode_ur": ("purediffusion", dataclasses.replace(FINAL_ODE, final_stat="uniformity", restarts=4,
                                                               init="alt-uniform")),
+        # final_ode_u on a coarse grid of 2 x 2 pixel blocks (fewer local minima to stop in?)
+        "final_ode_uc2": ("purediffusion", dataclasses.replace(FINAL_ODE, final_stat="uniformity", cells=2)),
         # pdjax's L_spread alone (TrojDiff: the trigger that widens eps_hat's spread at t = T-1), from a
         # normal start (experiments/results/start_search.md, section 7).
         "spread_only": ("purediffusion", InversionConfig(shift_weight=0.0, spread_weight=1.0, init="normal")),
@@ -192,7 +194,7 @@ def write_table(args) -> str:
     by = {(r["model"], r["variant"]): r for r in rows}
     models = sorted({r["model"] for r in rows})
     vnames = [v for v in ["elijah", "elijah_sized", "terd", "pd", "pd_unsized", "pd_final", "final_only", "final_ode",
-                          "final_ode_u", "final_ode_ur", "spread_only",
+                          "final_ode_u", "final_ode_ur", "final_ode_uc2", "spread_only",
                           "spread_only_unsized", "pd_K1", "pd_K5", "pd_l2",
                           "pd_per_sample", "pd_cons",
                           "pd_cons_only", "pd_table", "pd_fresh", "pd_fresh_unsized"]
