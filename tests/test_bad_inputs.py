@@ -409,10 +409,13 @@ ROWS = [
         "det.json is not valid JSON", "recalibrate it with `pdjax calibrate`"),
     Row("detector-not-an-object", lambda z, t, mp: (t / "det.json").write_text("[1, 2]") and [
         "scan", z.diff, "--detector", t / "det.json", "--out", t / "s", *SCAN],
-        "is not a pdjax detector of version 1 to 3", "recalibrate it"),
+        "is not a pdjax detector of version 1 to 4", "recalibrate it"),
     Row("ball-without-threshold", lambda z, t, mp: [
         "scan", z.diff, "--ball", "--detector", _plain_detector(t / "det.json"), "--out", t / "s", *SCAN],
         "this detector has no ball threshold", "pdjax calibrate --ball"),
+    Row("terd-without-threshold", lambda z, t, mp: [
+        "scan", z.diff, "--terd", "--detector", _plain_detector(t / "det.json"), "--out", t / "s", *SCAN],
+        "this detector has no terd threshold", "pdjax calibrate --terd"),
     Row("ball-too-few-clean",
         lambda z, t, mp: ["calibrate", "--clean", z.diff, "--backdoored", z.ckpt, "--ball", "--out", t / "det.json",
                           *SCAN],
