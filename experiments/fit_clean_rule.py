@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from datetime import date
 from pathlib import Path
@@ -39,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from detection_eval import SCANS_AS, inversion_config, scan_all  # noqa: E402
 
-from pdjax.defense.detection import (BALL_PROBE, CLEAN_RULES, PROBE_Z, TERD_PROBE, Detector,  # noqa: E402
-                                     clean_fit)
+from pdjax.defense.detection import (BALL_PROBE, CLEAN_RULES, PROBE_Z, RULE_FLAGS, TERD_PROBE,  # noqa: E402
+                                     Detector, clean_fit, terd_log_mr)
 
 # rule -> (detection_eval method whose scans it reads, the budget overrides naming its cache, the probe's
 # config, the rule's feature from one cached row's features)
 RULES = {
     "ball": ("spread-ball", None, BALL_PROBE, lambda f: f["final_loss"]),
     "terd": ("terd-mr", {"steps": TERD_PROBE.steps, "terd_refine_steps": TERD_PROBE.terd_refine_steps}, TERD_PROBE,
-             lambda f: math.log(f["terd_mr"])),
+             terd_log_mr),
 }
 
 
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --clean models with an attack in their metadata: "
                          f"{', '.join(p for p, r in cal.items() if r['label'])}")
     feats = [{feature: value(r["features"])} for r in cal.values()]
-    values, thr, scale = clean_fit(feats, labels, feature, f"--{args.rule}", direction)
+    values, thr, scale = clean_fit(feats, labels, feature, RULE_FLAGS[args.rule], direction)
     det = Detector.load(args.detector)
     side = "-" if direction < 0 else "+"
     meta = {**det.meta, args.rule: {

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.defense.detection import SCAN_INVERSION, SCAN_SAMPLES, Detector, ModelVerdict, scan_model
+from pdjax.defense.detection import RULE_FLAGS, SCAN_INVERSION, SCAN_SAMPLES, Detector, ModelVerdict, scan_model
 from pdjax.defense.inversion import InversionConfig
 from pdjax.errors import ConfigError, OutputError
 
@@ -294,9 +294,9 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     if feature not in FEATURES:
         raise UnknownNameError("detection feature", feature, FEATURES)
     _check_configs(config, probe, spread, ball, terd)
-    for c, flag in ((probe, "--final-probe"), (ball, "--ball"), (terd, "--terd")):
+    for rule, c in (("probe", probe), ("ball", ball), ("terd", terd)):
         if c is not None:
-            check_probe_references(len(clean), flag)
+            check_probe_references(len(clean), RULE_FLAGS[rule])
     check_out_file(out)
     paths = [(p, False) for p in clean] + [(p, True) for p in backdoored]
     models = [load(p) for p, _ in paths]
@@ -343,8 +343,9 @@ def _check_rules(det: Detector, **extra: InversionConfig | None) -> None:
     threshold for it."""
     for rule, c in extra.items():
         if c is not None and getattr(det, f"{rule}_threshold") is None:
-            raise ConfigError(f"this detector has no {rule} threshold; fit one with `pdjax calibrate --{rule}` "
-                              f"(>= 3 clean models) or drop --{rule}")
+            flag = RULE_FLAGS[rule]
+            raise ConfigError(f"this detector has no {rule} threshold; fit one with `pdjax calibrate {flag}` "
+                              f"(>= 3 clean models) or drop {flag}")
 
 
 def _version() -> str:

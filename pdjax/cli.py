@@ -446,9 +446,9 @@ def cmd_scan(args) -> int:
 def _default_rules(args) -> None:
     """audit: --final-probe / --ball / --terd left unset (None) are turned on when the detector file has the
     rule's threshold (the shipped one has all three), so a plain ``pdjax audit DIR`` applies every calibrated rule."""
-    from pdjax.defense.detection import Detector
+    from pdjax.defense.detection import RULE_FLAGS, Detector
 
-    flags = {"probe": "final_probe", "ball": "ball", "terd": "terd"}  # rule -> option
+    flags = {rule: flag[2:].replace("-", "_") for rule, flag in RULE_FLAGS.items()}  # rule -> argparse dest
     if any(getattr(args, a) is None for a in flags.values()):
         det = Detector.load(args.detector)
         for rule, a in flags.items():

@@ -16,6 +16,14 @@ from pdjax.testing import random_model
 TINY_SCAN = dataclasses.replace(D.SCAN_INVERSION, steps=2, batch=4, K=1)
 
 
+def _as_older_version(det: Detector, version: int, rule: str, tmp_path) -> Detector:
+    """``det`` saved as a file of ``version``, which predates ``rule``'s threshold and scale, then loaded."""
+    old = {**det.to_dict(), "version": version}
+    del old[f"{rule}_threshold"], old[f"{rule}_scale"]
+    (tmp_path / f"v{version}.json").write_text(json.dumps(old))
+    return Detector.load(tmp_path / f"v{version}.json")
+
+
 def test_trigger_features_kl_matches_closed_form():
     rng = np.random.default_rng(0)
     d = rng.normal(0.3, 2.0, size=(8, 8, 1))
@@ -86,10 +94,7 @@ def test_calibrate_fits_the_probe_threshold_on_clean_models_only(tmp_path):
     assert not det.decide({"log_uni_ratio": 0.0, D.PROBE_FEATURE: -0.2})
     assert det.decide({"log_uni_ratio": -3.0})  # no probe features: the main rule alone
     assert Detector.load(det.save(tmp_path / "p.json")) == det
-    old = {**det.to_dict(), "version": 1}
-    del old["probe_threshold"], old["probe_scale"]
-    (tmp_path / "v1.json").write_text(json.dumps(old))
-    assert Detector.load(tmp_path / "v1.json").probe_threshold is None
+    assert _as_older_version(det, 1, "probe", tmp_path).probe_threshold is None
     with pytest.raises(ConfigError, match="at least 3 clean"):
         calibrate(feats[:4], y[:4])
 
@@ -113,10 +118,7 @@ def test_calibrate_fits_the_ball_threshold_on_clean_models_only(tmp_path):
     assert not det.decide(feats[2]) and not det.decide({"log_uni_ratio": 0.0, D.BALL_FEATURE: -0.1})
     assert "ball loss" in D.explain(det, trojdiff_like, True)
     assert Detector.load(det.save(tmp_path / "b.json")) == det
-    old = {**det.to_dict(), "version": 2}
-    del old["ball_threshold"], old["ball_scale"]
-    (tmp_path / "v2.json").write_text(json.dumps(old))
-    assert Detector.load(tmp_path / "v2.json").ball_threshold is None
+    assert _as_older_version(det, 2, "ball", tmp_path).ball_threshold is None
     with pytest.raises(ConfigError, match="--ball threshold needs at least 3 clean"):
         calibrate(feats[:4], y[:4])
 
@@ -143,10 +145,7 @@ def test_calibrate_fits_the_terd_threshold_above_the_clean_models(tmp_path):
     assert not det.decide({"log_uni_ratio": 0.0, D.TERD_FEATURE: -4.4, "terd_trigger_norm": 3.0})
     assert "TERD" in D.explain(det, patch_like, True) and "TERD M_r" in D.explain(det, feats[2], False)
     assert Detector.load(det.save(tmp_path / "t.json")) == det
-    old = {**det.to_dict(), "version": 3}
-    del old["terd_threshold"], old["terd_scale"]
-    (tmp_path / "v3.json").write_text(json.dumps(old))
-    assert Detector.load(tmp_path / "v3.json").terd_threshold is None
+    assert _as_older_version(det, 3, "terd", tmp_path).terd_threshold is None
     with pytest.raises(ConfigError, match="--terd threshold needs at least 3 clean"):
         calibrate(feats[:4], y[:4])
 

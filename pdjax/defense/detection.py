@@ -70,6 +70,8 @@ TERD_FEATURE = "terd_log_mr"
 #: The rules fitted on clean reference models: rule -> (feature, direction). Direction -1: the rule fires when
 #: the feature lies below its threshold (mean - PROBE_Z sd of the clean references); +1: above (mean + PROBE_Z sd).
 CLEAN_RULES = {"probe": (PROBE_FEATURE, -1), "ball": (BALL_FEATURE, -1), "terd": (TERD_FEATURE, 1)}
+#: The scan / audit / calibrate option that runs each clean-fitted rule's inversion.
+RULE_FLAGS = {"probe": "--final-probe", "ball": "--ball", "terd": "--terd"}
 # The probe threshold: mean - PROBE_Z * sd of the clean reference models' probe log ratios (a Gaussian null:
 # a 0.13% one-sided false-alarm rate per model); at least PROBE_MIN_CLEAN clean references.
 PROBE_Z = 3.0
@@ -278,6 +280,11 @@ def trigger_features(delta) -> dict:
             "terd_mr": float(per_pixel.mean()), "terd_vr": float(per_pixel.var())}
 
 
+def terd_log_mr(features: dict) -> float:
+    """:data:`TERD_FEATURE` from a trigger's :func:`trigger_features`: log of TERD's M_r (floored at 1e-12)."""
+    return math.log(max(features["terd_mr"], 1e-12))
+
+
 def features_of(trigger, triggered, clean, final_loss: float) -> dict:
     """All detection features (:data:`FEATURES`) from a trigger and its paired generations."""
     st, sc = generation_stats(triggered), generation_stats(clean)
@@ -396,7 +403,7 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
         evidence["ball"] = (bres, bgens, bcand)
     if terded is not None:
         tf, tres, tgens, tcand = terded
-        feats = {**feats, TERD_FEATURE: math.log(max(tf["terd_mr"], 1e-12)), "terd_trigger_norm": tf["trigger_norm"]}
+        feats = {**feats, TERD_FEATURE: terd_log_mr(tf), "terd_trigger_norm": tf["trigger_norm"]}
         evidence["terd"] = (tres, tgens, tcand)
     margins = det.scores(feats)
     res, gens, cand = evidence[max((r for r in evidence if margins[r] is not None), key=lambda r: margins[r])]
@@ -496,8 +503,7 @@ def calibrate(features: list[dict], labels: list[bool], feature: str = "log_uni_
     rules = {}  # {rule}_threshold / {rule}_scale of the clean-fitted rules whose feature every scan has
     for rule, (key, direction) in CLEAN_RULES.items():
         if all(key in f for f in features):
-            flag = "--final-probe" if rule == "probe" else f"--{rule}"
-            v, rule_thr, rule_scale = clean_fit(features, y, key, flag, direction)
+            v, rule_thr, rule_scale = clean_fit(features, y, key, RULE_FLAGS[rule], direction)
             rules[f"{rule}_threshold"], rules[f"{rule}_scale"] = rule_thr, rule_scale
             pred = pred | (direction * (v - rule_thr) > 0)
             info[f"{rule}_reference_values"] = [float(a) for a in v]
