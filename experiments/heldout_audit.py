@@ -42,8 +42,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detection_eval import is_backdoored, roc_auc, roc_points, roc_svg  # noqa: E402
 
-RULE_SETS = (("main",), ("main", "probe"), ("main", "ball"), ("main", "probe", "ball"), ("main", "probe", "ball", "terd"))
-COLOURS = {"main": "#c0392b", "main+probe": "#7d3c98", "main+ball": "#2471a3", "main+probe+ball": "#229954",
+RULE_SETS = (("main",), ("probe",), ("ball",), ("terd",), ("main", "probe"), ("main", "ball"), ("main", "probe", "ball"),
+             ("main", "probe", "ball", "terd"))
+COLOURS = {"main": "#c0392b", "probe": "#bb8fce", "ball": "#85c1e9", "main+probe": "#7d3c98", "main+ball": "#2471a3",
+           "main+probe+ball": "#117a65",
            "main+probe+ball+terd": "#d68910"}
 
 
@@ -85,10 +87,21 @@ def metrics(margins: list[float], labels: list[bool]) -> dict:
     pred = [m > 0 for m in margins]
     pos = [p for p, y in zip(pred, labels) if y]
     neg = [not p for p, y in zip(pred, labels) if not y]
+    right = [p == y for p, y in zip(pred, labels)]
     return {"n": len(labels), "backdoored": len(pos), "clean": len(neg),
-            "accuracy": sum(p == y for p, y in zip(pred, labels)) / len(labels),
+            "accuracy": sum(right) / len(labels),
             "tpr": sum(pos) / len(pos) if pos else None, "tnr": sum(neg) / len(neg) if neg else None,
-            "auc": roc_auc(margins, labels) if pos and neg else None}
+            "auc": roc_auc(margins, labels) if pos and neg else None,
+            "lower95": {k: lower_bound(sum(v), len(v)) if v else None
+                        for k, v in (("accuracy", right), ("tpr", pos), ("tnr", neg))}}
+
+
+def lower_bound(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided exact (Clopper-Pearson) lower confidence bound on a rate seen as ``k`` successes in ``n``
+    (``(1 - level) ** (1 / n)`` when ``k = n``)."""
+    from scipy.stats import beta
+
+    return 0.0 if k == 0 else float(beta.ppf(1 - level, k, n - k + 1))
 
 
 def rule_margin(scores: dict, rules: tuple[str, ...]) -> float:
@@ -182,11 +195,13 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | {'backdoored' if m['backdoored'] else 'clean'} | {_f(s['main'])} | "
                      f"{_f(s['probe'])} | {_f(s['ball'])} | {_f(s.get('terd'))} | {m['verdict']} |")
     lines += ["", "Margins are the detector's signed scores per rule (> 0 = that rule fires).", "",
-              "| models | rules | n (backdoored / clean) | accuracy | TPR | TNR | ROC AUC |", "|---|---|---|---|---|---|---|"]
+              "| models | rules | n (backdoored / clean) | accuracy | TPR | TNR | ROC AUC | one-sided 95% lower bounds "
+              "(accuracy / TPR / TNR) |", "|---|---|---|---|---|---|---|---|"]
     for name, sets in res["sets"].items():
         for rules, m in sets.items():
+            lo = " / ".join(_f(m["lower95"][k], "{:.2f}") for k in ("accuracy", "tpr", "tnr"))
             lines.append(f"| {name} | {rules} | {m['n']} ({m['backdoored']} / {m['clean']}) | {m['accuracy']:.2f} | "
-                         f"{_f(m['tpr'], '{:.2f}')} | {_f(m['tnr'], '{:.2f}')} | {_f(m['auc'], '{:.2f}')} |")
+                         f"{_f(m['tpr'], '{:.2f}')} | {_f(m['tnr'], '{:.2f}')} | {_f(m['auc'], '{:.2f}')} | {lo} |")
     return "\n".join(lines) + "\n"
 
 
