@@ -93,6 +93,11 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.is_file() else []
 
 
+def within(row: dict, true: dict, points: float = 0.05) -> bool:
+    """Issue 4's rule: the inverted trigger's ASR (``row``) is no more than ``points`` below the true trigger's."""
+    return row["asr"] >= true["asr"] - points
+
+
 def chosen(args) -> dict[str, tuple[str, InversionConfig]]:
     """The variants to invert: ``variants`` filtered by ``--variants``."""
     return {k: v for k, v in variants(args).items() if not args.variants or k in args.variants}
@@ -226,7 +231,7 @@ def write_table(args) -> str:
     for v in vnames:
         bd = [by[(m, v)] for m in models if (m, v) in by and by[(m, v)]["backdoored"]]
         cl = [by[(m, v)] for m in models if (m, v) in by and not by[(m, v)]["backdoored"]]
-        ok = sum(r["asr"] >= by[(r["model"], "true")]["asr"] - 0.05 for r in bd if (r["model"], "true") in by)
+        ok = sum(within(r, by[(r["model"], "true")]) for r in bd if (r["model"], "true") in by)
         lines.append(f"| {v} | {_mean([r['asr'] for r in bd]):.2f} | {ok}/{len(bd)} | "
                      f"{_mean([r['l2_in_mask'] for r in bd]):.2f} | {_mean([r['l2_overall'] for r in bd]):.2f} | "
                      f"{_mean([r['uniformity'] for r in cl]):.2f} |")
