@@ -108,8 +108,18 @@ def summarise(models: dict[str, dict[str, dict]], zoo: Path, ode_variant: str, f
         clean.append({"model": m, "none_uniformity": base,
                       **{f"{v}_uniformity_ratio": rows[v]["uniformity"] / base for v in ("pd", "elijah", "final_ode")
                          if v in rows}})
+    groups = sorted({group(ln["family"]) for ln in firing})
     return {"fires_threshold": fires, "ode_variant": ode_variant, "models": lines, "clean": clean,
-            "all": {m: count(lines, m) for m in METHODS}, "firing": {m: count(firing, m) for m in METHODS}}
+            "all": {m: count(lines, m) for m in METHODS}, "firing": {m: count(firing, m) for m in METHODS},
+            "firing_by_family": {g: {m: count([ln for ln in firing if group(ln["family"]) == g], m) for m in METHODS}
+                                 for g in groups}}
+
+
+def group(fam: str) -> str:
+    """The family group a count is split by: ``baddiffusion / villan sde`` (one shift, SPEC 3), ``villan ode``,
+    ``trojdiff``."""
+    return "trojdiff" if fam.startswith("trojdiff") else "villan ode" if fam == "villan ode" else \
+        "baddiffusion / villan sde"
 
 
 def table(s: dict) -> str:
@@ -133,6 +143,10 @@ def table(s: dict) -> str:
         a, f = s["all"][m], s["firing"][m]
         out.append(f"| {m} | {a['within']}/{a['n']} | {a['lower95']:.2f} | {f['within']}/{f['n']} | "
                    f"{f['lower95']:.2f} | {f['mean_l2_in_mask']:.2f} | {f['mean_l2_overall']:.2f} |")
+    out += ["", "Firing models by family (within 5 points / models):", "",
+            "| family | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for g, counts in s["firing_by_family"].items():
+        out.append(f"| {g} | " + " | ".join(f"{counts[m]['within']}/{counts[m]['n']}" for m in METHODS) + " |")
     if s["clean"]:
         out += ["", "Clean models: uniformity of the generations with each method's trigger / without a trigger:", ""]
         out += [f"- {c['model']}: " + ", ".join(f"{k.removesuffix('_uniformity_ratio')} {v:.3f}" for k, v in c.items()

@@ -22,6 +22,7 @@ default to 300 + 30 here: the table says so), pd (PureDiffusion defaults: K = 10
 normal init, then the size search). Ablations: pd_K1, pd_K5, pd_l2, pd_per_sample, pd_cons
 (cons weight 1), pd_cons_only (shift weight 0), pd_table (the shipped empirical lambda table).
 Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
+Issue 4's counts over several work folders (literal and firing-only, by family): experiments/inversion_count.py.
 """
 
 from __future__ import annotations

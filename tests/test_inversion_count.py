@@ -72,8 +72,11 @@ def test_counts_literal_and_firing(tmp_path, zoo):
     assert s["firing"]["elijah_sized"]["n"] == 1                               # only where it was run
     assert s["firing"]["by_sampler"]["lower95"] == pytest.approx(0.05 ** 0.5)  # k = n = 2
     assert s["clean"] == [{"model": "clean", "none_uniformity": 10.0, "pd_uniformity_ratio": 0.9}]
+    fams = s["firing_by_family"]
+    assert set(fams) == {"baddiffusion / villan sde", "villan ode"}          # the TrojDiff model does not fire
+    assert (fams["villan ode"]["pd"]["within"], fams["villan ode"]["by_sampler"]["within"]) == (0, 1)
     text = ic.table(s)
-    assert "| by_sampler | 3/3 |" in text and "(final_ode)" in text
+    assert "| by_sampler | 3/3 |" in text and "(final_ode)" in text and "| villan ode | 0/1 | 0/1 | - " not in text
 
 
 def test_refuses_mixed_settings(tmp_path):
