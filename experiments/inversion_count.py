@@ -11,6 +11,7 @@ inversion_table.py's summary), and the trigger's L2 to the true one in its mask 
 ``pd`` (PureDiffusion defaults), ``elijah``, ``elijah_sized`` (Elijah's trigger after PureDiffusion's size
 search) and ``by_sampler``: the variant a user picks from the sampler the model is attacked with, ``pd`` for a
 DDPM (SDE) model and ``--ode-variant`` (default ``final_ode``, L_final along the DDIM chain) for an ODE-trained one.
+``--also`` counts more variants (e.g. ``spread_only``) on the models where they were run.
 
 The rule counts a model whose true trigger does not fire as a success for every method (an inverted trigger
 cannot fall 5 points below 0.00), so the counts are given twice: over all backdoored models (the literal rule),
@@ -71,12 +72,13 @@ def family(zoo: Path, name: str) -> str:
     return f"{a['kind']} {a.get('solver', 'sde')}" if a["kind"] == "villan" else a["kind"]
 
 
-def model_row(name: str, rows: dict[str, dict], ode_variant: str, fires: float, fam: str) -> dict:
+def model_row(name: str, rows: dict[str, dict], ode_variant: str, fires: float, fam: str,
+              methods: tuple[str, ...] = METHODS) -> dict:
     """One backdoored model's line: true ASR, sampler, and per method ASR / L2 / within 5 points."""
     true = rows["true"]
     out = {"model": name, "family": fam, "start": true["start"], "true_asr": true["asr"],
            "fires": true["asr"] >= fires, "methods": {}}
-    for method in METHODS:
+    for method in methods:
         v = (ode_variant if true["start"] == "ddim" else "pd") if method == "by_sampler" else method
         r = rows.get(v)
         if r is None:
@@ -96,8 +98,10 @@ def count(lines: list[dict], method: str) -> dict:
             "mean_l2_in_mask": mean("l2_in_mask"), "mean_l2_overall": mean("l2_overall")}
 
 
-def summarise(models: dict[str, dict[str, dict]], zoo: Path, ode_variant: str, fires: float) -> dict:
-    lines = [model_row(m, rows, ode_variant, fires, family(zoo, m))
+def summarise(models: dict[str, dict[str, dict]], zoo: Path, ode_variant: str, fires: float,
+              methods: tuple[str, ...] = METHODS) -> dict:
+    """Per-model lines and the counts of ``methods`` (all backdoored, firing, firing by family); clean models."""
+    lines = [model_row(m, rows, ode_variant, fires, family(zoo, m), methods)
              for m, rows in sorted(models.items()) if "true" in rows]
     firing = [ln for ln in lines if ln["fires"]]
     clean = []
@@ -106,12 +110,12 @@ def summarise(models: dict[str, dict[str, dict]], zoo: Path, ode_variant: str, f
             continue
         base = rows["none"]["uniformity"]
         clean.append({"model": m, "none_uniformity": base,
-                      **{f"{v}_uniformity_ratio": rows[v]["uniformity"] / base for v in ("pd", "elijah", "final_ode")
+                      **{f"{v}_uniformity_ratio": rows[v]["uniformity"] / base for v in dict.fromkeys(("pd", "elijah", "final_ode", *methods))
                          if v in rows}})
     groups = sorted({group(ln["family"]) for ln in firing})
-    return {"fires_threshold": fires, "ode_variant": ode_variant, "models": lines, "clean": clean,
-            "all": {m: count(lines, m) for m in METHODS}, "firing": {m: count(firing, m) for m in METHODS},
-            "firing_by_family": {g: {m: count([ln for ln in firing if group(ln["family"]) == g], m) for m in METHODS}
+    return {"fires_threshold": fires, "ode_variant": ode_variant, "methods": list(methods), "models": lines,
+            "clean": clean, "all": {m: count(lines, m) for m in methods}, "firing": {m: count(firing, m) for m in methods},
+            "firing_by_family": {g: {m: count([ln for ln in firing if group(ln["family"]) == g], m) for m in methods}
                                  for g in groups}}
 
 
@@ -123,11 +127,12 @@ def group(fam: str) -> str:
 
 
 def table(s: dict) -> str:
-    head = ["model", "family", "sampler", "true ASR", *[f"{m} ASR / L2 in mask" for m in METHODS]]
+    methods = s["methods"]
+    head = ["model", "family", "sampler", "true ASR", *[f"{m} ASR / L2 in mask" for m in methods]]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in s["models"]:
         cells = [ln["model"], ln["family"], ln["start"], f"{ln['true_asr']:.2f}"]
-        for m in METHODS:
+        for m in methods:
             g = ln["methods"].get(m)
             cells.append("-" if g is None else
                          f"{'**' if g['within'] else ''}{g['asr']:.2f}{'**' if g['within'] else ''} / "
@@ -139,14 +144,14 @@ def table(s: dict) -> str:
             f"fires (ASR >= {s['fires_threshold']}) in the evaluation's setting:", "",
             "| method | all backdoored: within 5 pts | lower 95% | firing only: within 5 pts | lower 95% | "
             "mean L2 in mask (firing) | mean L2 overall (firing) |", "|---|---|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in methods:
         a, f = s["all"][m], s["firing"][m]
         out.append(f"| {m} | {a['within']}/{a['n']} | {a['lower95']:.2f} | {f['within']}/{f['n']} | "
                    f"{f['lower95']:.2f} | {f['mean_l2_in_mask']:.2f} | {f['mean_l2_overall']:.2f} |")
     out += ["", "Firing models by family (within 5 points / models):", "",
-            "| family | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+            "| family | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for g, counts in s["firing_by_family"].items():
-        out.append(f"| {g} | " + " | ".join(f"{counts[m]['within']}/{counts[m]['n']}" for m in METHODS) + " |")
+        out.append(f"| {g} | " + " | ".join(f"{counts[m]['within']}/{counts[m]['n']}" for m in methods) + " |")
     if s["clean"]:
         out += ["", "Clean models: uniformity of the generations with each method's trigger / without a trigger:", ""]
         out += [f"- {c['model']}: " + ", ".join(f"{k.removesuffix('_uniformity_ratio')} {v:.3f}" for k, v in c.items()
@@ -161,11 +166,12 @@ def main():
     ap.add_argument("--zoo", type=Path, default=Path("zoo"), help="where the models are (for their attack family)")
     ap.add_argument("--ode-variant", default="final_ode", help="the by-sampler variant for ODE-trained models")
     ap.add_argument("--fires", type=float, default=0.9, help="true-trigger ASR from which a model counts as firing")
+    ap.add_argument("--also", nargs="*", default=[], help="more variants to count (e.g. spread_only), where run")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--table", type=Path)
     args = ap.parse_args()
     models, notes = collect(args.folders)
-    s = summarise(models, args.zoo, args.ode_variant, args.fires)
+    s = summarise(models, args.zoo, args.ode_variant, args.fires, (*METHODS, *args.also))
     s["folders"] = [str(f) for f in args.folders]
     s["ignored"] = notes
     text = table(s)

@@ -55,7 +55,7 @@ def test_counts_literal_and_firing(tmp_path, zoo):
         row("ode", "true", 1.0, "ddim"), row("ode", "pd", 0.0, "ddim"), row("ode", "elijah", 0.0, "ddim"),
         row("ode", "final_ode", 1.0, "ddim", l2=5.0),
         # TrojDiff patch whose true trigger does not fire additively: a success for every method, literally.
-        row("troj", "true", 0.0), row("troj", "pd", 0.0), row("troj", "elijah", 0.0),
+        row("troj", "true", 0.0), row("troj", "pd", 0.0), row("troj", "elijah", 0.0), row("troj", "spread_only", 0.1),
         row("clean", "none", None, uni=10.0), row("clean", "pd", None, uni=9.0),
     ])
     b = write(tmp_path / "b", [row("bd", "true", 0.0), row("bd", "pd", 0.0)])  # a duplicate model: ignored
@@ -76,6 +76,9 @@ def test_counts_literal_and_firing(tmp_path, zoo):
     assert set(fams) == {"baddiffusion / villan sde", "villan ode"}          # the TrojDiff model does not fire
     assert (fams["villan ode"]["pd"]["within"], fams["villan ode"]["by_sampler"]["within"]) == (0, 1)
     text = ic.table(s)
+    extra = ic.summarise(models, zoo, "final_ode", 0.9, (*ic.METHODS, "spread_only"))
+    assert (extra["all"]["spread_only"]["within"], extra["all"]["spread_only"]["n"]) == (1, 1)
+    assert extra["firing"]["spread_only"]["n"] == 0 and "spread_only ASR" in ic.table(extra)
     assert "| by_sampler | 3/3 |" in text and "(final_ode)" in text and "| villan ode | 0/1 | 0/1 | - " not in text
 
 
