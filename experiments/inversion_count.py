@@ -3,7 +3,7 @@
 Command (reads only; every number comes from the folders' evals.jsonl):
 
     python experiments/inversion_count.py runs/inversion-heldout runs/inversion-ho8 runs/inversion-ho9 \
-        --zoo zoo --json experiments/results/inversion_heldout.json --table runs/inversion-heldout/count.md
+        --zoo zoo --also spread_only --json experiments/results/inversion_heldout.json --table runs/inversion-heldout/count.md
 
 For every backdoored model (a model with a ``true`` row) and every method it reports whether the inverted
 trigger's ASR is no more than 5 points below the true trigger's (issue 4's rule, the same test as
@@ -63,10 +63,11 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[str, dict]], list[str]]
 
 
 def family(zoo: Path, name: str) -> str:
-    """Attack family of a zoo model from its recorded attack, e.g. ``villan ode`` or ``trojdiff patch d2i``."""
-    from pdjax.model import load
+    """Attack family of a zoo model from its recorded attack, e.g. ``villan ode`` or ``trojdiff patch d2i``
+    (reads the checkpoint's metadata only, not its weights)."""
+    from pdjax.checkpoint import read_meta
 
-    a = load(zoo / name).meta["attack"]
+    a = read_meta(zoo / name)["provenance"]["attack"]
     if a["kind"] == "trojdiff":
         return f"trojdiff {a['trigger']} {a.get('mode', 'd2i')}"
     return f"{a['kind']} {a.get('solver', 'sde')}" if a["kind"] == "villan" else a["kind"]
