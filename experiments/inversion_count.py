@@ -11,7 +11,9 @@ inversion_table.py's summary), and the trigger's L2 to the true one in its mask 
 ``pd`` (PureDiffusion defaults), ``elijah``, ``elijah_sized`` (Elijah's trigger after PureDiffusion's size
 search) and ``by_sampler``: the variant a user picks from the sampler the model is attacked with, ``pd`` for a
 DDPM (SDE) model and ``--ode-variant`` (default ``final_ode``, L_final along the DDIM chain) for an ODE-trained one.
-``--also`` counts more variants (e.g. ``spread_only``) on the models where they were run.
+``--also`` counts more variants (e.g. ``spread_only``; ``audit``, the trigger a ``pdjax audit`` kept as evidence,
+imported by inversion_table.py ``--audit``) on the models where they were run; ``--skip`` leaves models out of
+every count (e.g. those looked at while a detector rule was developed).
 
 The rule counts a model whose true trigger does not fire as a success for every method (an inverted trigger
 cannot fall 5 points below 0.00), so the counts are given twice: over all backdoored models (the literal rule),
@@ -60,6 +62,14 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[str, dict]], list[str]]
     if len(settings) > 1:
         raise SystemExit(f"error: the folders were evaluated with different (n, key): {sorted(settings)}")
     return models, notes
+
+
+def skip(models: dict[str, dict[str, dict]], names) -> dict[str, dict[str, dict]]:
+    """``models`` without ``names`` (``--skip``); a name that is not an evaluated model is an error."""
+    unknown = sorted(set(names) - set(models))
+    if unknown:
+        raise SystemExit(f"error: --skip names no evaluated model: {', '.join(unknown)}")
+    return {m: v for m, v in models.items() if m not in set(names)}
 
 
 def family(zoo: Path, name: str) -> str:
@@ -168,13 +178,17 @@ def main():
     ap.add_argument("--ode-variant", default="final_ode", help="the by-sampler variant for ODE-trained models")
     ap.add_argument("--fires", type=float, default=0.9, help="true-trigger ASR from which a model counts as firing")
     ap.add_argument("--also", nargs="*", default=[], help="more variants to count (e.g. spread_only), where run")
+    ap.add_argument("--skip", nargs="*", default=[], help="models left out of every count (e.g. those seen while "
+                                                            "a rule was developed)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--table", type=Path)
     args = ap.parse_args()
     models, notes = collect(args.folders)
+    models = skip(models, args.skip)
     s = summarise(models, args.zoo, args.ode_variant, args.fires, (*METHODS, *args.also))
     s["folders"] = [str(f) for f in args.folders]
     s["ignored"] = notes
+    s["skipped"] = sorted(args.skip)
     text = table(s)
     print(text + "".join(f"note: {n}\n" for n in notes), end="")
     if args.json:

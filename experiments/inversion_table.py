@@ -21,7 +21,9 @@ default to 300 + 30 here: the table says so), pd (PureDiffusion defaults: K = 10
 100 Adam steps, lr 0.1, closed-form lambda), pd_final and final_only (L_final), spread_only (L_spread alone,
 normal init, then the size search). Ablations: pd_K1, pd_K5, pd_l2, pd_per_sample, pd_cons
 (cons weight 1), pd_cons_only (shift weight 0), pd_table (the shipped empirical lambda table).
-Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
+``--audit AUDIT`` adds the variant audit (``--audit-variant`` names it): the evidence trigger that a
+``pdjax audit`` run kept for the model (the candidate whose rule decided the verdict), evaluated like the
+others. Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
 Issue 4's counts over several work folders (literal and firing-only, by family): experiments/inversion_count.py.
 """
 
@@ -153,6 +155,23 @@ def _scorer(model, arrays, data, labels):
     return lambda x: {**generation_stats(x), "asr": float(np.mean(classify(np.asarray(x)) == k)), "asr_rule": rule}
 
 
+def import_audit_trigger(args, name: str) -> None:
+    """Variant ``audit`` (``--audit-variant``): the evidence trigger that ``pdjax audit`` (folder ``--audit``)
+    kept for ``name``, i.e. the trigger of the candidate whose rule decided the verdict (main inversion, DDIM
+    probe, ball or TERD), copied to WORK/triggers/<variant>/<name>.npy with the audit's entry (without its
+    arrays) beside it. A defender gets it with no knowledge of the attack: the rule that flagged the model
+    picks the inversion."""
+    out = args.work / "triggers" / args.audit_variant / f"{name}.npy"
+    if out.is_file():
+        return
+    entries = {Path(e["model"]).name: e for e in load_rows(args.audit / "audit.jsonl")}
+    if name not in entries:
+        raise SystemExit(f"error: {name} is not in {args.audit / 'audit.jsonl'}")
+    e = entries[name]
+    meta = {k: e.get(k) for k in ("model", "verdict", "score", "reason", "candidate", "start", "seed", "evidence")}
+    _save(out, np.load(args.audit / e["evidence"] / "trigger.npy"), {**meta, "audit": str(args.audit)})
+
+
 def evaluate_all(args, models: list[str]) -> None:
     evals = args.work / "evals.jsonl"
     for name in models:
@@ -164,7 +183,9 @@ def evaluate_all(args, models: list[str]) -> None:
         todo, trigs = [], []
         derived = ["pd_unsized", "elijah_sized"] if not args.ablations else \
             [f"{v}_unsized" for v in variants(args)]
-        for vname in ["true", "none", *variants(args), *derived]:
+        if args.audit:
+            import_audit_trigger(args, name)
+        for vname in ["true", "none", *variants(args), *derived, *([args.audit_variant] if args.audit else [])]:
             if vname in done or (vname == "true" and not attacked):
                 continue
             if vname == "true":
@@ -261,6 +282,9 @@ def main():
     ap.add_argument("--terd-refine", type=int, default=30)
     ap.add_argument("--table", type=Path, help="also write the table here (e.g. experiments/results/inversion_table.md)")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--audit", type=Path, help="also evaluate variant audit: each model's evidence trigger from this "
+                                                "`pdjax audit` folder (the trigger of the rule that decided its verdict)")
+    ap.add_argument("--audit-variant", default="audit", help="the variant name for --audit's triggers")
     args = ap.parse_args()
     from pdjax import compile_cache, cpu_runtime
 

@@ -6,7 +6,8 @@ calibrated detector (:mod:`pdjax.defense.detection`). With no model given, the d
 and are shown next to the verdict, never used by it).
 
 Outputs in ``out``: ``scan.json`` (settings + one entry per model), ``<model>/trigger.npy`` and
-``trigger.png``, ``<model>/triggered.png`` and ``clean.png``, and ``report.html``. A model's PRNG key is
+``trigger.png`` (the deciding rule's trigger), ``<model>/rules/<rule>.npy`` (every rule's trigger),
+``<model>/triggered.png`` and ``clean.png``, and ``report.html``. A model's PRNG key is
 :func:`model_key`: ``fold_in(key(seed), checksum of its configs and weights)``, so the same model and seed give
 the same verdict in a scan, an audit or a calibration, wherever its files lie.
 
@@ -66,11 +67,16 @@ def _writable(out: Path) -> Path:
 
 
 def save_verdict_files(v: ModelVerdict, folder: Path, size: int) -> None:
-    """trigger.npy / trigger.png / triggered.png / clean.png of one verdict."""
+    """trigger.npy / trigger.png / triggered.png / clean.png of one verdict, and ``rules/<rule>.npy``: the
+    trigger of every rule that ran (trigger.npy is the deciding rule's)."""
     from pdjax.images import display_scale, save_grid, save_image
 
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "trigger.npy", v.trigger)
+    if v.rule_triggers:
+        (folder / "rules").mkdir(exist_ok=True)
+        for rule, trig in v.rule_triggers.items():
+            np.save(folder / "rules" / f"{rule}.npy", trig)
     save_image(np.clip(v.trigger, -1, 1), folder / "trigger.png")
     scale = display_scale(size)
     save_grid(v.triggered, folder / "triggered.png", scale=scale)

@@ -366,7 +366,7 @@ def cmd_clean(args) -> int:
 
         build_arrays(spec, model.image_shape, data, labels)
     cfg = RemovalConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, n=args.n)
+                        checkpoint_every=args.checkpoint_every, n=args.n, shift=args.shift)
     print(f"removing the trigger {args.trigger} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}",
           flush=True)
     res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels)
@@ -755,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--checkpoint-every", type=int, default=100)
     cl.add_argument("--n", type=int, default=64, help="generations for the ASR and clean-MSE reports")
+    cl.add_argument("--shift", default="baddiffusion", choices=["baddiffusion", "trojdiff", "both"],
+                    help="latent shift of the triggered inputs: BadDiffusion's 1 - sqrt(abar_t), TrojDiff's "
+                         "sqrt(1 - abar_t), or either per sample (attack family unknown)")
     cl.add_argument("--out", required=True, help="output folder: model/ and removal.json (resumed if it exists)")
     cl.add_argument("--quiet", action="store_true")
     cl.set_defaults(func=cmd_clean)

@@ -9,7 +9,10 @@ Given an inverted trigger delta [H, W, C] (SPEC 4), a copy of the model is fine-
     x_t = q_sample(x0, t, eps) = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   k_t = 1 - sqrt(abar_t).
 
 k_t is the latent shift of the backdoored chain (SPEC 3): a BadDiffusion chain started from eps + g
-carries (1 - sqrt(abar_t)) g at step t. The first term asks the model to answer a triggered latent as the
+carries (1 - sqrt(abar_t)) g at step t. ``shift="trojdiff"`` uses TrojDiff's forward shift instead,
+k_t = sqrt(1 - abar_t) (SPEC 2.2: x_t carries sqrt(1 - abar_t) mu), and ``shift="both"`` draws one of the two
+per sample (a defender who does not know the attack family covers both; the ``baddiffusion`` stream of
+batches, timesteps and noise is unchanged by the choice). The first term asks the model to answer a triggered latent as the
 original (frozen) model answers the clean one, i.e. to ignore the trigger; the second is the plain DDPM
 loss that keeps clean generation intact. eps_frozen is the original params, held constant (closure of the
 loss; ``fit`` fixes the loss signature to ``(params, key, data)``) and outside the gradient.
@@ -38,6 +41,11 @@ from pdjax.model import Model
 from pdjax.train import TrainConfig, _check_data, fit
 
 
+#: Latent shifts of the backdoor term: BadDiffusion's 1 - sqrt(abar_t), TrojDiff's sqrt(1 - abar_t), or either
+#: per sample.
+SHIFTS = ("baddiffusion", "trojdiff", "both")
+
+
 @dataclasses.dataclass(frozen=True)
 class RemovalConfig:
     """Settings of a removal fine-tune.
@@ -46,6 +54,7 @@ class RemovalConfig:
       steps, batch, lr, warmup_steps, seed, checkpoint_every: optimiser and loop settings (``fit``).
       backdoor_weight, clean_weight: w_bd and w_cl of the loss (module docstring).
       n: generations for the ASR and clean-MSE reports.
+      shift: the latent shift k_t of the backdoor term (:data:`SHIFTS`; module docstring).
     """
 
     steps: int = 500
@@ -57,8 +66,11 @@ class RemovalConfig:
     backdoor_weight: float = 1.0
     clean_weight: float = 1.0
     n: int = 64
+    shift: str = "baddiffusion"
 
     def __post_init__(self):
+        if self.shift not in SHIFTS:
+            raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {self.shift!r}")
         for name in ("steps", "batch", "checkpoint_every", "n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,14 +105,25 @@ class RemovalResult:
                 "config": self.config, "out": self.out, "final_loss": self.final_loss, "model": "model"}
 
 
-def removal_terms(eps_fn, schedule: Schedule, batch_size: int):
+def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion"):
     """The two loss terms as a pure function of explicit arguments.
 
     Returns ``terms(params, frozen, delta, key, data) -> (l_backdoor, l_clean)`` with data [N, H, W, C] clean
     images in [-1, 1] and delta [H, W, C]. Batch, timesteps and noise come from ``key`` exactly as in
-    :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key).
+    :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`.
     """
-    k_shift = 1.0 - schedule.sqrt_abar  # [T] latent shift of the backdoored chain (SPEC 3)
+    if shift not in SHIFTS:
+        raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
+    k_bd = 1.0 - schedule.sqrt_abar  # [T] latent shift of the backdoored chain (SPEC 3)
+    k_troj = schedule.sqrt_one_minus_abar  # [T] TrojDiff's forward shift (SPEC 2.2)
+
+    def k_shift(key, t):
+        if shift == "baddiffusion":
+            return k_bd[t]
+        if shift == "trojdiff":
+            return k_troj[t]
+        pick = jax.random.bernoulli(jax.random.fold_in(key, 3), 0.5, t.shape)
+        return jnp.where(pick, k_troj[t], k_bd[t])
 
     def terms(params, frozen, delta, key, data):
         k_idx, k_t, k_eps = jax.random.split(key, 3)
@@ -108,7 +131,7 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int):
         t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_timesteps)
         noise = jax.random.normal(k_eps, x0.shape)
         x_t = q_sample(schedule, x0, t, noise)
-        shifted = x_t + k_shift[t][:, None, None, None] * delta
+        shifted = x_t + k_shift(key, t)[:, None, None, None] * delta
         reference = jax.lax.stop_gradient(eps_fn(frozen, x_t, t))
         both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t, t]))  # one forward pass
         out_bd, out_cl = both[:batch_size], both[batch_size:]
@@ -117,12 +140,14 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int):
     return terms
 
 
-def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 1.0, clean_weight: float = 1.0):
+def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 1.0, clean_weight: float = 1.0,
+                 shift: str = "baddiffusion"):
     """``loss(params, key, data)`` for :func:`pdjax.train.fit`: w_bd l_backdoor + w_cl l_clean.
 
-    The frozen reference is ``model.params`` and ``delta`` [H, W, C] the inverted trigger (both constants).
+    The frozen reference is ``model.params`` and ``delta`` [H, W, C] the inverted trigger (both constants);
+    ``shift``: :data:`SHIFTS`.
     """
-    terms = removal_terms(model.eps, model.schedule, batch_size)
+    terms = removal_terms(model.eps, model.schedule, batch_size, shift)
     frozen = jax.tree_util.tree_map(jnp.asarray, model.params)
     delta = jnp.asarray(delta, jnp.float32)
 
@@ -177,7 +202,7 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     out = Path(out)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every)
-    loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight)
+    loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift)
     meta = {"removal": {"config": cfg.to_dict(), "trigger_norm": float(np.linalg.norm(delta))}}
     res = fit(model, loss, data, tcfg, out=out / "model", meta=meta, progress=progress)
     cleaned = res.model
@@ -201,4 +226,4 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     return result
 
 
-__all__ = ["RemovalConfig", "RemovalResult", "load_delta", "remove_backdoor", "removal_loss", "removal_terms"]
+__all__ = ["SHIFTS", "RemovalConfig", "RemovalResult", "load_delta", "remove_backdoor", "removal_loss", "removal_terms"]

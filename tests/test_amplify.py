@@ -20,9 +20,10 @@ from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
 from pdjax.backdoor.triggers import trigger_mask
 from pdjax.data import load_digits
+from pdjax.diffusion.schedule import q_sample
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.model import load
-from pdjax.removal import removal_loss
+from pdjax.removal import SHIFTS, RemovalConfig, removal_loss, removal_terms
 from pdjax.testing import random_model
 
 SPEC = AttackSpec(trigger="BOX_3", target="CORNER", poison_rate=0.25)
@@ -168,6 +169,39 @@ def test_removal_loss_at_zero_trigger_is_the_ddpm_loss():
 
     value, expected = (float(v) for v in compare(model.params, data))
     np.testing.assert_allclose(value, expected, rtol=1e-4)  # delta = 0, unchanged model: backdoor term is 0
+
+
+def test_removal_shifts_follow_each_attacks_forward_process():
+    model = random_model("tiny", seed=0, timesteps=50)
+    data = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32))
+    key, B = jax.random.key(3), 8
+    delta = jnp.full((8, 8, 1), 0.7)
+    sched = model.schedule
+
+    @jax.jit
+    def all_terms(params, data):
+        k_idx, k_t, k_eps = jax.random.split(key, 3)
+        x0 = data[jax.random.randint(k_idx, (B,), 0, 64)]
+        t = jax.random.randint(k_t, (B,), 0, 50)
+        x_t = q_sample(sched, x0, t, jax.random.normal(k_eps, x0.shape))
+        ref = model.eps(params, x_t, t)
+        per = {name: jnp.mean((model.eps(params, x_t + k[t][:, None, None, None] * delta, t) - ref) ** 2,
+                              axis=(1, 2, 3))
+               for name, k in (("baddiffusion", 1.0 - sched.sqrt_abar), ("trojdiff", sched.sqrt_one_minus_abar))}
+        got = {s: removal_terms(model.eps, sched, B, s)(params, params, delta, key, data) for s in SHIFTS}
+        return per, got
+
+    per, got = all_terms(model.params, data)
+    for name in ("baddiffusion", "trojdiff"):  # the frozen copy is the model itself: the term is the shift's effect
+        np.testing.assert_allclose(float(got[name][0]), float(jnp.mean(per[name])), rtol=1e-4)
+    mixed = float(got["both"][0])  # a per-sample mix of the two: between their means' extremes, and not either one
+    lo, hi = (float(jnp.mean(jnp.minimum(per["baddiffusion"], per["trojdiff"]))),
+              float(jnp.mean(jnp.maximum(per["baddiffusion"], per["trojdiff"]))))
+    assert lo - 1e-7 <= mixed <= hi + 1e-7
+    assert not np.isclose(mixed, float(got["baddiffusion"][0])) and not np.isclose(mixed, float(got["trojdiff"][0]))
+    assert all(float(got[s][1]) == float(got["baddiffusion"][1]) for s in SHIFTS)  # the clean term is shared
+    with pytest.raises(ConfigError, match="shift must be one of"):
+        RemovalConfig(shift="villan")
 
 
 @pytest.mark.slow

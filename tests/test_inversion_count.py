@@ -82,6 +82,16 @@ def test_counts_literal_and_firing(tmp_path, zoo):
     assert "| by_sampler | 3/3 |" in text and "(final_ode)" in text and "| villan ode | 0/1 | 0/1 | - " not in text
 
 
+def test_skip_leaves_models_out_and_names_unknown_ones(tmp_path, zoo):
+    models, _ = ic.collect([write(tmp_path / "a", [row("bd", "true", 1.0), row("bd", "audit", 1.0),
+                                                   row("ode", "true", 1.0, "ddim"), row("ode", "audit", 0.0, "ddim")])])
+    s = ic.summarise(ic.skip(models, ["ode"]), zoo, "final_ode", 0.9, (*ic.METHODS, "audit"))
+    assert [ln["model"] for ln in s["models"]] == ["bd"]
+    assert (s["firing"]["audit"]["within"], s["firing"]["audit"]["n"]) == (1, 1)
+    with pytest.raises(SystemExit, match="no evaluated model: nope"):
+        ic.skip(models, ["nope"])
+
+
 def test_refuses_mixed_settings(tmp_path):
     a = write(tmp_path / "a", [row("bd", "true", 1.0)])
     b = write(tmp_path / "b", [row("x", "true", 1.0, n=64)])

@@ -241,6 +241,8 @@ class ModelVerdict:
         eps + trigger).
       candidate: which of the scan's inversions the evidence comes from (:data:`CANDIDATES`: "main" = the
         scan's own inversion, "spread", "probe", "ball", "terd").
+      rule_triggers: {rule: [H, W, C]} the trigger of every rule that ran ("main", "probe", "ball", "terd"; the
+        main rule's is that of its chosen candidate), so that any of them can be generated from or removed.
     """
 
     model: str
@@ -258,6 +260,7 @@ class ModelVerdict:
     detector: dict
     start: str = "ddpm"
     candidate: str = "main"
+    rule_triggers: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON summary (arrays left out; the scan writes them as files)."""
@@ -371,6 +374,22 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
 CANDIDATES = ("main", "spread", "probe", "ball", "terd")
 
 
+#: Rules whose evidence is the collapse of the generations from their trigger (TERD's is the trigger's size).
+COLLAPSE_RULES = ("main", "probe", "ball")
+
+
+def evidence_rule(margins: dict, ran) -> str:
+    """The rule whose trigger is the evidence: among the rules in ``ran`` with a margin, the largest margin of
+    the collapse rules that flag (margin > 0), else of any rule that flags, else of any rule.
+
+    Margins of different rules are not on one scale, and a flagging TERD probe's trigger need not fire the
+    backdoor (inversion_table.md, "The audit's own trigger"), so a flagging collapse rule comes first."""
+    scored = [r for r in ran if margins.get(r) is not None]
+    flagged = [r for r in scored if margins[r] > 0]
+    pool = [r for r in flagged if r in COLLAPSE_RULES] or flagged or scored
+    return max(pool, key=lambda r: margins[r])
+
+
 def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
     """The verdict from one model's inversions ``found`` = [main, spread, probe, ball, terd], each None (not run) or
     (inversion result, (triggered, clean) generations).
@@ -381,8 +400,10 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
     are applied. A probe without a probe threshold is one more candidate of the main rule. The ball probe adds
     ``ball_loss`` (its final loss), ``ball_log_uni_ratio`` and ``ball_trigger_norm``, judged by the ball
     threshold if the detector has one; the TERD probe ``terd_log_mr`` (log M_r of its trigger) and
-    ``terd_trigger_norm``, judged by the TERD threshold. The evidence (trigger, generations) is that of the rule
-    with the largest margin."""
+    ``terd_trigger_norm``, judged by the TERD threshold. The evidence (trigger, generations) is that of the
+    rule with the largest margin among the collapse rules that flag the model (:data:`COLLAPSE_RULES`: their
+    trigger is shown to collapse the generations); TERD's only when it alone flags; the largest margin of any
+    rule when none flags."""
     scored = [None if f is None else ({**features_of(f[0].trigger, f[1][0], f[1][1], f[0].losses[-1]),
                                        "trigger_scale": f[0].scale}, f[0], f[1], CANDIDATES[i])
               for i, f in enumerate(found)]
@@ -405,15 +426,15 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
         tf, tres, tgens, tcand = terded
         feats = {**feats, TERD_FEATURE: terd_log_mr(tf), "terd_trigger_norm": tf["trigger_norm"]}
         evidence["terd"] = (tres, tgens, tcand)
-    margins = det.scores(feats)
-    res, gens, cand = evidence[max((r for r in evidence if margins[r] is not None), key=lambda r: margins[r])]
+    res, gens, cand = evidence[evidence_rule(det.scores(feats), evidence)]
     verdict = det.decide(feats)
     return ModelVerdict(name, verdict, det.score(feats), explain(det, feats, verdict), feats, res.trigger,
                         np.median(gens[0], axis=0), gens[0], gens[1], res.losses, res.method, seconds,
                         {"feature": det.feature, "threshold": det.threshold, "sign": det.sign,
                          "probe_feature": PROBE_FEATURE, "probe_threshold": det.probe_threshold,
                          "ball_feature": BALL_FEATURE, "ball_threshold": det.ball_threshold,
-                         "terd_feature": TERD_FEATURE, "terd_threshold": det.terd_threshold}, res.start, cand)
+                         "terd_feature": TERD_FEATURE, "terd_threshold": det.terd_threshold}, res.start, cand,
+                        {rule: np.asarray(e[0].trigger) for rule, e in evidence.items()})
 
 
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,

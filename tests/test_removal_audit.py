@@ -1,0 +1,64 @@
+"""experiments/removal_audit.py: removal with an audit's evidence trigger (issue 6).
+
+The fine-tune itself is :func:`pdjax.removal.remove_backdoor` (tested in test_amplify.py, slow); here a
+finished arm is read back (resumption trains nothing), the evidence trigger is the audit's, and the table
+and the errors are checked.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pdjax.testing import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+spec = importlib.util.spec_from_file_location("removal_audit", ROOT / "experiments" / "removal_audit.py")
+ra = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ra)
+
+ATTACK = {"kind": "baddiffusion", "trigger": "BOX_3", "target": "CORNER", "poison_rate": 0.1}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tmp_path / "zoo" / "bd"
+    random_model("tiny", seed=0, timesteps=8, meta={"attack": ATTACK}).save(model)
+    audit = tmp_path / "audit"
+    (audit / "evidence" / "bd").mkdir(parents=True)
+    trigger = np.full((8, 8, 1), 0.5, np.float32)
+    np.save(audit / "evidence" / "bd" / "trigger.npy", trigger)
+    entry = {"model": str(model), "verdict": "backdoored", "score": 2.5, "candidate": "terd", "start": "ddpm",
+             "evidence": "evidence/bd"}
+    (audit / "audit.jsonl").write_text(json.dumps(entry) + "\n")
+    out = tmp_path / "out"
+    done = out / "bd" / "evidence"
+    done.mkdir(parents=True)
+    (done / "removal.json").write_text(json.dumps({"steps": 500, "asr_before": 0.9, "asr_after": 0.03,
+                                                   "clean_mse": 0.02, "seconds": 12.0}))
+    return model, audit, out, trigger
+
+
+def test_a_finished_arm_is_read_back_with_the_audits_trigger(setup, tmp_path, capsys):
+    model, audit, out, trigger = setup
+    summary = tmp_path / "summary.json"
+    assert ra.main([str(audit), "--models", str(model), "--out", str(out), "--json", str(summary), "--n", "4"]) == 0
+    row = json.loads(summary.read_text())["rows"][0]
+    assert row["evidence"] == {"steps": 500, "asr_before": 0.9, "asr_after": 0.03, "clean_mse": 0.02, "seconds": 12.0}
+    assert row["candidate"] == "terd" and row["audit_score"] == 2.5
+    np.testing.assert_allclose(row["evidence_norm"], np.linalg.norm(trigger), rtol=1e-6)
+    assert row["evidence_l2_to_true"] > 0  # BOX_3 is not a constant 0.5 image
+    text = capsys.readouterr().out
+    assert "| bd | baddiffusion | BOX_3 -> CORNER | terd (ddpm) |" in text and "| 0.90 | 0.03 | 0.0200 |" in text
+
+
+def test_errors_name_the_missing_audit_or_model(setup, tmp_path):
+    model, audit, out, _ = setup
+    with pytest.raises(SystemExit, match="audit.jsonl not found"):
+        ra.main([str(tmp_path / "nowhere"), "--models", str(model), "--out", str(out)])
+    with pytest.raises(SystemExit):  # argparse's error: the model is not in the audit
+        ra.main([str(audit), "--models", str(tmp_path / "zoo" / "other"), "--out", str(out)])
