@@ -21,9 +21,10 @@ default to 300 + 30 here: the table says so), pd (PureDiffusion defaults: K = 10
 100 Adam steps, lr 0.1, closed-form lambda), pd_final and final_only (L_final), spread_only (L_spread alone,
 normal init, then the size search). Ablations: pd_K1, pd_K5, pd_l2, pd_per_sample, pd_cons
 (cons weight 1), pd_cons_only (shift weight 0), pd_table (the shipped empirical lambda table).
-``--audit AUDIT`` adds the variant audit (``--audit-variant`` names it): the evidence trigger that a
-``pdjax audit`` run kept for the model (the candidate whose rule decided the verdict), evaluated like the
-others. Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
+``--audit AUDIT [AUDIT ...]`` adds the variant audit (``--audit-variant`` names it): the evidence trigger that
+a ``pdjax audit`` run kept for the model (the first folder that has it; the candidate whose rule decided the
+verdict), evaluated like the others; a note says where the current evidence rule would pick another rule.
+Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
 Issue 4's counts over several work folders (literal and firing-only, by family): experiments/inversion_count.py.
 """
 
@@ -40,6 +41,7 @@ import numpy as np
 
 from pdjax.backdoor.train import build_arrays, spec_from_model, target_classifier
 from pdjax.data import load_digits_with_labels
+from pdjax.defense.detection import CANDIDATES, Detector, evidence_rule
 from pdjax.defense.evaluate import Start, fidelity, generation_stats, triggered_generations
 from pdjax.defense.inversion import InversionConfig, size_search_key, invert, size_search
 from pdjax.model import load
@@ -164,12 +166,19 @@ def import_audit_trigger(args, name: str) -> None:
     out = args.work / "triggers" / args.audit_variant / f"{name}.npy"
     if out.is_file():
         return
-    entries = {Path(e["model"]).name: e for e in load_rows(args.audit / "audit.jsonl")}
-    if name not in entries:
-        raise SystemExit(f"error: {name} is not in {args.audit / 'audit.jsonl'}")
+    for folder in args.audit:  # the first audit folder that has the model
+        entries = {Path(e["model"]).name: e for e in load_rows(folder / "audit.jsonl")}
+        if name in entries:
+            break
+    else:
+        raise SystemExit(f"error: {name} is in none of {', '.join(str(a / 'audit.jsonl') for a in args.audit)}")
     e = entries[name]
+    rule = evidence_rule(Detector.load(None).scores(e["features"]), CANDIDATES)
+    kept = "main" if e["candidate"] == "spread" else e["candidate"]
+    if rule != kept:
+        print(f"note: {name}: {folder} kept the {kept} rule's trigger; the current evidence rule picks {rule}'s")
     meta = {k: e.get(k) for k in ("model", "verdict", "score", "reason", "candidate", "start", "seed", "evidence")}
-    _save(out, np.load(args.audit / e["evidence"] / "trigger.npy"), {**meta, "audit": str(args.audit)})
+    _save(out, np.load(folder / e["evidence"] / "trigger.npy"), {**meta, "audit": str(folder)})
 
 
 def evaluate_all(args, models: list[str]) -> None:
@@ -282,8 +291,9 @@ def main():
     ap.add_argument("--terd-refine", type=int, default=30)
     ap.add_argument("--table", type=Path, help="also write the table here (e.g. experiments/results/inversion_table.md)")
     ap.add_argument("--skip-eval", action="store_true")
-    ap.add_argument("--audit", type=Path, help="also evaluate variant audit: each model's evidence trigger from this "
-                                                "`pdjax audit` folder (the trigger of the rule that decided its verdict)")
+    ap.add_argument("--audit", type=Path, nargs="+", help="also evaluate variant audit: each model's evidence trigger "
+                    "from these `pdjax audit` folders (the first that has the model; the trigger of the rule that "
+                    "decided its verdict)")
     ap.add_argument("--audit-variant", default="audit", help="the variant name for --audit's triggers")
     args = ap.parse_args()
     from pdjax import compile_cache, cpu_runtime

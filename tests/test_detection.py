@@ -179,11 +179,9 @@ def test_shipped_detector_is_calibrated():
     assert math.isclose(acc, meta["train_accuracy"])
 
 
-def test_evidence_rule_prefers_a_flagging_collapse_rule():
+def test_evidence_rule_is_the_largest_margin_of_the_rules_that_ran():
     ran = ("main", "probe", "ball", "terd")
-    assert D.evidence_rule({"main": 1.5, "probe": -1.0, "ball": 0.2, "terd": 30.0}, ran) == "main"
-    assert D.evidence_rule({"main": -1.5, "probe": 5.0, "ball": -0.7, "terd": 9.8}, ran) == "probe"
-    assert D.evidence_rule({"main": -1.6, "probe": -0.2, "ball": -7.0, "terd": 3.6}, ran) == "terd"  # TERD alone
+    assert D.evidence_rule({"main": 1.5, "probe": -1.0, "ball": 0.2, "terd": 30.0}, ran) == "terd"
     assert D.evidence_rule({"main": -1.6, "probe": -0.2, "ball": None, "terd": -3.0}, ran) == "probe"  # none flags
     assert D.evidence_rule({"main": -1.6, "probe": 2.0, "ball": None, "terd": None}, ("main",)) == "main"  # ran only
 
@@ -404,12 +402,12 @@ def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
     assert v.detector["terd_threshold"] == math.log(0.05) and seen[-1][0] is terd
     v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, terd=terd)  # no TERD threshold: reported only
     assert v.candidate == "main" and not v.backdoored and "terd_trigger_norm" in v.features
-    # TERD and the main rule both flag, TERD by far more: the evidence is the main rule's collapsing trigger
+    # TERD and the main rule both flag, TERD by far more: TERD's trigger is the evidence, and both are kept
     winner["config"], value[terd] = TINY_SCAN, 5.0
     v = D.scan_model(m, "t", key, Detector(terd_threshold=math.log(0.05), terd_scale=0.1), TINY_SCAN, n=4, terd=terd)
     margins = Detector(terd_threshold=math.log(0.05), terd_scale=0.1).scores(v.features)
-    assert margins["terd"] > margins["main"] > 0 and v.candidate == "main" and float(v.trigger[0, 0, 0]) == 1.0
-    assert set(v.rule_triggers) == {"main", "terd"} and float(v.rule_triggers["terd"][0, 0, 0]) == 5.0
+    assert margins["terd"] > margins["main"] > 0 and v.candidate == "terd" and float(v.trigger[0, 0, 0]) == 5.0
+    assert set(v.rule_triggers) == {"main", "terd"} and float(v.rule_triggers["main"][0, 0, 0]) == 1.0
     from pdjax.cli import _scan_terd
 
     assert _scan_terd(build_parser().parse_args(["scan", "--terd"])) == D.TERD_PROBE

@@ -374,20 +374,12 @@ def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: 
 CANDIDATES = ("main", "spread", "probe", "ball", "terd")
 
 
-#: Rules whose evidence is the collapse of the generations from their trigger (TERD's is the trigger's size).
-COLLAPSE_RULES = ("main", "probe", "ball")
-
-
 def evidence_rule(margins: dict, ran) -> str:
-    """The rule whose trigger is the evidence: among the rules in ``ran`` with a margin, the largest margin of
-    the collapse rules that flag (margin > 0), else of any rule that flags, else of any rule.
+    """The rule whose trigger is the evidence: the largest margin among the rules in ``ran`` that have one.
 
-    Margins of different rules are not on one scale, and a flagging TERD probe's trigger need not fire the
-    backdoor (inversion_table.md, "The audit's own trigger"), so a flagging collapse rule comes first."""
-    scored = [r for r in ran if margins.get(r) is not None]
-    flagged = [r for r in scored if margins[r] > 0]
-    pool = [r for r in flagged if r in COLLAPSE_RULES] or flagged or scored
-    return max(pool, key=lambda r: margins[r])
+    (Preferring a flagging collapse rule (main, probe, ball) over a larger TERD margin was tried on the held-out
+    list and recovered no more triggers: inversion_table.md, "The audit's own trigger".)"""
+    return max((r for r in ran if margins.get(r) is not None), key=lambda r: margins[r])
 
 
 def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
@@ -401,9 +393,7 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
     ``ball_loss`` (its final loss), ``ball_log_uni_ratio`` and ``ball_trigger_norm``, judged by the ball
     threshold if the detector has one; the TERD probe ``terd_log_mr`` (log M_r of its trigger) and
     ``terd_trigger_norm``, judged by the TERD threshold. The evidence (trigger, generations) is that of the
-    rule with the largest margin among the collapse rules that flag the model (:data:`COLLAPSE_RULES`: their
-    trigger is shown to collapse the generations); TERD's only when it alone flags; the largest margin of any
-    rule when none flags."""
+    rule with the largest margin (:func:`evidence_rule`); every rule's trigger is kept in ``rule_triggers``."""
     scored = [None if f is None else ({**features_of(f[0].trigger, f[1][0], f[1][1], f[0].losses[-1]),
                                        "trigger_scale": f[0].scale}, f[0], f[1], CANDIDATES[i])
               for i, f in enumerate(found)]
