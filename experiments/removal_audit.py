@@ -13,7 +13,8 @@ only to score it.
 Command (incremental and resumable: a model whose ``removal.json`` exists is read back, not redone):
 
     python experiments/removal_audit.py runs/heldout-audit-terd --models zoo/ho9_bd_stop11_cat ... \\
-        --out runs/removal-audit [--n 64] [--steps 500] [--shift baddiffusion|trojdiff|both] [--arm evidence|true|control ...] [--json FILE]
+        --out runs/removal-audit [--n 64] [--steps 500] [--shift baddiffusion|trojdiff|both] \\
+        [--noise-scale-min S] [--arm evidence|true|control ...] [--json FILE]
 
 Arms: ``evidence`` (the audit's trigger, the default), ``true`` (the attack's own trigger: what removal can do
 when the trigger is right), ``control`` (the same fine-tuning with the backdoor term off). Outputs:
@@ -52,9 +53,11 @@ def evidence_trigger(audit: Path, entry: dict) -> np.ndarray:
     return np.load(audit / entry["evidence"] / "trigger.npy")
 
 
-def arm_name(arm: str, shift: str) -> str:
-    """The arm's folder and summary key: the arm, suffixed with a removal shift other than the default."""
-    return arm if shift == "baddiffusion" else f"{arm}_{shift}"
+def arm_name(arm: str, shift: str, noise_scale_min: float = 1.0) -> str:
+    """The arm's folder and summary key: the arm, suffixed with a removal shift and a noise-scale floor other
+    than the defaults."""
+    return arm + ("" if shift == "baddiffusion" else f"_{shift}") + \
+        ("" if noise_scale_min == 1.0 else f"_s{noise_scale_min:g}")
 
 
 def run_model(path: Path, entry: dict, args) -> dict:
@@ -69,7 +72,7 @@ def run_model(path: Path, entry: dict, args) -> dict:
            "start": entry.get("start", "ddpm"), "n": args.n, "seed": args.seed,
            "evidence_norm": float(np.linalg.norm(found)), "evidence_l2_to_true": float(np.linalg.norm(found - true_g))}
     for arm in args.arm:
-        name = arm_name(arm, args.shift)
+        name = arm_name(arm, args.shift, args.noise_scale_min)
         out = args.out / path.name / name
         done = out / "removal.json"
         if done.is_file():
@@ -79,6 +82,7 @@ def run_model(path: Path, entry: dict, args) -> dict:
             continue
         trigger = true_g if arm == "true" else found
         cfg = RemovalConfig(steps=args.steps, n=args.n, seed=args.seed, shift=args.shift,
+                            noise_scale_min=args.noise_scale_min,
                             backdoor_weight=0.0 if arm == "control" else 1.0)
         t0 = time.perf_counter()
         rem = remove_backdoor(model, data, trigger, cfg, out=out, progress=not args.quiet, spec=spec, labels=labels)
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--shift", default="baddiffusion", choices=SHIFTS,
                    help="the removal term's latent shift (pdjax clean --shift); arms other than the default "
                         "are stored as ARM_SHIFT")
+    p.add_argument("--noise-scale-min", type=float, default=1.0,
+                   help="pdjax clean --noise-scale-min; arms with another value are stored as ARM_sVALUE")
     p.add_argument("--steps", type=int, default=RemovalConfig.steps, help="removal fine-tuning steps")
     p.add_argument("--seed", type=int, default=0, help="removal seed (batches, timesteps, evaluation keys)")
     p.add_argument("--json", type=Path, help="write the summary rows here")
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
         rows.append(run_model(m, entries[m.name], args))
         if args.json:  # after every model, so a killed run keeps what it finished
             args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
-    print(table(rows, [arm_name(a, args.shift) for a in args.arm]))
+    print(table(rows, [arm_name(a, args.shift, args.noise_scale_min) for a in args.arm]))
     return 0
 
 

@@ -12,7 +12,10 @@ k_t is the latent shift of the backdoored chain (SPEC 3): a BadDiffusion chain s
 carries (1 - sqrt(abar_t)) g at step t. ``shift="trojdiff"`` uses TrojDiff's forward shift instead,
 k_t = sqrt(1 - abar_t) (SPEC 2.2: x_t carries sqrt(1 - abar_t) mu), and ``shift="both"`` draws one of the two
 per sample (a defender who does not know the attack family covers both; the ``baddiffusion`` stream of
-batches, timesteps and noise is unchanged by the choice). The first term asks the model to answer a triggered latent as the
+batches, timesteps and noise is unchanged by the choice). ``noise_scale_min`` < 1 also scales the triggered
+input's noise by s ~ U[noise_scale_min, 1] per sample, ``sqrt(abar_t) x0 + sqrt(1 - abar_t) s eps + k_t delta``
+(TrojDiff's chain starts from gamma eps + mu, gamma unknown to the defender); the reference stays the frozen
+model's answer to the clean x_t. The first term asks the model to answer a triggered latent as the
 original (frozen) model answers the clean one, i.e. to ignore the trigger; the second is the plain DDPM
 loss that keeps clean generation intact. eps_frozen is the original params, held constant (closure of the
 loss; ``fit`` fixes the loss signature to ``(params, key, data)``) and outside the gradient.
@@ -55,6 +58,7 @@ class RemovalConfig:
       backdoor_weight, clean_weight: w_bd and w_cl of the loss (module docstring).
       n: generations for the ASR and clean-MSE reports.
       shift: the latent shift k_t of the backdoor term (:data:`SHIFTS`; module docstring).
+      noise_scale_min: lower end of the triggered input's noise scale (1 = full-scale noise; module docstring).
     """
 
     steps: int = 500
@@ -67,8 +71,11 @@ class RemovalConfig:
     clean_weight: float = 1.0
     n: int = 64
     shift: str = "baddiffusion"
+    noise_scale_min: float = 1.0
 
     def __post_init__(self):
+        if not 0.0 < self.noise_scale_min <= 1.0:
+            raise ConfigError(f"noise_scale_min must be in (0, 1], got {self.noise_scale_min}")
         if self.shift not in SHIFTS:
             raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {self.shift!r}")
         for name in ("steps", "batch", "checkpoint_every", "n"):
@@ -105,12 +112,14 @@ class RemovalResult:
                 "config": self.config, "out": self.out, "final_loss": self.final_loss, "model": "model"}
 
 
-def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion"):
+def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion",
+                  noise_scale_min: float = 1.0):
     """The two loss terms as a pure function of explicit arguments.
 
     Returns ``terms(params, frozen, delta, key, data) -> (l_backdoor, l_clean)`` with data [N, H, W, C] clean
     images in [-1, 1] and delta [H, W, C]. Batch, timesteps and noise come from ``key`` exactly as in
-    :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`.
+    :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`;
+    ``noise_scale_min``: as in :class:`RemovalConfig`.
     """
     if shift not in SHIFTS:
         raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
@@ -131,7 +140,11 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
         t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_timesteps)
         noise = jax.random.normal(k_eps, x0.shape)
         x_t = q_sample(schedule, x0, t, noise)
-        shifted = x_t + k_shift(key, t)[:, None, None, None] * delta
+        triggered = x_t
+        if noise_scale_min < 1.0:  # gamma-scaled noise, as a TrojDiff chain's
+            scale = jax.random.uniform(jax.random.fold_in(key, 4), (batch_size, 1, 1, 1), minval=noise_scale_min)
+            triggered = q_sample(schedule, x0, t, scale * noise)
+        shifted = triggered + k_shift(key, t)[:, None, None, None] * delta
         reference = jax.lax.stop_gradient(eps_fn(frozen, x_t, t))
         both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t, t]))  # one forward pass
         out_bd, out_cl = both[:batch_size], both[batch_size:]
@@ -141,13 +154,13 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
 
 
 def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 1.0, clean_weight: float = 1.0,
-                 shift: str = "baddiffusion"):
+                 shift: str = "baddiffusion", noise_scale_min: float = 1.0):
     """``loss(params, key, data)`` for :func:`pdjax.train.fit`: w_bd l_backdoor + w_cl l_clean.
 
     The frozen reference is ``model.params`` and ``delta`` [H, W, C] the inverted trigger (both constants);
-    ``shift``: :data:`SHIFTS`.
+    ``shift``, ``noise_scale_min``: as in :class:`RemovalConfig`.
     """
-    terms = removal_terms(model.eps, model.schedule, batch_size, shift)
+    terms = removal_terms(model.eps, model.schedule, batch_size, shift, noise_scale_min)
     frozen = jax.tree_util.tree_map(jnp.asarray, model.params)
     delta = jnp.asarray(delta, jnp.float32)
 
@@ -202,7 +215,8 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     out = Path(out)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every)
-    loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift)
+    loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
+                        cfg.noise_scale_min)
     meta = {"removal": {"config": cfg.to_dict(), "trigger_norm": float(np.linalg.norm(delta))}}
     res = fit(model, loss, data, tcfg, out=out / "model", meta=meta, progress=progress)
     cleaned = res.model

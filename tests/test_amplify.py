@@ -202,6 +202,33 @@ def test_removal_shifts_follow_each_attacks_forward_process():
     assert all(float(got[s][1]) == float(got["baddiffusion"][1]) for s in SHIFTS)  # the clean term is shared
     with pytest.raises(ConfigError, match="shift must be one of"):
         RemovalConfig(shift="villan")
+    with pytest.raises(ConfigError, match="noise_scale_min"):
+        RemovalConfig(noise_scale_min=0.0)
+
+
+def test_removal_noise_scale_shrinks_the_triggered_inputs_noise():
+    """noise_scale_min < 1: the triggered input is q_sample(x0, t, s eps) + k_t delta, s ~ U[min, 1] per sample."""
+    model = random_model("tiny", seed=0, timesteps=50)
+    data = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32))
+    key, B, sched = jax.random.key(3), 8, model.schedule
+    delta = jnp.full((8, 8, 1), 0.7)
+
+    @jax.jit
+    def both(params, data):
+        k_idx, k_t, k_eps = jax.random.split(key, 3)
+        x0 = data[jax.random.randint(k_idx, (B,), 0, 64)]
+        t = jax.random.randint(k_t, (B,), 0, 50)
+        noise = jax.random.normal(k_eps, x0.shape)
+        s = jax.random.uniform(jax.random.fold_in(key, 4), (B, 1, 1, 1), minval=0.1)
+        trig = q_sample(sched, x0, t, s * noise) + sched.sqrt_one_minus_abar[t][:, None, None, None] * delta
+        want = jnp.mean((model.eps(params, trig, t) - model.eps(params, q_sample(sched, x0, t, noise), t)) ** 2)
+        got = removal_terms(model.eps, sched, B, "trojdiff", 0.1)(params, params, delta, key, data)[0]
+        full = removal_terms(model.eps, sched, B, "trojdiff", 1.0)(params, params, delta, key, data)[0]
+        return want, got, full, s
+
+    want, got, full, s = both(model.params, data)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+    assert float(jnp.min(s)) >= 0.1 and not np.isclose(float(got), float(full))
 
 
 @pytest.mark.slow
