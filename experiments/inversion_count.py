@@ -3,7 +3,8 @@
 Command (reads only; every number comes from the folders' evals.jsonl):
 
     python experiments/inversion_count.py runs/inversion-heldout runs/inversion-ho8 runs/inversion-ho9 \
-        --zoo zoo --also spread_only --json experiments/results/inversion_heldout.json --table runs/inversion-heldout/count.md
+        --zoo zoo --also spread_only audit audit_rules --json experiments/results/inversion_heldout.json \
+        --table runs/inversion-heldout/count.md
 
 For every backdoored model (a model with a ``true`` row) and every method it reports whether the inverted
 trigger's ASR is no more than 5 points below the true trigger's (issue 4's rule, the same test as
