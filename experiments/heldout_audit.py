@@ -228,7 +228,9 @@ def main(argv=None) -> dict:
     if not args.no_run:
         extra = [x for k in ("steps", "samples") if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
         run_audit(list(kept), args.out, args.seed, args.detector, extra)
-    rows = [json.loads(line) for line in (args.out / "audit.jsonl").read_text().splitlines() if line.strip()]
+    from pdjax.audit import read_audit
+
+    rows = read_audit(args.out)
     rows = [r for r in rows if r["model"] in kept]  # an OUT reused with another list: only this list's models
     res = evaluate(rows, kept, args.detector, set(args.seen))
     res["duplicates"] = dropped

@@ -67,10 +67,11 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[str, dict]], list[str]]
 
 def skip(models: dict[str, dict[str, dict]], names) -> dict[str, dict[str, dict]]:
     """``models`` without ``names`` (``--skip``); a name that is not an evaluated model is an error."""
-    unknown = sorted(set(names) - set(models))
+    names = set(names)
+    unknown = sorted(names - set(models))
     if unknown:
         raise SystemExit(f"error: --skip names no evaluated model: {', '.join(unknown)}")
-    return {m: v for m, v in models.items() if m not in set(names)}
+    return {m: v for m, v in models.items() if m not in names}
 
 
 def family(zoo: Path, name: str) -> str:
@@ -117,16 +118,17 @@ def summarise(models: dict[str, dict[str, dict]], zoo: Path, ode_variant: str, f
              for m, rows in sorted(models.items()) if "true" in rows]
     firing = [ln for ln in lines if ln["fires"]]
     clean = []
+    clean_variants = dict.fromkeys(("pd", "elijah", "final_ode", *methods))  # ordered, each once
     for m, rows in sorted(models.items()):
         if "true" in rows or "none" not in rows:
             continue
         base = rows["none"]["uniformity"]
         clean.append({"model": m, "none_uniformity": base,
-                      **{f"{v}_uniformity_ratio": rows[v]["uniformity"] / base for v in dict.fromkeys(("pd", "elijah", "final_ode", *methods))
-                         if v in rows}})
+                      **{f"{v}_uniformity_ratio": rows[v]["uniformity"] / base for v in clean_variants if v in rows}})
     groups = sorted({group(ln["family"]) for ln in firing})
     return {"fires_threshold": fires, "ode_variant": ode_variant, "methods": list(methods), "models": lines,
-            "clean": clean, "all": {m: count(lines, m) for m in methods}, "firing": {m: count(firing, m) for m in methods},
+            "clean": clean, "all": {m: count(lines, m) for m in methods},
+            "firing": {m: count(firing, m) for m in methods},
             "firing_by_family": {g: {m: count([ln for ln in firing if group(ln["family"]) == g], m) for m in methods}
                                  for g in groups}}
 

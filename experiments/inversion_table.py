@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pdjax.audit import read_audit
 from pdjax.backdoor.train import build_arrays, spec_from_model, target_classifier
 from pdjax.data import load_digits_with_labels
 from pdjax.defense.detection import CANDIDATES, Detector, evidence_rule
@@ -157,6 +159,17 @@ def _scorer(model, arrays, data, labels):
     return lambda x: {**generation_stats(x), "asr": float(np.mean(classify(np.asarray(x)) == k)), "asr_rule": rule}
 
 
+@functools.cache
+def audit_entries(folders: tuple[Path, ...]) -> list[tuple[Path, dict[str, dict]]]:
+    """Each audit folder with its entries by model name, read once per run."""
+    return [(f, {Path(e["model"]).name: e for e in read_audit(f)}) for f in folders]
+
+
+@functools.cache
+def _shipped_detector() -> Detector:
+    return Detector.load(None)
+
+
 def import_audit_trigger(args, name: str) -> None:
     """Variant ``audit`` (``--audit-variant``): the evidence trigger that ``pdjax audit`` (folder ``--audit``)
     kept for ``name``, i.e. the trigger of the candidate whose rule decided the verdict (main inversion, DDIM
@@ -166,14 +179,11 @@ def import_audit_trigger(args, name: str) -> None:
     out = args.work / "triggers" / args.audit_variant / f"{name}.npy"
     if out.is_file():
         return
-    for folder in args.audit:  # the first audit folder that has the model
-        entries = {Path(e["model"]).name: e for e in load_rows(folder / "audit.jsonl")}
-        if name in entries:
-            break
-    else:
+    found = [(folder, entries[name]) for folder, entries in audit_entries(tuple(args.audit)) if name in entries]
+    if not found:
         raise SystemExit(f"error: {name} is in none of {', '.join(str(a / 'audit.jsonl') for a in args.audit)}")
-    e = entries[name]
-    rule = evidence_rule(Detector.load(None).scores(e["features"]), CANDIDATES)
+    folder, e = found[0]  # the first audit folder that has the model
+    rule = evidence_rule(_shipped_detector().scores(e["features"]), CANDIDATES)
     kept = "main" if e["candidate"] == "spread" else e["candidate"]
     if rule != kept:
         print(f"note: {name}: {folder} kept the {kept} rule's trigger; the current evidence rule picks {rule}'s")

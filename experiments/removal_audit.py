@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pdjax.audit import read_audit
 from pdjax.backdoor.train import build_arrays, spec_from_model
 from pdjax.data import load_digits_with_labels
 from pdjax.model import load
@@ -44,8 +45,7 @@ def audit_entries(audit: Path) -> dict[str, dict]:
     path = audit / "audit.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; pass the --out folder of a `pdjax audit` run")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {Path(r["model"]).name: r for r in rows}
+    return {Path(r["model"]).name: r for r in read_audit(audit)}
 
 
 def evidence_trigger(audit: Path, entry: dict) -> np.ndarray:

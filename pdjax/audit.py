@@ -256,9 +256,14 @@ def zlib_name(p: Path) -> str:
     return f"{p.name}-{zlib.crc32(str(p).encode()):08x}"
 
 
+def read_audit(out: str | Path) -> list[dict]:
+    """The entries of ``out/audit.jsonl`` (one per audited model; blank lines skipped)."""
+    return [json.loads(line) for line in (Path(out) / "audit.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _audit_report(out: Path, det: Detector) -> None:
     """report.html over every model in audit.jsonl, rebuilt from the saved evidence."""
-    rows = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_audit(out)
     verdicts = []
     for r in rows:
         folder = out / r["evidence"]
