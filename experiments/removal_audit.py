@@ -14,7 +14,8 @@ Command (incremental and resumable: a model whose ``removal.json`` exists is rea
 
     python experiments/removal_audit.py runs/heldout-audit-terd --models zoo/ho9_bd_stop11_cat ... \\
         --out runs/removal-audit [--n 64] [--steps 500] [--shift baddiffusion|trojdiff|both] \\
-        [--noise-scale-min S] [--arm evidence|true|control ...] [--json FILE]
+        [--noise-scale-min S] [--reference frozen|noise] [--trigger-scale-min C] \\
+        [--rule main|probe|ball|terd] [--arm evidence|true|control ...] [--json FILE]
 
 Arms: ``evidence`` (the audit's trigger, the default), ``true`` (the attack's own trigger: what removal can do
 when the trigger is right), ``control`` (the same fine-tuning with the backdoor term off). Outputs:
@@ -35,7 +36,7 @@ from pdjax.audit import read_audit
 from pdjax.backdoor.train import build_arrays, spec_from_model
 from pdjax.data import load_digits_with_labels
 from pdjax.model import load
-from pdjax.removal import SHIFTS, RemovalConfig, remove_backdoor
+from pdjax.removal import REFERENCES, SHIFTS, RemovalConfig, remove_backdoor
 
 ARMS = ("evidence", "true", "control")
 
@@ -48,16 +49,24 @@ def audit_entries(audit: Path) -> dict[str, dict]:
     return {Path(r["model"]).name: r for r in read_audit(audit)}
 
 
-def evidence_trigger(audit: Path, entry: dict) -> np.ndarray:
-    """[H, W, C] the trigger the audit kept as evidence for ``entry``."""
-    return np.load(audit / entry["evidence"] / "trigger.npy")
+def evidence_trigger(audit: Path, entry: dict, rule: str | None = None) -> np.ndarray:
+    """[H, W, C] the trigger the audit kept as evidence for ``entry``, or with ``rule`` the one that rule found
+    (``evidence/<model>/rules/<rule>.npy``, kept by audits since 8504a56)."""
+    path = audit / entry["evidence"] / ("trigger.npy" if rule is None else f"rules/{rule}.npy")
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; the audit kept no {rule} trigger for {entry['model']}")
+    return np.load(path)
 
 
-def arm_name(arm: str, shift: str, noise_scale_min: float = 1.0) -> str:
-    """The arm's folder and summary key: the arm, suffixed with a removal shift and a noise-scale floor other
-    than the defaults."""
-    return arm + ("" if shift == "baddiffusion" else f"_{shift}") + \
-        ("" if noise_scale_min == 1.0 else f"_s{noise_scale_min:g}")
+def arm_name(arm: str, shift: str, noise_scale_min: float = 1.0, reference: str = "frozen",
+             trigger_scale_min: float = 1.0, rule: str | None = None) -> str:
+    """The arm's folder and summary key: the arm (the evidence arm named by its rule when one is chosen),
+    suffixed with a removal shift, a noise-scale floor, a reference and a trigger-scale floor other than the
+    defaults."""
+    return (rule if rule and arm == "evidence" else arm) + ("" if shift == "baddiffusion" else f"_{shift}") + \
+        ("" if noise_scale_min == 1.0 else f"_s{noise_scale_min:g}") + \
+        ("" if reference == "frozen" else f"_{reference}") + \
+        ("" if trigger_scale_min == 1.0 else f"_c{trigger_scale_min:g}")
 
 
 def run_model(path: Path, entry: dict, args) -> dict:
@@ -66,13 +75,13 @@ def run_model(path: Path, entry: dict, args) -> dict:
     spec = spec_from_model(model)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
     true_g = build_arrays(spec, model.image_shape, data, labels).trigger
-    found = evidence_trigger(args.audit, entry)
+    found = evidence_trigger(args.audit, entry, args.rule)
     row = {"model": path.name, "attack": spec.to_dict(), "audit_verdict": entry["verdict"],
-           "audit_score": entry["score"], "candidate": entry.get("candidate", "main"),
+           "audit_score": entry["score"], "candidate": args.rule or entry.get("candidate", "main"),
            "start": entry.get("start", "ddpm"), "n": args.n, "seed": args.seed,
            "evidence_norm": float(np.linalg.norm(found)), "evidence_l2_to_true": float(np.linalg.norm(found - true_g))}
     for arm in args.arm:
-        name = arm_name(arm, args.shift, args.noise_scale_min)
+        name = arm_name(arm, args.shift, args.noise_scale_min, args.reference, args.trigger_scale_min, args.rule)
         out = args.out / path.name / name
         done = out / "removal.json"
         if done.is_file():
@@ -82,7 +91,8 @@ def run_model(path: Path, entry: dict, args) -> dict:
             continue
         trigger = true_g if arm == "true" else found
         cfg = RemovalConfig(steps=args.steps, n=args.n, seed=args.seed, shift=args.shift,
-                            noise_scale_min=args.noise_scale_min,
+                            noise_scale_min=args.noise_scale_min, reference=args.reference,
+                            trigger_scale_min=args.trigger_scale_min,
                             backdoor_weight=0.0 if arm == "control" else 1.0)
         t0 = time.perf_counter()
         rem = remove_backdoor(model, data, trigger, cfg, out=out, progress=not args.quiet, spec=spec, labels=labels)
@@ -124,6 +134,13 @@ def main(argv=None) -> int:
                         "are stored as ARM_SHIFT")
     p.add_argument("--noise-scale-min", type=float, default=1.0,
                    help="pdjax clean --noise-scale-min; arms with another value are stored as ARM_sVALUE")
+    p.add_argument("--reference", default="frozen", choices=REFERENCES,
+                   help="pdjax clean --reference; arms with 'noise' are stored as ARM_noise")
+    p.add_argument("--trigger-scale-min", type=float, default=1.0,
+                   help="pdjax clean --trigger-scale-min; arms with another value are stored as ARM_cVALUE")
+    p.add_argument("--rule", choices=("main", "probe", "ball", "terd"),
+                   help="remove with the trigger this audit rule found (rules/RULE.npy) instead of the evidence "
+                        "trigger; the arm is stored as RULE")
     p.add_argument("--steps", type=int, default=RemovalConfig.steps, help="removal fine-tuning steps")
     p.add_argument("--seed", type=int, default=0, help="removal seed (batches, timesteps, evaluation keys)")
     p.add_argument("--json", type=Path, help="write the summary rows here")
@@ -141,7 +158,8 @@ def main(argv=None) -> int:
         rows.append(run_model(m, entries[m.name], args))
         if args.json:  # after every model, so a killed run keeps what it finished
             args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
-    print(table(rows, [arm_name(a, args.shift, args.noise_scale_min) for a in args.arm]))
+    print(table(rows, [arm_name(a, args.shift, args.noise_scale_min, args.reference, args.trigger_scale_min,
+                                         args.rule) for a in args.arm]))
     return 0
 
 

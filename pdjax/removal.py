@@ -20,6 +20,16 @@ original (frozen) model answers the clean one, i.e. to ignore the trigger; the s
 loss that keeps clean generation intact. eps_frozen is the original params, held constant (closure of the
 loss; ``fit`` fixes the loss signature to ``(params, key, data)``) and outside the gradient.
 
+``reference="noise"`` asks the triggered input to answer the noise eps that made it instead of eps_frozen(x_t).
+With ``shift="trojdiff"`` and ``noise_scale_min`` < 1 the backdoor term is then TrojDiff's own training loss
+(SPEC 2.2: x_t = sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + mu), "the model still predicts eps") with clean
+images x0 in place of the target y, delta in place of mu and s in place of gamma: it teaches the trojan
+sampler, whose x0 estimate subtracts sqrt(1 - abar_t)(gamma eps_hat + mu) from x_t, to reach clean images
+from the trigger. The frozen model's answer to the clean x_t (the default) is an answer to full-scale noise,
+not that. ``trigger_scale_min`` < 1 draws the trigger's size too, c delta with c ~ U[trigger_scale_min, 1] per
+sample: an inversion from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts
+from gamma eps + mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
+
 Reported (``out/removal.json``): ASR before/after when the attack spec is known (triggered generations
 with the spec's trigger and target, SPEC 7), and the clean-sample MSE: the mean squared difference, on
 the [-1, 1] pixel scale, between ``n`` DDPM clean generations of the original and of the cleaned model
@@ -47,6 +57,9 @@ from pdjax.train import TrainConfig, _check_data, fit
 #: Latent shifts of the backdoor term: BadDiffusion's 1 - sqrt(abar_t), TrojDiff's sqrt(1 - abar_t), or either
 #: per sample.
 SHIFTS = ("baddiffusion", "trojdiff", "both")
+#: What the backdoor term asks of a triggered input: the frozen model's answer to the clean input, or the noise
+#: that made it (the DDPM loss of the triggered forward process on clean data).
+REFERENCES = ("frozen", "noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +72,9 @@ class RemovalConfig:
       n: generations for the ASR and clean-MSE reports.
       shift: the latent shift k_t of the backdoor term (:data:`SHIFTS`; module docstring).
       noise_scale_min: lower end of the triggered input's noise scale (1 = full-scale noise; module docstring).
+      reference: the backdoor term's target (:data:`REFERENCES`; module docstring).
+      trigger_scale_min: lower end of the factor c ~ U[trigger_scale_min, 1] drawn per sample for the trigger,
+        c delta (1 = the trigger as given; module docstring).
     """
 
     steps: int = 500
@@ -72,8 +88,14 @@ class RemovalConfig:
     n: int = 64
     shift: str = "baddiffusion"
     noise_scale_min: float = 1.0
+    reference: str = "frozen"
+    trigger_scale_min: float = 1.0
 
     def __post_init__(self):
+        if not 0.0 <= self.trigger_scale_min <= 1.0:
+            raise ConfigError(f"trigger_scale_min must be in [0, 1], got {self.trigger_scale_min}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
         if not 0.0 < self.noise_scale_min <= 1.0:
             raise ConfigError(f"noise_scale_min must be in (0, 1], got {self.noise_scale_min}")
         if self.shift not in SHIFTS:
@@ -113,16 +135,19 @@ class RemovalResult:
 
 
 def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion",
-                  noise_scale_min: float = 1.0):
+                  noise_scale_min: float = 1.0, reference: str = "frozen", trigger_scale_min: float = 1.0):
     """The two loss terms as a pure function of explicit arguments.
 
     Returns ``terms(params, frozen, delta, key, data) -> (l_backdoor, l_clean)`` with data [N, H, W, C] clean
     images in [-1, 1] and delta [H, W, C]. Batch, timesteps and noise come from ``key`` exactly as in
     :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`;
-    ``noise_scale_min``: as in :class:`RemovalConfig`.
+    ``noise_scale_min``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig` (with
+    ``reference="noise"`` ``frozen`` is not used).
     """
     if shift not in SHIFTS:
         raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
+    if reference not in REFERENCES:
+        raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     k_bd = 1.0 - schedule.sqrt_abar  # [T] latent shift of the backdoored chain (SPEC 3)
     k_troj = schedule.sqrt_one_minus_abar  # [T] TrojDiff's forward shift (SPEC 2.2)
 
@@ -144,23 +169,28 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
         if noise_scale_min < 1.0:  # gamma-scaled noise, as a TrojDiff chain's
             scale = jax.random.uniform(jax.random.fold_in(key, 4), (batch_size, 1, 1, 1), minval=noise_scale_min)
             triggered = q_sample(schedule, x0, t, scale * noise)
-        shifted = triggered + k_shift(key, t)[:, None, None, None] * delta
-        reference = jax.lax.stop_gradient(eps_fn(frozen, x_t, t))
+        shift_t = k_shift(key, t)[:, None, None, None]
+        if trigger_scale_min < 1.0:  # the trigger's size is uncertain: c delta, c ~ U[min, 1] per sample
+            shift_t = shift_t * jax.random.uniform(jax.random.fold_in(key, 5), (batch_size, 1, 1, 1),
+                                                   minval=trigger_scale_min)
+        shifted = triggered + shift_t * delta
+        target = noise if reference == "noise" else jax.lax.stop_gradient(eps_fn(frozen, x_t, t))
         both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t, t]))  # one forward pass
         out_bd, out_cl = both[:batch_size], both[batch_size:]
-        return jnp.mean((out_bd - reference) ** 2), jnp.mean((out_cl - noise) ** 2)
+        return jnp.mean((out_bd - target) ** 2), jnp.mean((out_cl - noise) ** 2)
 
     return terms
 
 
 def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 1.0, clean_weight: float = 1.0,
-                 shift: str = "baddiffusion", noise_scale_min: float = 1.0):
+                 shift: str = "baddiffusion", noise_scale_min: float = 1.0, reference: str = "frozen",
+                 trigger_scale_min: float = 1.0):
     """``loss(params, key, data)`` for :func:`pdjax.train.fit`: w_bd l_backdoor + w_cl l_clean.
 
     The frozen reference is ``model.params`` and ``delta`` [H, W, C] the inverted trigger (both constants);
-    ``shift``, ``noise_scale_min``: as in :class:`RemovalConfig`.
+    ``shift``, ``noise_scale_min``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig`.
     """
-    terms = removal_terms(model.eps, model.schedule, batch_size, shift, noise_scale_min)
+    terms = removal_terms(model.eps, model.schedule, batch_size, shift, noise_scale_min, reference, trigger_scale_min)
     frozen = jax.tree_util.tree_map(jnp.asarray, model.params)
     delta = jnp.asarray(delta, jnp.float32)
 
@@ -216,7 +246,7 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every)
     loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
-                        cfg.noise_scale_min)
+                        cfg.noise_scale_min, cfg.reference, cfg.trigger_scale_min)
     meta = {"removal": {"config": cfg.to_dict(), "trigger_norm": float(np.linalg.norm(delta))}}
     res = fit(model, loss, data, tcfg, out=out / "model", meta=meta, progress=progress)
     cleaned = res.model
@@ -240,4 +270,5 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     return result
 
 
-__all__ = ["SHIFTS", "RemovalConfig", "RemovalResult", "load_delta", "remove_backdoor", "removal_loss", "removal_terms"]
+__all__ = ["REFERENCES", "SHIFTS", "RemovalConfig", "RemovalResult", "load_delta", "remove_backdoor", "removal_loss",
+           "removal_terms"]

@@ -16,7 +16,7 @@ import pytest
 
 from pdjax import checkpoint, cli
 from pdjax.amplify import FULL_FRAME_FLOOR, AmplifyConfig, AmplifyResult, amplify, asr_svg, eval_points, mix_trigger
-from pdjax.backdoor.attacks import AttackSpec
+from pdjax.backdoor.attacks import AttackSpec, trojdiff_pair
 from pdjax.backdoor.train import build_arrays
 from pdjax.backdoor.triggers import trigger_mask
 from pdjax.data import load_digits
@@ -206,20 +206,30 @@ def test_removal_shifts_follow_each_attacks_forward_process():
         RemovalConfig(noise_scale_min=0.0)
 
 
-def test_removal_noise_scale_shrinks_the_triggered_inputs_noise():
-    """noise_scale_min < 1: the triggered input is q_sample(x0, t, s eps) + k_t delta, s ~ U[min, 1] per sample."""
+def _removal_case():
+    """(model, data [64, 8, 8, 1], key, B, delta) of the removal-term tests below."""
     model = random_model("tiny", seed=0, timesteps=50)
     data = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32))
-    key, B, sched = jax.random.key(3), 8, model.schedule
-    delta = jnp.full((8, 8, 1), 0.7)
+    return model, data, jax.random.key(3), 8, jnp.full((8, 8, 1), 0.7)
+
+
+def _removal_draws(key, data, B):
+    """x0, t, eps and the noise scale s ~ U[0.1, 1] as removal_terms draws them from ``key``."""
+    k_idx, k_t, k_eps = jax.random.split(key, 3)
+    x0 = data[jax.random.randint(k_idx, (B,), 0, 64)]
+    t = jax.random.randint(k_t, (B,), 0, 50)
+    noise = jax.random.normal(k_eps, x0.shape)
+    return x0, t, noise, jax.random.uniform(jax.random.fold_in(key, 4), (B, 1, 1, 1), minval=0.1)
+
+
+def test_removal_noise_scale_shrinks_the_triggered_inputs_noise():
+    """noise_scale_min < 1: the triggered input is q_sample(x0, t, s eps) + k_t delta, s ~ U[min, 1] per sample."""
+    model, data, key, B, delta = _removal_case()
+    sched = model.schedule
 
     @jax.jit
     def both(params, data):
-        k_idx, k_t, k_eps = jax.random.split(key, 3)
-        x0 = data[jax.random.randint(k_idx, (B,), 0, 64)]
-        t = jax.random.randint(k_t, (B,), 0, 50)
-        noise = jax.random.normal(k_eps, x0.shape)
-        s = jax.random.uniform(jax.random.fold_in(key, 4), (B, 1, 1, 1), minval=0.1)
+        x0, t, noise, s = _removal_draws(key, data, B)
         trig = q_sample(sched, x0, t, s * noise) + sched.sqrt_one_minus_abar[t][:, None, None, None] * delta
         want = jnp.mean((model.eps(params, trig, t) - model.eps(params, q_sample(sched, x0, t, noise), t)) ** 2)
         got = removal_terms(model.eps, sched, B, "trojdiff", 0.1)(params, params, delta, key, data)[0]
@@ -229,6 +239,39 @@ def test_removal_noise_scale_shrinks_the_triggered_inputs_noise():
     want, got, full, s = both(model.params, data)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
     assert float(jnp.min(s)) >= 0.1 and not np.isclose(float(got), float(full))
+
+
+def test_removal_noise_reference_is_trojdiffs_own_loss_on_clean_images():
+    """reference="noise": the backdoor term is TrojDiff's training loss (trojdiff_pair) with clean images in place
+    of its target, mu = delta (c delta with trigger_scale_min) and gamma = s ~ U[min, 1]; the frozen params are
+    not used."""
+    model, data, key, B, delta = _removal_case()
+    sched = model.schedule
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, model.params)
+
+    @jax.jit
+    def both(params, data):
+        x0, t, noise, s = _removal_draws(key, data, B)
+        x_t, target = trojdiff_pair(sched, x0, delta, s, t, noise)
+        want = jnp.mean((model.eps(params, x_t, t) - target) ** 2)
+        got = removal_terms(model.eps, sched, B, "trojdiff", 0.1, "noise")(params, zeros, delta, key, data)
+        frozen = removal_terms(model.eps, sched, B, "trojdiff", 0.1)(params, params, delta, key, data)
+        # trigger_scale_min: mu = c delta, c ~ U[min, 1] per sample
+        c = jax.random.uniform(jax.random.fold_in(key, 5), (B, 1, 1, 1), minval=0.3)
+        x_c, _ = trojdiff_pair(sched, x0, c * delta, s, t, noise)
+        want_c = jnp.mean((model.eps(params, x_c, t) - noise) ** 2)
+        got_c = removal_terms(model.eps, sched, B, "trojdiff", 0.1, "noise", 0.3)(params, zeros, delta, key, data)
+        return want, got, frozen, want_c, got_c, c
+
+    want, got, frozen, want_c, got_c, c = both(model.params, data)
+    np.testing.assert_allclose(float(got[0]), float(want), rtol=1e-4)
+    assert float(got[1]) == float(frozen[1]) and not np.isclose(float(got[0]), float(frozen[0]))
+    np.testing.assert_allclose(float(got_c[0]), float(want_c), rtol=1e-4)
+    assert 0.3 <= float(jnp.min(c)) and float(jnp.max(c)) <= 1.0 and not np.isclose(float(got_c[0]), float(got[0]))
+    with pytest.raises(ConfigError, match="reference must be one of"):
+        RemovalConfig(reference="clean")
+    with pytest.raises(ConfigError, match="trigger_scale_min"):
+        RemovalConfig(trigger_scale_min=1.5)
 
 
 @pytest.mark.slow

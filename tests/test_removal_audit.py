@@ -62,3 +62,26 @@ def test_errors_name_the_missing_audit_or_model(setup, tmp_path):
         ra.main([str(tmp_path / "nowhere"), "--models", str(model), "--out", str(out)])
     with pytest.raises(SystemExit):  # argparse's error: the model is not in the audit
         ra.main([str(audit), "--models", str(tmp_path / "zoo" / "other"), "--out", str(out)])
+
+
+def test_a_rules_trigger_and_the_removal_options_name_the_arm(setup, tmp_path, capsys):
+    model, audit, out, _ = setup
+    ball = np.full((8, 8, 1), -0.25, np.float32)
+    (audit / "evidence" / "bd" / "rules").mkdir()
+    np.save(audit / "evidence" / "bd" / "rules" / "ball.npy", ball)
+    name = ra.arm_name("evidence", "trojdiff", 0.1, "noise", 0.3, "ball")
+    assert name == "ball_trojdiff_s0.1_noise_c0.3" and ra.arm_name("evidence", "baddiffusion") == "evidence"
+    assert ra.arm_name("control", "both", rule="ball") == "control_both"
+    done = out / "bd" / name
+    done.mkdir(parents=True)
+    (done / "removal.json").write_text(json.dumps({"steps": 500, "asr_before": 0.9, "asr_after": 0.0,
+                                                   "clean_mse": 0.05}))
+    summary = tmp_path / "summary.json"
+    assert ra.main([str(audit), "--models", str(model), "--out", str(out), "--json", str(summary), "--rule", "ball",
+                    "--shift", "trojdiff", "--noise-scale-min", "0.1", "--reference", "noise",
+                    "--trigger-scale-min", "0.3"]) == 0
+    row = json.loads(summary.read_text())["rows"][0]
+    assert row[name]["asr_after"] == 0.0 and row["candidate"] == "ball"
+    np.testing.assert_allclose(row["evidence_norm"], np.linalg.norm(ball), rtol=1e-6)
+    with pytest.raises(SystemExit, match="kept no probe trigger"):
+        ra.main([str(audit), "--models", str(model), "--out", str(out), "--rule", "probe"])
