@@ -14,11 +14,13 @@ Command (incremental and resumable: a model whose ``removal.json`` exists is rea
 
     python experiments/removal_audit.py runs/heldout-audit-terd --models zoo/ho9_bd_stop11_cat ... \\
         --out runs/removal-audit [--n 64] [--steps 500] [--shift baddiffusion|trojdiff|both] \\
-        [--noise-scale-min S] [--reference frozen|noise] [--trigger-scale-min C] \\
-        [--rule main|probe|ball|terd] [--arm evidence|true|control ...] [--json FILE]
+        [--noise-scale-min S] [--noise-scale-max S] [--reference frozen|noise] [--trigger-scale-min C] \\
+        [--rule main|probe|ball|terd] [--arm evidence|true|mu|control ...] [--json FILE]
 
 Arms: ``evidence`` (the audit's trigger, the default), ``true`` (the attack's own trigger: what removal can do
-when the trigger is right), ``control`` (the same fine-tuning with the backdoor term off). Outputs:
+when the trigger is right; for TrojDiff its trigger image), ``mu`` (TrojDiff's mu = (1 - gamma) times the trigger
+image, inside the patch for a patch trigger: the offset its trojan start gamma eps + mu carries; the trigger itself
+for the other attacks), ``control`` (the same fine-tuning with the backdoor term off). Outputs:
 ``OUT/<model>/<arm>/`` (the cleaned model and removal.json) and, with ``--json``, one summary.
 """
 
@@ -38,7 +40,7 @@ from pdjax.data import load_digits_with_labels
 from pdjax.model import load
 from pdjax.removal import REFERENCES, SHIFTS, RemovalConfig, remove_backdoor
 
-ARMS = ("evidence", "true", "control")
+ARMS = ("evidence", "true", "mu", "control")
 
 
 def audit_entries(audit: Path) -> dict[str, dict]:
@@ -58,15 +60,22 @@ def evidence_trigger(audit: Path, entry: dict, rule: str | None = None) -> np.nd
     return np.load(path)
 
 
-def arm_name(arm: str, shift: str, noise_scale_min: float = 1.0, reference: str = "frozen",
-             trigger_scale_min: float = 1.0, rule: str | None = None) -> str:
+def arm_name(arm: str, shift: str = "baddiffusion", *, noise_scale_min: float = 1.0, noise_scale_max: float = 1.0,
+             reference: str = "frozen", trigger_scale_min: float = 1.0, rule: str | None = None) -> str:
     """The arm's folder and summary key: the arm (the evidence arm named by its rule when one is chosen),
-    suffixed with a removal shift, a noise-scale floor, a reference and a trigger-scale floor other than the
+    suffixed with a removal shift, a noise-scale range, a reference and a trigger-scale floor other than the
     defaults."""
     return (rule if rule and arm == "evidence" else arm) + ("" if shift == "baddiffusion" else f"_{shift}") + \
         ("" if noise_scale_min == 1.0 else f"_s{noise_scale_min:g}") + \
+        ("" if noise_scale_max == 1.0 else f"-{noise_scale_max:g}") + \
         ("" if reference == "frozen" else f"_{reference}") + \
         ("" if trigger_scale_min == 1.0 else f"_c{trigger_scale_min:g}")
+
+
+def arm_of(arm: str, args) -> str:
+    """:func:`arm_name` of ``arm`` with the command line's removal options."""
+    return arm_name(arm, args.shift, noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
+                    reference=args.reference, trigger_scale_min=args.trigger_scale_min, rule=args.rule)
 
 
 def run_model(path: Path, entry: dict, args) -> dict:
@@ -74,14 +83,16 @@ def run_model(path: Path, entry: dict, args) -> dict:
     model = load(path)
     spec = spec_from_model(model)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
-    true_g = build_arrays(spec, model.image_shape, data, labels).trigger
+    arrays = build_arrays(spec, model.image_shape, data, labels)
+    true_g = arrays.trigger
+    mu = arrays.troj_mu_scale(spec)[0] if spec.kind == "trojdiff" else true_g
     found = evidence_trigger(args.audit, entry, args.rule)
     row = {"model": path.name, "attack": spec.to_dict(), "audit_verdict": entry["verdict"],
            "audit_score": entry["score"], "candidate": args.rule or entry.get("candidate", "main"),
            "start": entry.get("start", "ddpm"), "n": args.n, "seed": args.seed,
            "evidence_norm": float(np.linalg.norm(found)), "evidence_l2_to_true": float(np.linalg.norm(found - true_g))}
     for arm in args.arm:
-        name = arm_name(arm, args.shift, args.noise_scale_min, args.reference, args.trigger_scale_min, args.rule)
+        name = arm_of(arm, args)
         out = args.out / path.name / name
         done = out / "removal.json"
         if done.is_file():
@@ -89,10 +100,10 @@ def run_model(path: Path, entry: dict, args) -> dict:
             row[name] = {k: rep[k] for k in ("steps", "asr_before", "asr_after", "clean_mse")}
             row[name]["seconds"] = rep.get("seconds")
             continue
-        trigger = true_g if arm == "true" else found
+        trigger = {"true": true_g, "mu": mu}.get(arm, found)
         cfg = RemovalConfig(steps=args.steps, n=args.n, seed=args.seed, shift=args.shift,
-                            noise_scale_min=args.noise_scale_min, reference=args.reference,
-                            trigger_scale_min=args.trigger_scale_min,
+                            noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
+                            reference=args.reference, trigger_scale_min=args.trigger_scale_min,
                             backdoor_weight=0.0 if arm == "control" else 1.0)
         t0 = time.perf_counter()
         rem = remove_backdoor(model, data, trigger, cfg, out=out, progress=not args.quiet, spec=spec, labels=labels)
@@ -134,6 +145,8 @@ def main(argv=None) -> int:
                         "are stored as ARM_SHIFT")
     p.add_argument("--noise-scale-min", type=float, default=1.0,
                    help="pdjax clean --noise-scale-min; arms with another value are stored as ARM_sVALUE")
+    p.add_argument("--noise-scale-max", type=float, default=1.0,
+                   help="pdjax clean --noise-scale-max; arms with another value are stored as ARM_sMIN-MAX")
     p.add_argument("--reference", default="frozen", choices=REFERENCES,
                    help="pdjax clean --reference; arms with 'noise' are stored as ARM_noise")
     p.add_argument("--trigger-scale-min", type=float, default=1.0,
@@ -158,8 +171,7 @@ def main(argv=None) -> int:
         rows.append(run_model(m, entries[m.name], args))
         if args.json:  # after every model, so a killed run keeps what it finished
             args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
-    print(table(rows, [arm_name(a, args.shift, args.noise_scale_min, args.reference, args.trigger_scale_min,
-                                         args.rule) for a in args.arm]))
+    print(table(rows, [arm_of(a, args) for a in args.arm]))
     return 0
 
 

@@ -367,7 +367,8 @@ def cmd_clean(args) -> int:
         build_arrays(spec, model.image_shape, data, labels)
     cfg = RemovalConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, n=args.n, shift=args.shift,
-                        noise_scale_min=args.noise_scale_min, reference=args.reference,
+                        noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
+                        reference=args.reference,
                         trigger_scale_min=args.trigger_scale_min)
     print(f"removing the trigger {args.trigger} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}",
           flush=True)
@@ -763,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--noise-scale-min", type=float, default=1.0,
                     help="scale the triggered inputs' noise by U[this, 1] per sample (TrojDiff chains start from "
                          "gamma-scaled noise); 1 = off")
+    cl.add_argument("--noise-scale-max", type=float, default=1.0,
+                    help="upper end of that range (below 1: the triggered inputs never carry full-scale noise)")
     cl.add_argument("--reference", default="frozen", choices=["frozen", "noise"],
                     help="what a triggered input must answer: the frozen model's answer to the clean input, or the "
                          "noise that made it (TrojDiff's own loss with clean images as targets)")

@@ -13,7 +13,8 @@ carries (1 - sqrt(abar_t)) g at step t. ``shift="trojdiff"`` uses TrojDiff's for
 k_t = sqrt(1 - abar_t) (SPEC 2.2: x_t carries sqrt(1 - abar_t) mu), and ``shift="both"`` draws one of the two
 per sample (a defender who does not know the attack family covers both; the ``baddiffusion`` stream of
 batches, timesteps and noise is unchanged by the choice). ``noise_scale_min`` < 1 also scales the triggered
-input's noise by s ~ U[noise_scale_min, 1] per sample, ``sqrt(abar_t) x0 + sqrt(1 - abar_t) s eps + k_t delta``
+input's noise by s ~ U[noise_scale_min, noise_scale_max] per sample (``noise_scale_max`` 1 by default),
+``sqrt(abar_t) x0 + sqrt(1 - abar_t) s eps + k_t delta``
 (TrojDiff's chain starts from gamma eps + mu, gamma unknown to the defender); the reference stays the frozen
 model's answer to the clean x_t. The first term asks the model to answer a triggered latent as the
 original (frozen) model answers the clean one, i.e. to ignore the trigger; the second is the plain DDPM
@@ -71,7 +72,8 @@ class RemovalConfig:
       backdoor_weight, clean_weight: w_bd and w_cl of the loss (module docstring).
       n: generations for the ASR and clean-MSE reports.
       shift: the latent shift k_t of the backdoor term (:data:`SHIFTS`; module docstring).
-      noise_scale_min: lower end of the triggered input's noise scale (1 = full-scale noise; module docstring).
+      noise_scale_min, noise_scale_max: range of the triggered input's noise scale (1, 1 = full-scale noise; module
+        docstring).
       reference: the backdoor term's target (:data:`REFERENCES`; module docstring).
       trigger_scale_min: lower end of the factor c ~ U[trigger_scale_min, 1] drawn per sample for the trigger,
         c delta (1 = the trigger as given; module docstring).
@@ -88,6 +90,7 @@ class RemovalConfig:
     n: int = 64
     shift: str = "baddiffusion"
     noise_scale_min: float = 1.0
+    noise_scale_max: float = 1.0
     reference: str = "frozen"
     trigger_scale_min: float = 1.0
 
@@ -98,6 +101,9 @@ class RemovalConfig:
             raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
         if not 0.0 < self.noise_scale_min <= 1.0:
             raise ConfigError(f"noise_scale_min must be in (0, 1], got {self.noise_scale_min}")
+        if not self.noise_scale_min <= self.noise_scale_max <= 1.0:
+            raise ConfigError(f"noise_scale_max must be in [noise_scale_min, 1] = [{self.noise_scale_min}, 1], "
+                              f"got {self.noise_scale_max}")
         if self.shift not in SHIFTS:
             raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {self.shift!r}")
         for name in ("steps", "batch", "checkpoint_every", "n"):
@@ -134,15 +140,16 @@ class RemovalResult:
                 "config": self.config, "out": self.out, "final_loss": self.final_loss, "model": "model"}
 
 
-def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion",
-                  noise_scale_min: float = 1.0, reference: str = "frozen", trigger_scale_min: float = 1.0):
+def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion", *,
+                  noise_scale_min: float = 1.0, noise_scale_max: float = 1.0, reference: str = "frozen",
+                  trigger_scale_min: float = 1.0):
     """The two loss terms as a pure function of explicit arguments.
 
     Returns ``terms(params, frozen, delta, key, data) -> (l_backdoor, l_clean)`` with data [N, H, W, C] clean
     images in [-1, 1] and delta [H, W, C]. Batch, timesteps and noise come from ``key`` exactly as in
     :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`;
-    ``noise_scale_min``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig` (with
-    ``reference="noise"`` ``frozen`` is not used).
+    ``noise_scale_min``, ``noise_scale_max``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig`
+    (with ``reference="noise"`` ``frozen`` is not used).
     """
     if shift not in SHIFTS:
         raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
@@ -167,7 +174,8 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
         x_t = q_sample(schedule, x0, t, noise)
         triggered = x_t
         if noise_scale_min < 1.0:  # gamma-scaled noise, as a TrojDiff chain's
-            scale = jax.random.uniform(jax.random.fold_in(key, 4), (batch_size, 1, 1, 1), minval=noise_scale_min)
+            scale = jax.random.uniform(jax.random.fold_in(key, 4), (batch_size, 1, 1, 1), minval=noise_scale_min,
+                                       maxval=noise_scale_max)
             triggered = q_sample(schedule, x0, t, scale * noise)
         shift_t = k_shift(key, t)[:, None, None, None]
         if trigger_scale_min < 1.0:  # the trigger's size is uncertain: c delta, c ~ U[min, 1] per sample
@@ -183,14 +191,14 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
 
 
 def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 1.0, clean_weight: float = 1.0,
-                 shift: str = "baddiffusion", noise_scale_min: float = 1.0, reference: str = "frozen",
-                 trigger_scale_min: float = 1.0):
+                 shift: str = "baddiffusion", **options):
     """``loss(params, key, data)`` for :func:`pdjax.train.fit`: w_bd l_backdoor + w_cl l_clean.
 
     The frozen reference is ``model.params`` and ``delta`` [H, W, C] the inverted trigger (both constants);
-    ``shift``, ``noise_scale_min``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig`.
+    ``shift`` and the keyword ``options`` of :func:`removal_terms` (``noise_scale_min``, ``noise_scale_max``,
+    ``reference``, ``trigger_scale_min``): as in :class:`RemovalConfig`.
     """
-    terms = removal_terms(model.eps, model.schedule, batch_size, shift, noise_scale_min, reference, trigger_scale_min)
+    terms = removal_terms(model.eps, model.schedule, batch_size, shift, **options)
     frozen = jax.tree_util.tree_map(jnp.asarray, model.params)
     delta = jnp.asarray(delta, jnp.float32)
 
@@ -246,7 +254,8 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every)
     loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
-                        cfg.noise_scale_min, cfg.reference, cfg.trigger_scale_min)
+                        noise_scale_min=cfg.noise_scale_min, noise_scale_max=cfg.noise_scale_max,
+                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min)
     meta = {"removal": {"config": cfg.to_dict(), "trigger_norm": float(np.linalg.norm(delta))}}
     res = fit(model, loss, data, tcfg, out=out / "model", meta=meta, progress=progress)
     cleaned = res.model

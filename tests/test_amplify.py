@@ -6,6 +6,7 @@ removal fine-tune end to end is marked slow (its train step is another ~30 s com
 """
 
 import dataclasses
+import functools
 import json
 import xml.etree.ElementTree as ET
 
@@ -232,13 +233,23 @@ def test_removal_noise_scale_shrinks_the_triggered_inputs_noise():
         x0, t, noise, s = _removal_draws(key, data, B)
         trig = q_sample(sched, x0, t, s * noise) + sched.sqrt_one_minus_abar[t][:, None, None, None] * delta
         want = jnp.mean((model.eps(params, trig, t) - model.eps(params, q_sample(sched, x0, t, noise), t)) ** 2)
-        got = removal_terms(model.eps, sched, B, "trojdiff", 0.1)(params, params, delta, key, data)[0]
-        full = removal_terms(model.eps, sched, B, "trojdiff", 1.0)(params, params, delta, key, data)[0]
-        return want, got, full, s
+        terms = functools.partial(removal_terms, model.eps, sched, B, "trojdiff")
+        got = terms(noise_scale_min=0.1)(params, params, delta, key, data)[0]
+        full = terms()(params, params, delta, key, data)[0]
+        # noise_scale_max: s ~ U[min, max]
+        s_hi = jax.random.uniform(jax.random.fold_in(key, 4), (B, 1, 1, 1), minval=0.1, maxval=0.5)
+        trig_hi = q_sample(sched, x0, t, s_hi * noise) + sched.sqrt_one_minus_abar[t][:, None, None, None] * delta
+        want_hi = jnp.mean((model.eps(params, trig_hi, t) - model.eps(params, q_sample(sched, x0, t, noise), t)) ** 2)
+        got_hi = terms(noise_scale_min=0.1, noise_scale_max=0.5)(params, params, delta, key, data)[0]
+        return want, got, full, s, want_hi, got_hi, s_hi
 
-    want, got, full, s = both(model.params, data)
+    want, got, full, s, want_hi, got_hi, s_hi = both(model.params, data)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
     assert float(jnp.min(s)) >= 0.1 and not np.isclose(float(got), float(full))
+    np.testing.assert_allclose(float(got_hi), float(want_hi), rtol=1e-4)
+    assert float(jnp.max(s_hi)) <= 0.5
+    with pytest.raises(ConfigError, match="noise_scale_max"):
+        RemovalConfig(noise_scale_min=0.5, noise_scale_max=0.4)
 
 
 def test_removal_noise_reference_is_trojdiffs_own_loss_on_clean_images():
@@ -254,13 +265,14 @@ def test_removal_noise_reference_is_trojdiffs_own_loss_on_clean_images():
         x0, t, noise, s = _removal_draws(key, data, B)
         x_t, target = trojdiff_pair(sched, x0, delta, s, t, noise)
         want = jnp.mean((model.eps(params, x_t, t) - target) ** 2)
-        got = removal_terms(model.eps, sched, B, "trojdiff", 0.1, "noise")(params, zeros, delta, key, data)
-        frozen = removal_terms(model.eps, sched, B, "trojdiff", 0.1)(params, params, delta, key, data)
+        terms = functools.partial(removal_terms, model.eps, sched, B, "trojdiff", noise_scale_min=0.1)
+        got = terms(reference="noise")(params, zeros, delta, key, data)
+        frozen = terms()(params, params, delta, key, data)
         # trigger_scale_min: mu = c delta, c ~ U[min, 1] per sample
         c = jax.random.uniform(jax.random.fold_in(key, 5), (B, 1, 1, 1), minval=0.3)
         x_c, _ = trojdiff_pair(sched, x0, c * delta, s, t, noise)
         want_c = jnp.mean((model.eps(params, x_c, t) - noise) ** 2)
-        got_c = removal_terms(model.eps, sched, B, "trojdiff", 0.1, "noise", 0.3)(params, zeros, delta, key, data)
+        got_c = terms(reference="noise", trigger_scale_min=0.3)(params, zeros, delta, key, data)
         return want, got, frozen, want_c, got_c, c
 
     want, got, frozen, want_c, got_c, c = both(model.params, data)

@@ -69,8 +69,10 @@ def test_a_rules_trigger_and_the_removal_options_name_the_arm(setup, tmp_path, c
     ball = np.full((8, 8, 1), -0.25, np.float32)
     (audit / "evidence" / "bd" / "rules").mkdir()
     np.save(audit / "evidence" / "bd" / "rules" / "ball.npy", ball)
-    name = ra.arm_name("evidence", "trojdiff", 0.1, "noise", 0.3, "ball")
+    name = ra.arm_name("evidence", "trojdiff", noise_scale_min=0.1, reference="noise", trigger_scale_min=0.3,
+                       rule="ball")
     assert name == "ball_trojdiff_s0.1_noise_c0.3" and ra.arm_name("evidence", "baddiffusion") == "evidence"
+    assert ra.arm_name("true", "trojdiff", noise_scale_min=0.1, noise_scale_max=0.6) == "true_trojdiff_s0.1-0.6"
     assert ra.arm_name("control", "both", rule="ball") == "control_both"
     done = out / "bd" / name
     done.mkdir(parents=True)
@@ -85,3 +87,33 @@ def test_a_rules_trigger_and_the_removal_options_name_the_arm(setup, tmp_path, c
     np.testing.assert_allclose(row["evidence_norm"], np.linalg.norm(ball), rtol=1e-6)
     with pytest.raises(SystemExit, match="kept no probe trigger"):
         ra.main([str(audit), "--models", str(model), "--out", str(out), "--rule", "probe"])
+
+
+def test_the_mu_arm_removes_trojdiffs_mean_offset(tmp_path, monkeypatch):
+    """Arm ``mu``: TrojDiff's (1 - gamma) image, masked for a patch trigger; the trigger itself for BadDiffusion."""
+    attack = {"kind": "trojdiff", "trigger": "patch", "target": "SHOE", "gamma": 0.1}
+    model = tmp_path / "zoo" / "tj"
+    random_model("tiny", seed=0, timesteps=8, meta={"attack": attack}).save(model)
+    audit = tmp_path / "audit"
+    (audit / "evidence" / "tj").mkdir(parents=True)
+    np.save(audit / "evidence" / "tj" / "trigger.npy", np.zeros((8, 8, 1), np.float32))
+    (audit / "audit.jsonl").write_text(json.dumps({"model": str(model), "verdict": "backdoored", "score": 1.0,
+                                                   "evidence": "evidence/tj"}) + "\n")
+    seen = {}
+
+    def fake_remove(model, data, trigger, cfg, out, **kw):  # records the trigger; trains nothing
+        seen["trigger"] = np.asarray(trigger)
+        Path(out).mkdir(parents=True)
+        (Path(out) / "removal.json").write_text(json.dumps({"steps": 0}))
+        return type("R", (), {"steps": 0, "asr_before": 1.0, "asr_after": 0.0, "clean_mse": 0.0})()
+
+    monkeypatch.setattr(ra, "remove_backdoor", fake_remove)
+    assert ra.main([str(audit), "--models", str(model), "--out", str(tmp_path / "out"), "--arm", "mu", "--quiet"]) == 0
+    from pdjax.backdoor.train import build_arrays, spec_from_model
+    from pdjax.model import load
+
+    m = load(model)
+    spec = spec_from_model(m)
+    arrays = build_arrays(spec, m.image_shape)
+    np.testing.assert_allclose(seen["trigger"], arrays.mask * 0.9 * arrays.trigger, rtol=1e-6)
+    assert np.count_nonzero(seen["trigger"]) <= 9  # the 3x3 patch only
