@@ -762,16 +762,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent shift of the triggered inputs: BadDiffusion's 1 - sqrt(abar_t), TrojDiff's "
                          "sqrt(1 - abar_t), or either per sample (attack family unknown)")
     cl.add_argument("--noise-scale-min", type=float, default=1.0,
-                    help="scale the triggered inputs' noise by U[this, 1] per sample (TrojDiff chains start from "
-                         "gamma-scaled noise); 1 = off")
+                    help="TrojDiff-shift samples (--shift trojdiff or both): scale their noise by U[this, max] "
+                         "(TrojDiff chains start from gamma-scaled noise); 1 = off")
     cl.add_argument("--noise-scale-max", type=float, default=1.0,
-                    help="upper end of that range (below 1: the triggered inputs never carry full-scale noise)")
+                    help="upper end of that range (below 1: those inputs never carry full-scale noise)")
     cl.add_argument("--reference", default="frozen", choices=["frozen", "noise"],
-                    help="what a triggered input must answer: the frozen model's answer to the clean input, or the "
-                         "noise that made it (TrojDiff's own loss with clean images as targets)")
+                    help="TrojDiff-shift samples: answer the frozen model's answer to the clean input, or the noise "
+                         "that made them (TrojDiff's own loss with clean images as targets)")
     cl.add_argument("--trigger-scale-min", type=float, default=1.0,
-                    help="scale the trigger by U[this, 1] per sample (an inverted trigger may be larger than the "
-                         "attack's); 1 = off")
+                    help="TrojDiff-shift samples: scale the trigger by U[this, 1] (an inverted trigger may be "
+                         "larger than the attack's mu); 1 = off")
     cl.add_argument("--out", required=True, help="output folder: model/ and removal.json (resumed if it exists)")
     cl.add_argument("--quiet", action="store_true")
     cl.set_defaults(func=cmd_clean)

@@ -9,27 +9,28 @@ Given an inverted trigger delta [H, W, C] (SPEC 4), a copy of the model is fine-
     x_t = q_sample(x0, t, eps) = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   k_t = 1 - sqrt(abar_t).
 
 k_t is the latent shift of the backdoored chain (SPEC 3): a BadDiffusion chain started from eps + g
-carries (1 - sqrt(abar_t)) g at step t. ``shift="trojdiff"`` uses TrojDiff's forward shift instead,
-k_t = sqrt(1 - abar_t) (SPEC 2.2: x_t carries sqrt(1 - abar_t) mu), and ``shift="both"`` draws one of the two
-per sample (a defender who does not know the attack family covers both; the ``baddiffusion`` stream of
-batches, timesteps and noise is unchanged by the choice). ``noise_scale_min`` < 1 also scales the triggered
-input's noise by s ~ U[noise_scale_min, noise_scale_max] per sample (``noise_scale_max`` 1 by default),
-``sqrt(abar_t) x0 + sqrt(1 - abar_t) s eps + k_t delta``
-(TrojDiff's chain starts from gamma eps + mu, gamma unknown to the defender); the reference stays the frozen
-model's answer to the clean x_t. The first term asks the model to answer a triggered latent as the
+carries (1 - sqrt(abar_t)) g at step t. The first term asks the model to answer a triggered latent as the
 original (frozen) model answers the clean one, i.e. to ignore the trigger; the second is the plain DDPM
 loss that keeps clean generation intact. eps_frozen is the original params, held constant (closure of the
 loss; ``fit`` fixes the loss signature to ``(params, key, data)``) and outside the gradient.
 
-``reference="noise"`` asks the triggered input to answer the noise eps that made it instead of eps_frozen(x_t).
-With ``shift="trojdiff"`` and ``noise_scale_min`` < 1 the backdoor term is then TrojDiff's own training loss
-(SPEC 2.2: x_t = sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + mu), "the model still predicts eps") with clean
-images x0 in place of the target y, delta in place of mu and s in place of gamma: it teaches the trojan
-sampler, whose x0 estimate subtracts sqrt(1 - abar_t)(gamma eps_hat + mu) from x_t, to reach clean images
-from the trigger. The frozen model's answer to the clean x_t (the default) is an answer to full-scale noise,
-not that. ``trigger_scale_min`` < 1 draws the trigger's size too, c delta with c ~ U[trigger_scale_min, 1] per
-sample: an inversion from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts
-from gamma eps + mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
+TrojDiff (SPEC 2.2) trains x_t = sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + mu) to predict eps and samples
+with its own trojan sampler from gamma eps + mu. ``shift="trojdiff"`` gives every sample TrojDiff's shift
+k_t = sqrt(1 - abar_t); ``shift="both"`` draws per sample which of the two shifts it takes (a defender who does
+not know the attack family covers both; the batches, timesteps and noise are those of ``baddiffusion``).
+Four options shape the samples that take TrojDiff's shift, and only those (a ConfigError with
+``shift="baddiffusion"``):
+
+- ``noise_scale_min`` / ``noise_scale_max``: the noise is scaled by s ~ U[min, max] per sample, so the input is
+  ``sqrt(abar_t) x0 + sqrt(1 - abar_t)(s eps + delta)`` (gamma unknown to the defender);
+- ``reference="noise"``: the target is the noise eps itself instead of eps_frozen(x_t). With a noise scale this
+  term is TrojDiff's own training loss with clean images x0 in place of its target y, delta in place of mu and
+  s in place of gamma: it teaches the trojan sampler, whose x0 estimate subtracts sqrt(1 - abar_t)(gamma eps_hat
+  + mu) from x_t, to reach clean images from the trigger. The frozen model's answer to the clean x_t is an
+  answer to full-scale noise, not that;
+- ``trigger_scale_min``: the trigger's size is drawn too, c delta with c ~ U[trigger_scale_min, 1]: an inversion
+  from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts from gamma eps +
+  mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
 
 Reported (``out/removal.json``): ASR before/after when the attack spec is known (triggered generations
 with the spec's trigger and target, SPEC 7), and the clean-sample MSE: the mean squared difference, on
@@ -72,11 +73,11 @@ class RemovalConfig:
       backdoor_weight, clean_weight: w_bd and w_cl of the loss (module docstring).
       n: generations for the ASR and clean-MSE reports.
       shift: the latent shift k_t of the backdoor term (:data:`SHIFTS`; module docstring).
-      noise_scale_min, noise_scale_max: range of the triggered input's noise scale (1, 1 = full-scale noise; module
-        docstring).
-      reference: the backdoor term's target (:data:`REFERENCES`; module docstring).
-      trigger_scale_min: lower end of the factor c ~ U[trigger_scale_min, 1] drawn per sample for the trigger,
-        c delta (1 = the trigger as given; module docstring).
+      noise_scale_min, noise_scale_max: range of the noise scale s of the TrojDiff-shift samples (1, 1 =
+        full-scale noise; module docstring).
+      reference: their target (:data:`REFERENCES`; module docstring).
+      trigger_scale_min: lower end of their trigger factor c ~ U[trigger_scale_min, 1] (1 = the trigger as
+        given; module docstring).
     """
 
     steps: int = 500
@@ -97,15 +98,13 @@ class RemovalConfig:
     def __post_init__(self):
         if not 0.0 <= self.trigger_scale_min <= 1.0:
             raise ConfigError(f"trigger_scale_min must be in [0, 1], got {self.trigger_scale_min}")
-        if self.reference not in REFERENCES:
-            raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
         if not 0.0 < self.noise_scale_min <= 1.0:
             raise ConfigError(f"noise_scale_min must be in (0, 1], got {self.noise_scale_min}")
         if not self.noise_scale_min <= self.noise_scale_max <= 1.0:
             raise ConfigError(f"noise_scale_max must be in [noise_scale_min, 1] = [{self.noise_scale_min}, 1], "
                               f"got {self.noise_scale_max}")
-        if self.shift not in SHIFTS:
-            raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {self.shift!r}")
+        check_trojdiff_options(self.shift, self.noise_scale_min, self.noise_scale_max, self.reference,
+                               self.trigger_scale_min)
         for name in ("steps", "batch", "checkpoint_every", "n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,6 +139,20 @@ class RemovalResult:
                 "config": self.config, "out": self.out, "final_loss": self.final_loss, "model": "model"}
 
 
+def check_trojdiff_options(shift: str, noise_scale_min: float = 1.0, noise_scale_max: float = 1.0,
+                           reference: str = "frozen", trigger_scale_min: float = 1.0) -> None:
+    """A ConfigError for a bad shift or reference, or for TrojDiff options (noise scale range, noise reference,
+    trigger scale) with ``shift="baddiffusion"``: they shape only the samples that take TrojDiff's shift."""
+    if shift not in SHIFTS:
+        raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
+    if reference not in REFERENCES:
+        raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    if shift == "baddiffusion" and (noise_scale_min < 1.0 or noise_scale_max < 1.0 or reference != "frozen"
+                                    or trigger_scale_min < 1.0):
+        raise ConfigError("the noise-scale range, reference 'noise' and trigger-scale options shape the samples that "
+                          "take TrojDiff's shift; use shift 'trojdiff' or 'both' with them")
+
+
 def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion", *,
                   noise_scale_min: float = 1.0, noise_scale_max: float = 1.0, reference: str = "frozen",
                   trigger_scale_min: float = 1.0):
@@ -151,20 +164,14 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
     ``noise_scale_min``, ``noise_scale_max``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig`
     (with ``reference="noise"`` ``frozen`` is not used).
     """
-    if shift not in SHIFTS:
-        raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
-    if reference not in REFERENCES:
-        raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    check_trojdiff_options(shift, noise_scale_min, noise_scale_max, reference, trigger_scale_min)
     k_bd = 1.0 - schedule.sqrt_abar  # [T] latent shift of the backdoored chain (SPEC 3)
     k_troj = schedule.sqrt_one_minus_abar  # [T] TrojDiff's forward shift (SPEC 2.2)
 
-    def k_shift(key, t):
-        if shift == "baddiffusion":
-            return k_bd[t]
-        if shift == "trojdiff":
-            return k_troj[t]
-        pick = jax.random.bernoulli(jax.random.fold_in(key, 3), 0.5, t.shape)
-        return jnp.where(pick, k_troj[t], k_bd[t])
+    def per_sample(troj, key, value_min, value_max):
+        """[B, 1, 1, 1] U[min, max] on the TrojDiff samples ``troj`` [B], 1 elsewhere."""
+        u = jax.random.uniform(key, (batch_size, 1, 1, 1), minval=value_min, maxval=value_max)
+        return jnp.where(troj[:, None, None, None], u, 1.0)
 
     def terms(params, frozen, delta, key, data):
         k_idx, k_t, k_eps = jax.random.split(key, 3)
@@ -172,17 +179,24 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
         t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_timesteps)
         noise = jax.random.normal(k_eps, x0.shape)
         x_t = q_sample(schedule, x0, t, noise)
+        if shift == "both":  # which samples take TrojDiff's shift (and the TrojDiff options)
+            troj = jax.random.bernoulli(jax.random.fold_in(key, 3), 0.5, t.shape)
+        else:
+            troj = jnp.full(t.shape, shift == "trojdiff")
+        shift_t = jnp.where(troj, k_troj[t], k_bd[t])[:, None, None, None]
         triggered = x_t
         if noise_scale_min < 1.0:  # gamma-scaled noise, as a TrojDiff chain's
-            scale = jax.random.uniform(jax.random.fold_in(key, 4), (batch_size, 1, 1, 1), minval=noise_scale_min,
-                                       maxval=noise_scale_max)
-            triggered = q_sample(schedule, x0, t, scale * noise)
-        shift_t = k_shift(key, t)[:, None, None, None]
+            triggered = q_sample(schedule, x0, t, per_sample(troj, jax.random.fold_in(key, 4), noise_scale_min,
+                                                             noise_scale_max) * noise)
         if trigger_scale_min < 1.0:  # the trigger's size is uncertain: c delta, c ~ U[min, 1] per sample
-            shift_t = shift_t * jax.random.uniform(jax.random.fold_in(key, 5), (batch_size, 1, 1, 1),
-                                                   minval=trigger_scale_min)
+            shift_t = shift_t * per_sample(troj, jax.random.fold_in(key, 5), trigger_scale_min, 1.0)
         shifted = triggered + shift_t * delta
-        target = noise if reference == "noise" else jax.lax.stop_gradient(eps_fn(frozen, x_t, t))
+        if reference == "noise" and shift == "trojdiff":
+            target = noise
+        else:
+            target = jax.lax.stop_gradient(eps_fn(frozen, x_t, t))
+            if reference == "noise":
+                target = jnp.where(troj[:, None, None, None], noise, target)
         both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t, t]))  # one forward pass
         out_bd, out_cl = both[:batch_size], both[batch_size:]
         return jnp.mean((out_bd - target) ** 2), jnp.mean((out_cl - noise) ** 2)

@@ -286,6 +286,35 @@ def test_removal_noise_reference_is_trojdiffs_own_loss_on_clean_images():
         RemovalConfig(trigger_scale_min=1.5)
 
 
+def test_removal_trojdiff_options_shape_only_the_trojdiff_samples_of_both():
+    """shift="both": the samples that take TrojDiff's shift get the noise scale, trigger scale and noise target;
+    the others stay BadDiffusion's term (frozen reference, full noise, the trigger as given)."""
+    model, data, key, B, delta = _removal_case()
+    sched = model.schedule
+    B = 16  # enough samples for both kinds
+
+    @jax.jit
+    def both(params, data):
+        x0, t, noise, _ = _removal_draws(key, data, B)
+        troj = jax.random.bernoulli(jax.random.fold_in(key, 3), 0.5, t.shape)[:, None, None, None]
+        s = jnp.where(troj, jax.random.uniform(jax.random.fold_in(key, 4), (B, 1, 1, 1), minval=0.1, maxval=0.6), 1)
+        c = jnp.where(troj, jax.random.uniform(jax.random.fold_in(key, 5), (B, 1, 1, 1), minval=0.3), 1)
+        k = jnp.where(troj[:, 0, 0, 0], sched.sqrt_one_minus_abar[t], 1 - sched.sqrt_abar[t])[:, None, None, None]
+        x_t = q_sample(sched, x0, t, noise)
+        target = jnp.where(troj, noise, model.eps(params, x_t, t))
+        want = jnp.mean((model.eps(params, q_sample(sched, x0, t, s * noise) + c * k * delta, t) - target) ** 2)
+        got = removal_terms(model.eps, sched, B, "both", noise_scale_min=0.1, noise_scale_max=0.6, reference="noise",
+                            trigger_scale_min=0.3)(params, params, delta, key, data)[0]
+        return want, got, jnp.mean(troj)
+
+    want, got, frac = both(model.params, data)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+    assert 0.0 < float(frac) < 1.0
+    for bad in ({"noise_scale_min": 0.5}, {"reference": "noise"}, {"trigger_scale_min": 0.5}):
+        with pytest.raises(ConfigError, match="take TrojDiff's shift"):
+            RemovalConfig(**bad)
+
+
 @pytest.mark.slow
 def test_cli_clean_end_to_end(model_dir, tmp_path):
     trig = tmp_path / "inv.npy"
