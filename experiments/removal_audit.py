@@ -72,6 +72,18 @@ def arm_name(arm: str, shift: str = "baddiffusion", *, noise_scale_min: float = 
         ("" if trigger_scale_min == 1.0 else f"_c{trigger_scale_min:g}")
 
 
+def against_mu(found: np.ndarray, mu: np.ndarray) -> dict:
+    """How the removal trigger lines up with the attack's additive offset mu (TrojDiff's (1 - gamma) image, the
+    trigger itself for the other attacks): cosine, and the factor c minimising ||c found - mu|| with the norm of
+    what is left."""
+    f, m = np.asarray(found, np.float64).ravel(), np.asarray(mu, np.float64).ravel()
+    ff = float(f @ f)
+    c = float(f @ m) / ff if ff > 0 else 0.0
+    return {"mu_norm": float(np.linalg.norm(m)),
+            "evidence_cos_mu": float(f @ m) / max(float(np.linalg.norm(f) * np.linalg.norm(m)), 1e-12),
+            "evidence_scale_to_mu": c, "evidence_residual_to_mu": float(np.linalg.norm(c * f - m))}
+
+
 def arm_of(arm: str, args) -> str:
     """:func:`arm_name` of ``arm`` with the command line's removal options."""
     return arm_name(arm, args.shift, noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
@@ -90,7 +102,8 @@ def run_model(path: Path, entry: dict, args) -> dict:
     row = {"model": path.name, "attack": spec.to_dict(), "audit_verdict": entry["verdict"],
            "audit_score": entry["score"], "candidate": args.rule or entry.get("candidate", "main"),
            "start": entry.get("start", "ddpm"), "n": args.n, "seed": args.seed,
-           "evidence_norm": float(np.linalg.norm(found)), "evidence_l2_to_true": float(np.linalg.norm(found - true_g))}
+           "evidence_norm": float(np.linalg.norm(found)), "evidence_l2_to_true": float(np.linalg.norm(found - true_g)),
+           **against_mu(found, mu)}
     for arm in args.arm:
         name = arm_of(arm, args)
         out = args.out / path.name / name

@@ -117,3 +117,14 @@ def test_the_mu_arm_removes_trojdiffs_mean_offset(tmp_path, monkeypatch):
     arrays = build_arrays(spec, m.image_shape)
     np.testing.assert_allclose(seen["trigger"], arrays.mask * 0.9 * arrays.trigger, rtol=1e-6)
     assert np.count_nonzero(seen["trigger"]) <= 9  # the 3x3 patch only
+
+
+def test_against_mu_measures_direction_and_size():
+    mu = np.zeros((4, 4, 1))
+    mu[0, 0] = 1.0
+    found = 2.0 * mu
+    found[3, 3] = 2.0  # a second component mu lacks
+    got = ra.against_mu(found, mu)
+    np.testing.assert_allclose([got["mu_norm"], got["evidence_cos_mu"], got["evidence_scale_to_mu"],
+                                got["evidence_residual_to_mu"]], [1.0, 2 / np.sqrt(8), 0.25, np.sqrt(0.5)], rtol=1e-12)
+    assert ra.against_mu(np.zeros_like(mu), mu)["evidence_cos_mu"] == 0.0
