@@ -26,8 +26,8 @@ Four options shape the samples that take TrojDiff's shift, and only those (a Con
 - ``reference="noise"``: the target is the noise eps itself instead of eps_frozen(x_t). With a noise scale this
   term is TrojDiff's own training loss with clean images x0 in place of its target y, delta in place of mu and
   s in place of gamma: it teaches the trojan sampler, whose x0 estimate subtracts sqrt(1 - abar_t)(gamma eps_hat
-  + mu) from x_t, to reach clean images from the trigger. The frozen model's answer to the clean x_t is an
-  answer to full-scale noise, not that;
+  + mu) from x_t, to reach clean images from the trigger. (Measured: with the attack's mu the frozen reference
+  removes TrojDiff's backdoor as well, at a smaller clean-sample change; removal_table.md, last section);
 - ``trigger_scale_min``: the trigger's size is drawn too, c delta with c ~ U[trigger_scale_min, 1]: an inversion
   from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts from gamma eps +
   mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
