@@ -173,18 +173,13 @@ def test_removal_loss_at_zero_trigger_is_the_ddpm_loss():
 
 
 def test_removal_shifts_follow_each_attacks_forward_process():
-    model = random_model("tiny", seed=0, timesteps=50)
-    data = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32))
-    key, B = jax.random.key(3), 8
-    delta = jnp.full((8, 8, 1), 0.7)
+    model, data, key, B, delta = _removal_case()
     sched = model.schedule
 
     @jax.jit
     def all_terms(params, data):
-        k_idx, k_t, k_eps = jax.random.split(key, 3)
-        x0 = data[jax.random.randint(k_idx, (B,), 0, 64)]
-        t = jax.random.randint(k_t, (B,), 0, 50)
-        x_t = q_sample(sched, x0, t, jax.random.normal(k_eps, x0.shape))
+        x0, t, noise, _ = _removal_draws(key, data, B)
+        x_t = q_sample(sched, x0, t, noise)
         ref = model.eps(params, x_t, t)
         per = {name: jnp.mean((model.eps(params, x_t + k[t][:, None, None, None] * delta, t) - ref) ** 2,
                               axis=(1, 2, 3))
