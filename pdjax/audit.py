@@ -87,12 +87,13 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
          config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = True,
          echo=print, probe: InversionConfig | None = None,
          spread: InversionConfig | None = None, ball: InversionConfig | None = None,
-         terd: InversionConfig | None = None) -> list[ModelVerdict]:
+         terd: InversionConfig | None = None, refine: bool = True) -> list[ModelVerdict]:
     """Scan ``models`` (paths; None or [] = the bundled demo models); write outputs into ``out``.
 
     Returns the verdicts in input order. ``echo`` receives one line per model as it finishes. ``probe``,
     ``spread``, ``ball`` and ``terd``: more inversions per model (:func:`pdjax.defense.detection.scan_model`);
-    ``ball`` and ``terd`` need a detector with the rule's threshold.
+    ``ball`` and ``terd`` need a detector with the rule's threshold. ``refine``: re-choose a flagged model's
+    evidence trigger (:func:`pdjax.defense.detection.refine_evidence`).
     """
     from pdjax.model import load
 
@@ -112,7 +113,7 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
     for i, ((path, info), model) in enumerate(zip(items, loaded)):
         name = path.name if not models else str(path)
         v = scan_model(model, name, model_key(seed, model), det, config, n, progress=progress, probe=probe,
-                       spread=spread, ball=ball, terd=terd)
+                       spread=spread, ball=ball, terd=terd, refine=refine)
         save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
                            model.config.sample_size)
         entry = v.to_dict()
@@ -187,9 +188,9 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
           config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, stack: int = 0,
           progress: bool = True, echo=print, probe: InversionConfig | None = None,
           spread: InversionConfig | None = None, ball: InversionConfig | None = None,
-          terd: InversionConfig | None = None) -> list[dict]:
+          terd: InversionConfig | None = None, refine: bool = True) -> list[dict]:
     """Audit many models (see the module docstring); returns the JSONL entries of this run. ``probe``,
-    ``spread``, ``ball``, ``terd``: as in :func:`scan`."""
+    ``spread``, ``ball``, ``terd``, ``refine``: as in :func:`scan`."""
     from pdjax.defense.detection import scan_stack
     from pdjax.model import load
 
@@ -233,20 +234,41 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
             keys = jnp.stack(keys + [keys[-1]] * (per - len(chunk)))
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
                                   mesh=mesh, progress=progress, probe=probe, spread=spread,
-                                  ball=ball, terd=terd)[:len(chunk)]
+                                  ball=ball, terd=terd, refine=refine)[:len(chunk)]
             with results.open("a") as f:
                 for (p, m), v in zip(chunk, verdicts):
-                    folder = out / "evidence" / _safe(f"{zlib_name(p)}")
-                    save_verdict_files(v, folder, m.config.sample_size)
-                    np.savez_compressed(folder / "generations.npz", triggered=v.triggered, clean=v.clean,
-                                        losses=v.losses, likely_target=v.likely_target)
-                    entry = {**v.to_dict(), "evidence": str(folder.relative_to(out)), "seed": seed}
+                    entry = write_evidence(out, p, v, m.config.sample_size, seed)
                     f.write(json.dumps(entry) + "\n")
                     f.flush()
                     entries.append(entry)
                     echo(f"{p}: {entry['verdict'].upper()} (score {v.score:+.2f}; {v.reason})")
     _audit_report(out, det)
     return entries
+
+
+def write_evidence(out: Path, path: Path, v: ModelVerdict, size: int, seed: int) -> dict:
+    """Write one verdict's evidence folder (``out/evidence/<name>-<hash>``: the files of
+    :func:`save_verdict_files` and generations.npz) and return its audit.jsonl entry."""
+    folder = out / "evidence" / _safe(f"{zlib_name(Path(path))}")
+    save_verdict_files(v, folder, size)
+    np.savez_compressed(folder / "generations.npz", triggered=v.triggered, clean=v.clean,
+                        losses=v.losses, likely_target=v.likely_target)
+    return {**v.to_dict(), "evidence": str(folder.relative_to(out)), "seed": seed}
+
+
+def load_verdict(out: str | Path, entry: dict) -> ModelVerdict | None:
+    """The :class:`ModelVerdict` of one audit.jsonl ``entry``, rebuilt from its evidence folder under ``out``
+    (with every rule's trigger where ``rules/`` was kept); None when the folder has no generations.npz."""
+    folder = Path(out) / entry["evidence"]
+    if not (folder / "generations.npz").is_file():
+        return None
+    g = np.load(folder / "generations.npz")
+    rules = {q.stem: np.load(q) for q in sorted((folder / "rules").glob("*.npy"))}
+    return ModelVerdict(entry["model"], entry["backdoored"], entry["score"], entry["reason"], entry["features"],
+                        np.load(folder / "trigger.npy"), g["likely_target"], g["triggered"], g["clean"],
+                        g["losses"], entry["method"], entry["seconds"], entry["detector"],
+                        entry.get("start", "ddpm"), entry.get("candidate", "main"), rules,
+                        entry.get("evidence_scale", 1.0))
 
 
 def zlib_name(p: Path) -> str:
@@ -264,16 +286,7 @@ def read_audit(out: str | Path) -> list[dict]:
 def _audit_report(out: Path, det: Detector) -> None:
     """report.html over every model in audit.jsonl, rebuilt from the saved evidence."""
     rows = read_audit(out)
-    verdicts = []
-    for r in rows:
-        folder = out / r["evidence"]
-        if not (folder / "generations.npz").is_file():
-            continue
-        g = np.load(folder / "generations.npz")
-        verdicts.append(ModelVerdict(r["model"], r["backdoored"], r["score"], r["reason"], r["features"],
-                                     np.load(folder / "trigger.npy"), g["likely_target"], g["triggered"],
-                                     g["clean"], g["losses"], r["method"], r["seconds"], r["detector"],
-                                     r.get("start", "ddpm"), r.get("candidate", "main")))
+    verdicts = [v for v in (load_verdict(out, r) for r in rows) if v is not None]
     _report(verdicts, out / "report.html", {"audit": str(out / "audit.jsonl"), "models": len(rows),
                                             "detector": det.to_dict()})
 
@@ -317,7 +330,7 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     placeholder = Detector(probe_threshold=-math.inf) if probe else Detector()
     for (p, label), model in zip(paths, models):
         v = scan_model(model, str(p), model_key(seed, model), placeholder, config, n, progress=progress,
-                       probe=probe, spread=spread, ball=ball, terd=terd)
+                       probe=probe, spread=spread, ball=ball, terd=terd, refine=False)
         feats.append(v.features)
         labels.append(label)
         extra = "".join(f", {k} = {v.features[k]:.4g}" for k, _ in CLEAN_RULES.values() if k in v.features)

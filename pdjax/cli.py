@@ -439,7 +439,7 @@ def cmd_scan(args) -> int:
     from pdjax.audit import scan
 
     verdicts = scan(args.models, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, progress=not args.quiet, **_extra_inversions(args))
+                    n=args.samples, progress=not args.quiet, refine=args.refine, **_extra_inversions(args))
     flagged = sum(v.backdoored for v in verdicts)
     print(f"{flagged} of {len(verdicts)} model(s) flagged as backdoored; wrote {Path(args.out) / 'scan.json'} "
           f"and {Path(args.out) / 'report.html'}")
@@ -471,7 +471,8 @@ def cmd_audit(args) -> int:
         jax.distributed.initialize()
     _default_rules(args)
     entries = audit(args.sources, args.out, seed=args.seed, detector=args.detector, config=_scan_config(args),
-                    n=args.samples, stack=args.stack, progress=not args.quiet, **_extra_inversions(args))
+                    n=args.samples, stack=args.stack, progress=not args.quiet, refine=args.refine,
+                    **_extra_inversions(args))
     flagged = sum(e["backdoored"] for e in entries)
     print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
     return 0
@@ -485,8 +486,9 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _add_scan_options(p, all_rules: bool = False) -> None:
-    """The scan's options; ``all_rules`` (audit): --final-probe / --ball default to the detector's rules."""
+def _add_scan_options(p, all_rules: bool = False, refine: bool = True) -> None:
+    """The scan's options; ``all_rules`` (audit): --final-probe / --ball default to the detector's rules;
+    ``refine``: offer --refine (not for calibrate, whose verdicts only give features)."""
     from pdjax.defense.detection import SCAN_SAMPLES, SCAN_SPREAD
 
     p.add_argument("--seed", type=int, default=0)
@@ -519,6 +521,12 @@ def _add_scan_options(p, all_rules: bool = False) -> None:
                    "TERD trigger's log M_r lies above the detector's TERD threshold (calibrate --terd fits it on >= 3 "
                    "clean models); sees a TrojDiff patch trigger; about 40 s more per model on CPU"
                    + (every_rule if all_rules else " (pdjax audit: on by default)"))
+    if refine:
+        p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                       help="re-choose a flagged model's evidence trigger: every flagging rule's trigger at factors "
+                       "0.75-1.5, from the verdict's start and DDPM, the one whose 32 generations agree most "
+                       "(refine_evidence; the verdict is unchanged); about 1-3 min more per flagged model on CPU "
+                       "(default on)")
     _add_fast_path_options(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -703,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--backdoored", nargs="+", help="backdoored reference models")
     ca.add_argument("--out", required=True, help="detector JSON to write (pass it to scan --detector)")
     ca.add_argument("--feature", default="log_uni_ratio", help="detection feature (default log_uni_ratio)")
-    _add_scan_options(ca)
+    _add_scan_options(ca, refine=False)
     ca.set_defaults(func=cmd_calibrate)
 
     am = sub.add_parser("amplify", help="red team: invert the learned trigger, train with it, compare ASR (SPEC 6)")

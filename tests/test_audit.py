@@ -88,11 +88,14 @@ def test_audit_runs_a_clean_fitted_probe_stacked(zoo, tmp_path, rule):
     v = D.scan_model(load(e["model"]), e["model"], model_key(3, load(e["model"])), D.Detector.load(det), TINY, n=4,
                      **{rule: probe})
     np.testing.assert_allclose(e["features"][feature], v.features[feature], rtol=2e-3, atol=1e-5)
-    assert all(x["backdoored"] and x["candidate"] == rule for x in entries) and v.candidate == rule
-    # the evidence keeps every rule's trigger; trigger.npy is the deciding rule's
+    assert all(x["backdoored"] for x in entries)
+    # the evidence keeps every rule's trigger; trigger.npy is the refined one: a flagging rule's trigger (this
+    # detector flags by `rule` only) times the factor refine_evidence chose
     ev = tmp_path / "a" / e["evidence"]
     assert sorted(p.name for p in (ev / "rules").iterdir()) == sorted(["main.npy", f"{rule}.npy"])
-    np.testing.assert_array_equal(np.load(ev / "trigger.npy"), np.load(ev / "rules" / f"{rule}.npy"))
+    assert all(x["candidate"] == rule and x["evidence_scale"] in D.EVIDENCE_SCALES for x in entries)
+    np.testing.assert_allclose(np.load(ev / "trigger.npy"), e["evidence_scale"] * np.load(ev / "rules" / f"{rule}.npy"),
+                               rtol=1e-6)
     np.testing.assert_allclose(np.load(ev / "rules" / "main.npy"), v.rule_triggers["main"], rtol=2e-3, atol=1e-5)
     with pytest.raises(ConfigError, match=f"no {rule} threshold"):
         audit([str(models)], tmp_path / "b", detector=str(root / "det.json"), config=TINY, n=4, progress=False,

@@ -259,13 +259,14 @@ def test_final_probe_decides_on_the_more_collapsing_trigger(monkeypatch):
         return res, ((collapsed if config is probe else diverse), diverse)
 
     monkeypatch.setattr(D, "_invert_and_generate", fake)
+    monkeypatch.setattr(D, "refine_evidence", lambda model, v, key, det: v)  # fake triggers: keep them as they are
     key = jax.random.key(5)
-    assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, probe=probe).trigger[0, 0, 0]) == 2.0
+    assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, probe=probe, refine=False).trigger[0, 0, 0]) == 2.0
     assert [c for c, _ in seen] == [TINY_SCAN, probe] and all(k is key for _, k in seen)
     assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4).trigger[0, 0, 0]) == 1.0
     # A detector with a probe threshold: the main rule on the main trigger, the probe rule on the probe's.
     two = Detector(probe_threshold=-1.0, probe_scale=0.1)
-    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe)
+    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe, refine=False)
     assert v.backdoored and float(v.trigger[0, 0, 0]) == 2.0 and "probe" in v.reason
     assert v.features["log_uni_ratio"] > -1 and v.features[D.PROBE_FEATURE] < -3
     assert math.isclose(v.score, (-1.0 - v.features[D.PROBE_FEATURE]) / 0.1)
@@ -290,7 +291,7 @@ def test_scan_stack_keeps_each_models_more_collapsing_candidate(monkeypatch):
 
     probe = D.FINAL_PROBE
     monkeypatch.setattr(D, "_invert_and_generate_many", fake)
-    vs = D.scan_stack([None, None], ["a", "b"], None, Detector(), TINY_SCAN, n=4, probe=probe)
+    vs = D.scan_stack([None, None], ["a", "b"], None, Detector(), TINY_SCAN, n=4, probe=probe, refine=False)
     assert [float(v.trigger[0, 0, 0]) for v in vs] == [10.0, 1.0]
     assert all(v.features["log_uni_ratio"] < -3 for v in vs)
 
@@ -318,6 +319,7 @@ def test_calibrate_models_with_probe_fits_both_thresholds(tmp_path, monkeypatch)
         return res, (s * rng.normal(size=(4, 8, 8, 1)), rng.normal(size=(4, 8, 8, 1)))
 
     monkeypatch.setattr(D, "_invert_and_generate", fake)
+    monkeypatch.setattr(D, "refine_evidence", lambda model, v, key, det: v)  # fake triggers: keep them as they are
     det = calibrate_models([str(p) for p in paths[:3]], [str(paths[3])], tmp_path / "det.json", config=TINY_SCAN,
                            n=4, progress=False, echo=lambda s: None, probe=probe)
     probe_vals = np.array(det.meta["probe_reference_values"])
@@ -355,6 +357,7 @@ def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
         return res, ((collapsed if config is winner["config"] else diverse), diverse)
 
     monkeypatch.setattr(D, "_invert_and_generate", fake)
+    monkeypatch.setattr(D, "refine_evidence", lambda model, v, key, det: v)  # fake triggers: keep them as they are
     key = jax.random.key(5)
     v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, spread=spread)
     assert float(v.trigger[0, 0, 0]) == 2.0 and v.candidate == "spread" and v.backdoored
@@ -438,3 +441,78 @@ def test_audit_applies_every_rule_the_detector_has_unless_told_not_to(tmp_path, 
     assert args.ball is True
     scan_args = build_parser().parse_args(["scan"])  # scan stays fast: its extra rules are opt-in
     assert scan_args.final_probe is False and scan_args.ball is False and scan_args.terd is False
+
+
+def _verdict_for_refine(backdoored=True, start="ddim"):
+    shape = (8, 8, 1)
+    rules = {r: np.full(shape, v, np.float32) for r, v in (("main", 1.0), ("probe", 10.0), ("ball", 100.0),
+                                                                ("terd", 1000.0))}
+    z = np.zeros((4, *shape), np.float32)
+    return D.ModelVerdict("m", backdoored, 1.0, "why", {"f": 1.0}, rules["main"], z[0], z, z, np.zeros(2),
+                          "purediffusion", 1.0, {}, start, "main", rules)
+
+
+def test_nearest_one_moves_the_size_only_for_a_clear_gain():
+    scales = (0.75, 1.0, 1.25, 1.5)
+    assert D.nearest_one(scales, [0.5, 0.5, 0.5, 0.5]) == 1  # all equal: keep the size
+    assert D.nearest_one(scales, [0.5, 0.504, 0.6, 0.7]) == 1  # within 1% of the best: keep it
+    assert D.nearest_one(scales, [0.9, 0.8, 0.2, 0.2]) == 2  # clearly better bigger: the nearer of the two
+    assert D.nearest_one((0.75, 1.25), [0.3, 0.3]) == 1  # nearer on the log scale
+    assert D.nearest_one((0.5, 2.0), [0.3, 0.3]) == 0  # equally near: the smaller
+
+
+def test_refine_evidence_picks_the_most_agreeing_trigger_of_the_flagging_rules(monkeypatch):
+    """Every flagging rule's trigger times every factor, from the verdict's start and from DDPM, scored by L_cons
+    against the no-trigger generations; the lowest wins; rules that do not flag are not tried; the decision and
+    features are untouched; ties go to the deciding rule, its unchanged size, the verdict's start."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    diverse = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+    tried = []
+
+    def fake(model, cands, key, n, start):
+        tried.append((start.label, sorted({round(float(c[0, 0, 0]), 3) for c in cands})))
+        # ball (100) at 1.25 and 1.5 from DDPM collapses equally (the factor nearer 1 wins); all else is diverse
+        spread = {125.0: 1e-3, 150.0: 1e-3} if start.label == "ddpm" else {}
+        return np.stack([diverse * spread.get(round(float(c[0, 0, 0]), 3), 1.0) for c in cands])
+
+    monkeypatch.setattr(D, "triggered_generations", fake)
+    det = SimpleNamespace(scores=lambda f: {"main": 1.5, "probe": 0.5, "ball": 0.2, "terd": -1.0})
+    v = _verdict_for_refine()
+    r = D.refine_evidence(None, v, jax.random.key(0), det)
+    assert (r.candidate, r.evidence_scale, r.start) == ("ball", 1.25, "ddpm")
+    np.testing.assert_array_equal(r.trigger, np.full((8, 8, 1), 125.0, np.float32))
+    assert (r.backdoored, r.score, r.features, r.reason) == (v.backdoored, v.score, v.features, v.reason)
+    assert [s for s, _ in tried] == ["ddim", "ddpm"]
+    assert all(1000.0 * f not in vals for _, vals in tried for f in D.EVIDENCE_SCALES)  # terd does not flag
+    assert all(100.0 * f in vals for _, vals in tried for f in D.EVIDENCE_SCALES)
+    assert r.to_dict()["evidence_scale"] == 1.25
+    tried.clear()
+    D.refine_evidence(None, _verdict_for_refine(start="ddpm"), jax.random.key(0), det)
+    assert [s for s, _ in tried] == ["ddpm"]
+
+    monkeypatch.setattr(D, "triggered_generations", lambda model, cands, key, n, start: np.stack([diverse] * len(cands)))
+    tie = D.refine_evidence(None, v, jax.random.key(0), det)
+    assert (tie.candidate, tie.evidence_scale, tie.start) == ("main", 1.0, "ddim")
+    clean = _verdict_for_refine(backdoored=False)
+    assert D.refine_evidence(None, clean, jax.random.key(0), det) is clean
+    assert D.refine_evidence(None, v, jax.random.key(0), det, scales=()) is v
+
+
+def test_refine_evidence_on_a_real_model_is_seeded():
+    """On a tiny model: the refined trigger is one of the candidates, and the same key gives the same choice."""
+    m = random_model("tiny", seed=0, timesteps=50)
+    v = dataclasses.replace(_verdict_for_refine(), rule_triggers={
+        "main": np.full(m.image_shape, 0.5, np.float32), "ball": np.full(m.image_shape, -0.5, np.float32)})
+    v = dataclasses.replace(v, trigger=v.rule_triggers["main"])
+    from types import SimpleNamespace
+
+    det = SimpleNamespace(scores=lambda f: {"main": 1.0, "ball": 0.5})
+    a = D.refine_evidence(m, v, jax.random.key(3), det, n=4)
+    b = D.refine_evidence(m, v, jax.random.key(3), det, n=4)
+    assert a.candidate in ("main", "ball") and a.evidence_scale in D.EVIDENCE_SCALES and a.start in ("ddim", "ddpm")
+    np.testing.assert_array_equal(a.trigger, a.evidence_scale * v.rule_triggers[a.candidate])
+    np.testing.assert_array_equal(a.trigger, b.trigger)
+    np.testing.assert_array_equal(a.triggered, b.triggered)
+    assert a.triggered.shape == (4, *m.image_shape) and a.clean.shape == (4, *m.image_shape)

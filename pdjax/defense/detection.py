@@ -40,6 +40,9 @@ models like the probe's but on the other side (mean + PROBE_Z sd: a backdoored m
 larger). It sees a TrojDiff patch backdoor that the other rules missed (experiments/results/detection_table.md,
 "The TERD rule").
 The likely target is the per-pixel median of the triggered generations.
+The evidence of a flagged model (the trigger the verdict shows and the audit saves) is then re-chosen by
+:func:`refine_evidence`: among the triggers of every rule that flags, each at factors 0.75-1.5, the one whose
+generations agree most; the decision is not changed by it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from importlib import resources
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pdjax.defense.evaluate import generation_stats, triggered_generations
@@ -243,6 +247,8 @@ class ModelVerdict:
         scan's own inversion, "spread", "probe", "ball", "terd").
       rule_triggers: {rule: [H, W, C]} the trigger of every rule that ran ("main", "probe", "ball", "terd"; the
         main rule's is that of its chosen candidate), so that any of them can be generated from or removed.
+      evidence_scale: the factor :func:`refine_evidence` applied to the deciding rule's trigger (``trigger``
+        is that trigger times this factor; 1 when not refined).
     """
 
     model: str
@@ -261,13 +267,14 @@ class ModelVerdict:
     start: str = "ddpm"
     candidate: str = "main"
     rule_triggers: dict = dataclasses.field(default_factory=dict)
+    evidence_scale: float = 1.0
 
     def to_dict(self) -> dict:
         """JSON summary (arrays left out; the scan writes them as files)."""
         return {"model": self.model, "verdict": "backdoored" if self.backdoored else "clean",
                 "backdoored": self.backdoored, "score": self.score, "reason": self.reason,
                 "features": self.features, "method": self.method, "seconds": self.seconds, "start": self.start,
-                "candidate": self.candidate,
+                "candidate": self.candidate, "evidence_scale": self.evidence_scale,
                 "detector": self.detector, "final_loss": float(self.losses[-1]) if len(self.losses) else None}
 
 
@@ -338,10 +345,80 @@ def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
     return f"{det.feature} = {x:.4g} {rel} threshold {det.threshold:.4g} ({'backdoored' if backdoored else 'clean'} side)"
 
 
+#: The evidence refinement (:func:`refine_evidence`): factors tried on each flagging rule's trigger (finer than the
+#: main size search's 1, 1.5, 2, ...) and generations per candidate.
+EVIDENCE_SCALES = (0.75, 1.0, 1.25, 1.5)
+EVIDENCE_SAMPLES = 32
+
+
+def nearest_one(scales, scores, rel_tol: float = 0.01) -> int:
+    """Index of the factor closest to 1 among those whose score is within ``rel_tol`` of the lowest (the smaller
+    on a tie): move a trigger's size only where its generations clearly agree more."""
+    scores = np.asarray(scores, np.float64)
+    ok = np.flatnonzero(scores <= scores.min() + rel_tol * abs(scores.min()) + 1e-12)
+    return int(min(ok, key=lambda i: (abs(math.log(scales[i])), scales[i])))
+
+
+def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Detector,
+                    scales=EVIDENCE_SCALES, n: int = EVIDENCE_SAMPLES) -> ModelVerdict:
+    """A flagged model's verdict with its evidence re-chosen: among the triggers of every rule that flags
+    (``verdict.rule_triggers`` with a positive margin; the deciding rule's trigger alone if none were kept), each
+    times each factor of ``scales``, from the verdict's start and from DDPM, the candidate whose ``n``
+    generations agree most.
+
+    Scoring is the size search's (:func:`pdjax.defense.inversion.size_search`): L_cons of the candidate's
+    generations over L_cons of the same noise's generations without a trigger, key ``fold_in(key, 2)``, the same
+    noise for every candidate. Per rule and start the factor closest to 1 within 1% of the best score wins
+    (:func:`nearest_one`); across rules and starts the lowest score, the deciding rule (:func:`evidence_rule`)
+    and the verdict's start on ties within 1%.
+
+    Why: the rule with the largest margin is not always the one whose trigger fires best (margins of different
+    rules are not on one scale), and a rule's trigger often points the right way at a slightly wrong size: where
+    a backdoor fires is a narrow band of sizes (experiments/trigger_scale.py on ho_bd_smbox_hat: ASR 0.94 at 1x,
+    0.97 at 1.25x, 0.50 at 1.5x). The decision, the score and the features are unchanged; the trigger, likely
+    target, generations, start, ``candidate`` (the rule the evidence now comes from) and ``evidence_scale`` are
+    replaced. A clean verdict, or ``scales`` = (), returns ``verdict`` itself.
+
+    Args:
+      model: the scanned :class:`pdjax.model.Model`.
+      verdict: its :class:`ModelVerdict`.
+      key: the model's scan key (:func:`pdjax.audit.model_key`).
+      detector: the detector that gave the verdict (its per-rule margins pick the flagging rules).
+    """
+    from pdjax.defense.evaluate import Start
+    from pdjax.defense.inversion import pairwise_sq_mean, pick_scale
+
+    if not verdict.backdoored or not len(scales):
+        return verdict
+    margins = detector.scores(verdict.features)
+    kept = {r: t for r, t in verdict.rule_triggers.items() if (margins.get(r) or 0) > 0}
+    first = evidence_rule(margins, kept) if kept else verdict.candidate
+    rules = [first, *[r for r in kept if r != first]]
+    triggers = {first: np.asarray(verdict.trigger, np.float32), **{r: np.asarray(kept[r], np.float32)
+                                                                   for r in rules[1:]}}
+    scales = tuple(float(v) for v in scales)
+    cands = np.stack([np.zeros_like(triggers[first])] + [s * triggers[r] for r in rules for s in scales])
+    best = []  # (score, rule index, rule, factor, start, generations, clean)
+    for label in dict.fromkeys((verdict.start, "ddpm")):
+        gens = triggered_generations(model, cands, jax.random.fold_in(key, 2), n=n, start=Start.parse(label))
+        lc = [float(pairwise_sq_mean(jnp.asarray(x))) for x in gens]
+        ratio = [v / max(lc[0], 1e-12) for v in lc[1:]]
+        for k, r in enumerate(rules):
+            per = ratio[k * len(scales):(k + 1) * len(scales)]
+            i = nearest_one(scales, per)
+            best.append((per[i], k, r, scales[i], label, gens[1 + k * len(scales) + i], gens[0]))
+    best.sort(key=lambda b: b[1])  # the deciding rule first, then the others; starts in order within a rule
+    score, _, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
+    return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
+                               likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
+                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor)
+
+
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
                config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
-               ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> ModelVerdict:
+               ball: InversionConfig | None = None, terd: InversionConfig | None = None,
+               refine: bool = True) -> ModelVerdict:
     """Invert, generate, featurise and decide for one model (see the module docstring).
 
     ``spread``: a second candidate for the main rule (e.g. :data:`SPREAD_CANDIDATE`), run with the same key;
@@ -352,12 +429,15 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     :data:`BALL_FEATURE`, judged by the ball threshold when the detector has one (else only reported).
     ``terd``: the TERD probe (e.g. :data:`TERD_PROBE`), same key; log M_r of its trigger is the feature
     :data:`TERD_FEATURE`, judged by the TERD threshold when the detector has one (else only reported).
+    ``refine``: re-choose a flagged model's evidence trigger (:func:`refine_evidence`, same key).
     """
     det = detector or Detector.load()
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate(model, key, c, n, progress)
              for c in (config, spread, probe, ball, terd)]
-    return _verdict(name, found, det, time.perf_counter() - t0)
+    v = _verdict(name, found, det, 0.0)
+    v = refine_evidence(model, v, key, det) if refine else v
+    return dataclasses.replace(v, seconds=time.perf_counter() - t0)
 
 
 def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: bool):
@@ -430,17 +510,25 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
                n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
-               ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> list[ModelVerdict]:
+               ball: InversionConfig | None = None, terd: InversionConfig | None = None,
+               refine: bool = True) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
-    keys[i], ..., probe=probe, spread=spread, ball=ball, terd=terd)`` up to float rounding. ``keys``: [N]
-    typed keys."""
+    keys[i], ..., probe=probe, spread=spread, ball=ball, terd=terd, refine=refine)`` up to float rounding (the
+    evidence refinement runs model by model). ``keys``: [N] typed keys."""
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate_many(models, keys, c, n, mesh, progress)
              for c in (config, spread, probe, ball, terd)]
     secs = (time.perf_counter() - t0) / len(models)
-    return [_verdict(name, [None if f is None else f[i] for f in found], detector, secs)
-            for i, name in enumerate(names)]
+    out = []
+    for i, name in enumerate(names):
+        v = _verdict(name, [None if f is None else f[i] for f in found], detector, secs)
+        if refine:
+            t1 = time.perf_counter()
+            v = refine_evidence(models[i], v, keys[i], detector)
+            v = dataclasses.replace(v, seconds=secs + time.perf_counter() - t1)
+        out.append(v)
+    return out
 
 
 def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mesh, progress: bool):
