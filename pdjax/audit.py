@@ -22,6 +22,7 @@ first (``--distributed``): the mesh then spans every process's devices.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -234,7 +235,9 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
             keys = jnp.stack(keys + [keys[-1]] * (per - len(chunk)))
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
                                   mesh=mesh, progress=progress, probe=probe, spread=spread,
-                                  ball=ball, terd=terd, refine=refine)[:len(chunk)]
+                                  ball=ball, terd=terd, refine=False)[:len(chunk)]
+            if refine:  # model by model, after the padding copies are dropped
+                verdicts = [_refined(m, v, k, det) for (_, m), v, k in zip(chunk, verdicts, keys)]
             with results.open("a") as f:
                 for (p, m), v in zip(chunk, verdicts):
                     entry = write_evidence(out, p, v, m.config.sample_size, seed)
@@ -244,6 +247,15 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
                     echo(f"{p}: {entry['verdict'].upper()} (score {v.score:+.2f}; {v.reason})")
     _audit_report(out, det)
     return entries
+
+
+def _refined(model, v: ModelVerdict, key, det: Detector) -> ModelVerdict:
+    """:func:`pdjax.defense.detection.refine_evidence`, its time added to the verdict's seconds."""
+    from pdjax.defense.detection import refine_evidence
+
+    t0 = time.perf_counter()
+    r = refine_evidence(model, v, key, det)
+    return dataclasses.replace(r, seconds=v.seconds + time.perf_counter() - t0)
 
 
 def write_evidence(out: Path, path: Path, v: ModelVerdict, size: int, seed: int) -> dict:
