@@ -88,7 +88,7 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
          config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = True,
          echo=print, probe: InversionConfig | None = None,
          spread: InversionConfig | None = None, ball: InversionConfig | None = None,
-         terd: InversionConfig | None = None, refine: bool = True) -> list[ModelVerdict]:
+         terd: InversionConfig | None = None, refine: bool = False) -> list[ModelVerdict]:
     """Scan ``models`` (paths; None or [] = the bundled demo models); write outputs into ``out``.
 
     Returns the verdicts in input order. ``echo`` receives one line per model as it finishes. ``probe``,
@@ -191,7 +191,8 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
           spread: InversionConfig | None = None, ball: InversionConfig | None = None,
           terd: InversionConfig | None = None, refine: bool = True) -> list[dict]:
     """Audit many models (see the module docstring); returns the JSONL entries of this run. ``probe``,
-    ``spread``, ``ball``, ``terd``, ``refine``: as in :func:`scan`."""
+    ``spread``, ``ball``, ``terd``, ``refine``: as in :func:`scan` (``refine`` is on by default here: the audit
+    is the thorough pass whose evidence feeds removal; the scan is the quick one)."""
     from pdjax.defense.detection import scan_stack
     from pdjax.model import load
 

@@ -40,9 +40,9 @@ models like the probe's but on the other side (mean + PROBE_Z sd: a backdoored m
 larger). It sees a TrojDiff patch backdoor that the other rules missed (experiments/results/detection_table.md,
 "The TERD rule").
 The likely target is the per-pixel median of the triggered generations.
-The evidence of a flagged model (the trigger the verdict shows and the audit saves) is then re-chosen by
-:func:`refine_evidence`: among the triggers of every rule that flags, each at factors 0.75-1.5, the one whose
-generations agree most; the decision is not changed by it.
+In ``pdjax audit`` (and ``pdjax scan --refine``) the evidence of a flagged model (the trigger the verdict shows and
+the audit saves) is then re-chosen by :func:`refine_evidence`: among the triggers of every rule that flags, each at
+factors 0.75-1.5, the one whose generations agree most; the decision is not changed by it.
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
                config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
                ball: InversionConfig | None = None, terd: InversionConfig | None = None,
-               refine: bool = True) -> ModelVerdict:
+               refine: bool = False) -> ModelVerdict:
     """Invert, generate, featurise and decide for one model (see the module docstring).
 
     ``spread``: a second candidate for the main rule (e.g. :data:`SPREAD_CANDIDATE`), run with the same key;
@@ -511,7 +511,7 @@ def scan_stack(models, names: list[str], keys, detector: Detector, config: Inver
                n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
                ball: InversionConfig | None = None, terd: InversionConfig | None = None,
-               refine: bool = True) -> list[ModelVerdict]:
+               refine: bool = False) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
     keys[i], ..., probe=probe, spread=spread, ball=ball, terd=terd, refine=refine)`` up to float rounding (the
