@@ -525,7 +525,7 @@ def _add_scan_options(p, all_rules: bool = False, refine: bool = True) -> None:
         p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=all_rules,
                        help="re-choose a flagged model's evidence trigger: every flagging rule's trigger at factors "
                        "0.75-1.5, from the verdict's start and DDPM, the one whose 32 generations agree most "
-                       "(refine_evidence; the verdict is unchanged); about 45-50 s more per flagged model on a "
+                       "(refine_evidence; the verdict is unchanged); about 55 s more per flagged model on a "
                        "2-core CPU with the main rule alone, 2-7 min with all four (default: on in pdjax audit, off "
                        "in pdjax scan)")
     _add_fast_path_options(p)
