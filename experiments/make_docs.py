@@ -81,7 +81,7 @@ def _default(a: argparse.Action) -> str:
     if a.required:
         return "required"
     if a.nargs == 0:
-        return "off"
+        return "on" if a.default is True else "off"
     if a.default is None or a.default == [] or a.default is argparse.SUPPRESS:
         return "-"
     return f"`{a.default}`"
