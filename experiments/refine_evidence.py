@@ -1,6 +1,6 @@
 """Apply the evidence refinement (:func:`pdjax.defense.detection.refine_evidence`) to an existing audit.
 
-``pdjax audit`` re-sizes a flagged model's evidence trigger at the end of its scan. This script does the same
+``pdjax audit`` re-chooses a flagged model's evidence trigger at the end of its scan. This script does the same
 to an audit folder written before that step existed, without inverting anything again: for every entry of
 AUDIT/audit.jsonl (``--models``: only those names) it rebuilds the verdict from its evidence folder, loads the
 model, and calls ``refine_evidence(model, verdict, model_key(seed, model), detector)`` with the audit's own seed,
@@ -9,7 +9,7 @@ per-rule triggers) takes them from the first ``--rules`` folder whose entry for 
 (the same scan, rerun). The refined entries and evidence folders go to ``--out`` (a new
 audit folder; incremental: models already there are skipped). A clean verdict is copied unchanged.
 
-Command (the held-out list, inversion_table.md "The evidence trigger re-sized"):
+Command (the held-out list, inversion_table.md "The evidence re-chosen and re-sized"):
 
     python experiments/refine_evidence.py runs/heldout-audit-terd --rules runs/heldout-audit-rules runs/heldout-audit-rules2 --out runs/heldout-audit-refined
 """

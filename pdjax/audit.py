@@ -113,8 +113,10 @@ def scan(models: list[str] | None, out: str | Path, seed: int = 0, detector: str
     t_start = time.perf_counter()
     for i, ((path, info), model) in enumerate(zip(items, loaded)):
         name = path.name if not models else str(path)
-        v = scan_model(model, name, model_key(seed, model), det, config, n, progress=progress, probe=probe,
-                       spread=spread, ball=ball, terd=terd, refine=refine)
+        key = model_key(seed, model)
+        v = scan_model(model, name, key, det, config, n, progress=progress, probe=probe,
+                       spread=spread, ball=ball, terd=terd)
+        v = _refined(model, v, key, det) if refine else v
         save_verdict_files(v, out / _safe(path.name if not models else f"{i:03d}_{path.name}"),
                            model.config.sample_size)
         entry = v.to_dict()
@@ -236,7 +238,7 @@ def audit(sources: list[str], out: str | Path, seed: int = 0, detector: str | No
             keys = jnp.stack(keys + [keys[-1]] * (per - len(chunk)))
             verdicts = scan_stack([m for _, m in padded], [str(p) for p, _ in padded], keys, det, config, n,
                                   mesh=mesh, progress=progress, probe=probe, spread=spread,
-                                  ball=ball, terd=terd, refine=False)[:len(chunk)]
+                                  ball=ball, terd=terd)[:len(chunk)]
             if refine:  # model by model, after the padding copies are dropped
                 verdicts = [_refined(m, v, k, det) for (_, m), v, k in zip(chunk, verdicts, keys)]
             with results.open("a") as f:
@@ -343,7 +345,7 @@ def calibrate_models(clean: list[str], backdoored: list[str], out: str | Path, s
     placeholder = Detector(probe_threshold=-math.inf) if probe else Detector()
     for (p, label), model in zip(paths, models):
         v = scan_model(model, str(p), model_key(seed, model), placeholder, config, n, progress=progress,
-                       probe=probe, spread=spread, ball=ball, terd=terd, refine=False)
+                       probe=probe, spread=spread, ball=ball, terd=terd)
         feats.append(v.features)
         labels.append(label)
         extra = "".join(f", {k} = {v.features[k]:.4g}" for k, _ in CLEAN_RULES.values() if k in v.features)

@@ -259,14 +259,13 @@ def test_final_probe_decides_on_the_more_collapsing_trigger(monkeypatch):
         return res, ((collapsed if config is probe else diverse), diverse)
 
     monkeypatch.setattr(D, "_invert_and_generate", fake)
-    monkeypatch.setattr(D, "refine_evidence", lambda model, v, key, det: v)  # fake triggers: keep them as they are
     key = jax.random.key(5)
-    assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, probe=probe, refine=False).trigger[0, 0, 0]) == 2.0
+    assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, probe=probe).trigger[0, 0, 0]) == 2.0
     assert [c for c, _ in seen] == [TINY_SCAN, probe] and all(k is key for _, k in seen)
     assert float(D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4).trigger[0, 0, 0]) == 1.0
     # A detector with a probe threshold: the main rule on the main trigger, the probe rule on the probe's.
     two = Detector(probe_threshold=-1.0, probe_scale=0.1)
-    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe, refine=False)
+    v = D.scan_model(m, "t", key, two, TINY_SCAN, n=4, probe=probe)
     assert v.backdoored and float(v.trigger[0, 0, 0]) == 2.0 and "probe" in v.reason
     assert v.features["log_uni_ratio"] > -1 and v.features[D.PROBE_FEATURE] < -3
     assert math.isclose(v.score, (-1.0 - v.features[D.PROBE_FEATURE]) / 0.1)
@@ -291,7 +290,7 @@ def test_scan_stack_keeps_each_models_more_collapsing_candidate(monkeypatch):
 
     probe = D.FINAL_PROBE
     monkeypatch.setattr(D, "_invert_and_generate_many", fake)
-    vs = D.scan_stack([None, None], ["a", "b"], None, Detector(), TINY_SCAN, n=4, probe=probe, refine=False)
+    vs = D.scan_stack([None, None], ["a", "b"], None, Detector(), TINY_SCAN, n=4, probe=probe)
     assert [float(v.trigger[0, 0, 0]) for v in vs] == [10.0, 1.0]
     assert all(v.features["log_uni_ratio"] < -3 for v in vs)
 
@@ -319,7 +318,6 @@ def test_calibrate_models_with_probe_fits_both_thresholds(tmp_path, monkeypatch)
         return res, (s * rng.normal(size=(4, 8, 8, 1)), rng.normal(size=(4, 8, 8, 1)))
 
     monkeypatch.setattr(D, "_invert_and_generate", fake)
-    monkeypatch.setattr(D, "refine_evidence", lambda model, v, key, det: v)  # fake triggers: keep them as they are
     det = calibrate_models([str(p) for p in paths[:3]], [str(paths[3])], tmp_path / "det.json", config=TINY_SCAN,
                            n=4, progress=False, echo=lambda s: None, probe=probe)
     probe_vals = np.array(det.meta["probe_reference_values"])
@@ -357,7 +355,6 @@ def test_spread_candidate_competes_for_the_main_rule(monkeypatch):
         return res, ((collapsed if config is winner["config"] else diverse), diverse)
 
     monkeypatch.setattr(D, "_invert_and_generate", fake)
-    monkeypatch.setattr(D, "refine_evidence", lambda model, v, key, det: v)  # fake triggers: keep them as they are
     key = jax.random.key(5)
     v = D.scan_model(m, "t", key, Detector(), TINY_SCAN, n=4, spread=spread)
     assert float(v.trigger[0, 0, 0]) == 2.0 and v.candidate == "spread" and v.backdoored

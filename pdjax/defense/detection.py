@@ -57,7 +57,6 @@ from importlib import resources
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pdjax.defense.evaluate import generation_stats, triggered_generations
@@ -386,7 +385,7 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
       detector: the detector that gave the verdict (its per-rule margins pick the flagging rules).
     """
     from pdjax.defense.evaluate import Start
-    from pdjax.defense.inversion import pairwise_sq_mean, pick_scale
+    from pdjax.defense.inversion import cons_ratios, pick_scale
 
     if not verdict.backdoored or not len(scales):
         return verdict
@@ -401,8 +400,7 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     best = []  # (score, rule index, rule, factor, start, generations, clean)
     for label in dict.fromkeys((verdict.start, "ddpm")):
         gens = triggered_generations(model, cands, jax.random.fold_in(key, 2), n=n, start=Start.parse(label))
-        lc = [float(pairwise_sq_mean(jnp.asarray(x))) for x in gens]
-        ratio = [v / max(lc[0], 1e-12) for v in lc[1:]]
+        ratio = cons_ratios(gens)
         for k, r in enumerate(rules):
             per = ratio[k * len(scales):(k + 1) * len(scales)]
             i = nearest_one(scales, per)
@@ -417,8 +415,7 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
                config: InversionConfig = SCAN_INVERSION, n: int = SCAN_SAMPLES, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
-               ball: InversionConfig | None = None, terd: InversionConfig | None = None,
-               refine: bool = False) -> ModelVerdict:
+               ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> ModelVerdict:
     """Invert, generate, featurise and decide for one model (see the module docstring).
 
     ``spread``: a second candidate for the main rule (e.g. :data:`SPREAD_CANDIDATE`), run with the same key;
@@ -429,15 +426,13 @@ def scan_model(model, name: str, key: jax.Array, detector: Detector | None = Non
     :data:`BALL_FEATURE`, judged by the ball threshold when the detector has one (else only reported).
     ``terd``: the TERD probe (e.g. :data:`TERD_PROBE`), same key; log M_r of its trigger is the feature
     :data:`TERD_FEATURE`, judged by the TERD threshold when the detector has one (else only reported).
-    ``refine``: re-choose a flagged model's evidence trigger (:func:`refine_evidence`, same key).
+    The evidence refinement (:func:`refine_evidence`, same key) is the caller's step (``pdjax.audit``).
     """
     det = detector or Detector.load()
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate(model, key, c, n, progress)
              for c in (config, spread, probe, ball, terd)]
-    v = _verdict(name, found, det, 0.0)
-    v = refine_evidence(model, v, key, det) if refine else v
-    return dataclasses.replace(v, seconds=time.perf_counter() - t0)
+    return _verdict(name, found, det, time.perf_counter() - t0)
 
 
 def _invert_and_generate(model, key, config: InversionConfig, n: int, progress: bool):
@@ -510,25 +505,18 @@ def _verdict(name: str, found, det: Detector, seconds: float) -> ModelVerdict:
 def scan_stack(models, names: list[str], keys, detector: Detector, config: InversionConfig = SCAN_INVERSION,
                n: int = SCAN_SAMPLES, mesh=None, progress: bool = False,
                probe: InversionConfig | None = None, spread: InversionConfig | None = None,
-               ball: InversionConfig | None = None, terd: InversionConfig | None = None,
-               refine: bool = False) -> list[ModelVerdict]:
+               ball: InversionConfig | None = None, terd: InversionConfig | None = None) -> list[ModelVerdict]:
     """:func:`scan_model` for N same-architecture models in one program (stacked params, vmapped,
     optionally ``shard_map``-ed over ``mesh``); model i's verdict equals ``scan_model(models[i], names[i],
-    keys[i], ..., probe=probe, spread=spread, ball=ball, terd=terd, refine=refine)`` up to float rounding (the
-    evidence refinement runs model by model). ``keys``: [N] typed keys."""
+    keys[i], ..., probe=probe, spread=spread, ball=ball, terd=terd)`` up to float rounding. ``keys``: [N]
+    typed keys. (The evidence refinement, :func:`refine_evidence`, is left to the caller: it runs model by model,
+    and only on real models, not on a stack's padding copies.)"""
     t0 = time.perf_counter()
     found = [None if c is None else _invert_and_generate_many(models, keys, c, n, mesh, progress)
              for c in (config, spread, probe, ball, terd)]
     secs = (time.perf_counter() - t0) / len(models)
-    out = []
-    for i, name in enumerate(names):
-        v = _verdict(name, [None if f is None else f[i] for f in found], detector, secs)
-        if refine:
-            t1 = time.perf_counter()
-            v = refine_evidence(models[i], v, keys[i], detector)
-            v = dataclasses.replace(v, seconds=secs + time.perf_counter() - t1)
-        out.append(v)
-    return out
+    return [_verdict(name, [None if f is None else f[i] for f in found], detector, secs)
+            for i, name in enumerate(names)]
 
 
 def _invert_and_generate_many(models, keys, config: InversionConfig, n: int, mesh, progress: bool):

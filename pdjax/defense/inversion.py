@@ -908,14 +908,20 @@ class SearchResult(NamedTuple):
     clean: np.ndarray
 
 
+def cons_ratios(gens) -> list[float]:
+    """L_cons (:func:`pairwise_sq_mean`) of each candidate's generations ``gens[1:]`` [n, H, W, C] divided by that
+    of ``gens[0]`` (the same noise without a trigger): the size search's score, lower = more agreement."""
+    lc = [float(pairwise_sq_mean(jnp.asarray(x))) for x in gens]
+    return [v / max(lc[0], 1e-12) for v in lc[1:]]
+
+
 def _pick(scales, starts, gens) -> SearchResult:
     """The search's choice from generations ``gens[j]`` [1 + S, n, H, W, C] of start ``starts[j]`` (row 0: no
     trigger, rows 1..S: the S factors). Score = L_cons(factor) / L_cons(no trigger); each start's factor by
     :func:`pick_scale`; across starts the lowest chosen score, the earlier start within 1%."""
     scores, best = {}, []
     for label, g in zip(starts, gens):
-        lc = [float(pairwise_sq_mean(jnp.asarray(x))) for x in g]
-        ratio = [v / max(lc[0], 1e-12) for v in lc[1:]]
+        ratio = cons_ratios(g)
         scores[label] = {float(s): v for s, v in zip(scales, ratio)}
         i = pick_scale(scales, ratio)
         best.append((ratio[i], i))
