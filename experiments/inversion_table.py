@@ -24,6 +24,8 @@ normal init, then the size search). Ablations: pd_K1, pd_K5, pd_l2, pd_per_sampl
 ``--audit AUDIT [AUDIT ...]`` adds the variant audit (``--audit-variant`` names it): the evidence trigger that
 a ``pdjax audit`` run kept for the model (the first folder that has it; the candidate whose rule decided the
 verdict), evaluated like the others; a note says where the current evidence rule would pick another rule.
+``--audit-unrefined VARIANT`` also evaluates, as VARIANT, the deciding rule's trigger from the audit's ``rules/``
+folder: the evidence as it was before ``refine_evidence`` re-chose and re-sized it, from the same audit.
 Runtime on 2 CPU cores: elijah ~1 min, pd ~3-5 min per model, evaluation ~1 min per candidate at n = 32.
 Issue 4's counts over several work folders (literal and firing-only, by family): experiments/inversion_count.py.
 """
@@ -176,6 +178,8 @@ def import_audit_trigger(args, name: str) -> None:
     probe, ball or TERD), copied to WORK/triggers/<variant>/<name>.npy with the audit's entry (without its
     arrays) beside it. A defender gets it with no knowledge of the attack: the rule that flagged the model
     picks the inversion."""
+    if args.audit_unrefined:
+        import_rule_trigger(args, name)
     out = args.work / "triggers" / args.audit_variant / f"{name}.npy"
     if out.is_file():
         return
@@ -191,6 +195,25 @@ def import_audit_trigger(args, name: str) -> None:
     _save(out, np.load(folder / e["evidence"] / "trigger.npy"), {**meta, "audit": str(folder)})
 
 
+def import_rule_trigger(args, name: str) -> None:
+    """Variant ``--audit-unrefined``: the deciding rule's trigger as the audit saved it in ``rules/<rule>.npy``,
+    i.e. the evidence before ``refine_evidence`` re-chose and re-sized it (the same audit, no second run)."""
+    out = args.work / "triggers" / args.audit_unrefined / f"{name}.npy"
+    if out.is_file():
+        return
+    for folder, entries in audit_entries(tuple(args.audit)):
+        e = entries.get(name)
+        if e is None:
+            continue
+        rule = evidence_rule(_shipped_detector().scores(e["features"]), CANDIDATES)
+        path = folder / e["evidence"] / "rules" / f"{rule}.npy"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is missing: that audit kept no rules/ folder")
+        _save(out, np.load(path), {"model": e["model"], "rule": rule, "audit": str(folder)})
+        return
+    raise SystemExit(f"error: {name} is in none of {', '.join(str(a / 'audit.jsonl') for a in args.audit)}")
+
+
 def evaluate_all(args, models: list[str]) -> None:
     evals = args.work / "evals.jsonl"
     for name in models:
@@ -204,7 +227,8 @@ def evaluate_all(args, models: list[str]) -> None:
             [f"{v}_unsized" for v in variants(args)]
         if args.audit:
             import_audit_trigger(args, name)
-        for vname in ["true", "none", *variants(args), *derived, *([args.audit_variant] if args.audit else [])]:
+        for vname in ["true", "none", *variants(args), *derived, *([args.audit_variant] if args.audit else []),
+                      *([args.audit_unrefined] if args.audit and args.audit_unrefined else [])]:
             if vname in done or (vname == "true" and not attacked):
                 continue
             if vname == "true":
@@ -305,6 +329,8 @@ def main():
                     "from these `pdjax audit` folders (the first that has the model; the trigger of the rule that "
                     "decided its verdict)")
     ap.add_argument("--audit-variant", default="audit", help="the variant name for --audit's triggers")
+    ap.add_argument("--audit-unrefined", metavar="VARIANT", help="also evaluate, as VARIANT, the deciding rule's "
+                    "trigger from the audit's rules/ folder (the evidence before refine_evidence)")
     args = ap.parse_args()
     from pdjax import compile_cache, cpu_runtime
 
