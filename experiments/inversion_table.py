@@ -172,22 +172,28 @@ def _shipped_detector() -> Detector:
     return Detector.load(None)
 
 
+def _audit_entry(args, name: str) -> tuple[Path, dict, str]:
+    """The first ``--audit`` folder that has ``name``, its entry, and the rule whose trigger decided the verdict
+    (:func:`evidence_rule` on the shipped detector's margins)."""
+    for folder, entries in audit_entries(tuple(args.audit)):
+        if name in entries:
+            e = entries[name]
+            return folder, e, evidence_rule(_shipped_detector().scores(e["features"]), CANDIDATES)
+    raise SystemExit(f"error: {name} is in none of {', '.join(str(a / 'audit.jsonl') for a in args.audit)}")
+
+
 def import_audit_trigger(args, name: str) -> None:
     """Variant ``audit`` (``--audit-variant``): the evidence trigger that ``pdjax audit`` (folder ``--audit``)
     kept for ``name``, i.e. the trigger of the candidate whose rule decided the verdict (main inversion, DDIM
     probe, ball or TERD), copied to WORK/triggers/<variant>/<name>.npy with the audit's entry (without its
     arrays) beside it. A defender gets it with no knowledge of the attack: the rule that flagged the model
-    picks the inversion."""
+    picks the inversion. With ``--audit-unrefined`` also that variant (:func:`import_rule_trigger`)."""
     if args.audit_unrefined:
         import_rule_trigger(args, name)
     out = args.work / "triggers" / args.audit_variant / f"{name}.npy"
     if out.is_file():
         return
-    found = [(folder, entries[name]) for folder, entries in audit_entries(tuple(args.audit)) if name in entries]
-    if not found:
-        raise SystemExit(f"error: {name} is in none of {', '.join(str(a / 'audit.jsonl') for a in args.audit)}")
-    folder, e = found[0]  # the first audit folder that has the model
-    rule = evidence_rule(_shipped_detector().scores(e["features"]), CANDIDATES)
+    folder, e, rule = _audit_entry(args, name)
     kept = "main" if e["candidate"] == "spread" else e["candidate"]
     if rule != kept:
         print(f"note: {name}: {folder} kept the {kept} rule's trigger; the current evidence rule picks {rule}'s")
@@ -201,17 +207,11 @@ def import_rule_trigger(args, name: str) -> None:
     out = args.work / "triggers" / args.audit_unrefined / f"{name}.npy"
     if out.is_file():
         return
-    for folder, entries in audit_entries(tuple(args.audit)):
-        e = entries.get(name)
-        if e is None:
-            continue
-        rule = evidence_rule(_shipped_detector().scores(e["features"]), CANDIDATES)
-        path = folder / e["evidence"] / "rules" / f"{rule}.npy"
-        if not path.is_file():
-            raise SystemExit(f"error: {path} is missing: that audit kept no rules/ folder")
-        _save(out, np.load(path), {"model": e["model"], "rule": rule, "audit": str(folder)})
-        return
-    raise SystemExit(f"error: {name} is in none of {', '.join(str(a / 'audit.jsonl') for a in args.audit)}")
+    folder, e, rule = _audit_entry(args, name)
+    path = folder / e["evidence"] / "rules" / f"{rule}.npy"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing: that audit kept no rules/ folder")
+    _save(out, np.load(path), {"model": e["model"], "rule": rule, "audit": str(folder)})
 
 
 def evaluate_all(args, models: list[str]) -> None:
