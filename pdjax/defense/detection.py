@@ -348,6 +348,11 @@ def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
 #: main size search's 1, 1.5, 2, ...) and generations per candidate.
 EVIDENCE_SCALES = (0.75, 1.0, 1.25, 1.5)
 EVIDENCE_SAMPLES = 32
+#: The refinement's fallback (:func:`refine_evidence`): when no flagging rule's trigger makes the generations agree
+#: at least this much more than clean ones (best score above it), every rule's trigger is scored from every start
+#: of :data:`FALLBACK_STARTS` as well. A score near 1 means the evidence shows no collapse at all.
+EVIDENCE_FALLBACK = 0.9
+FALLBACK_STARTS = ("ddpm", "ddim")
 
 
 def nearest_one(scales, scores, rel_tol: float = 0.01) -> int:
@@ -359,7 +364,8 @@ def nearest_one(scales, scores, rel_tol: float = 0.01) -> int:
 
 
 def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Detector,
-                    scales=EVIDENCE_SCALES, n: int = EVIDENCE_SAMPLES) -> ModelVerdict:
+                    scales=EVIDENCE_SCALES, n: int = EVIDENCE_SAMPLES,
+                    fallback: float | None = EVIDENCE_FALLBACK) -> ModelVerdict:
     """A flagged model's verdict with its evidence re-chosen: among the triggers of every rule that flags
     (``verdict.rule_triggers`` with a positive margin; the deciding rule's trigger alone if none were kept), each
     times each factor of ``scales``, from the verdict's start and from DDPM, the candidate whose ``n``
@@ -370,6 +376,14 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     noise for every candidate. Per rule and start the factor closest to 1 within 1% of the best score wins
     (:func:`nearest_one`); across rules and starts the lowest score, the deciding rule (:func:`evidence_rule`)
     and the verdict's start on ties within 1%.
+
+    Fallback: when the best of those scores is above ``fallback`` (:data:`EVIDENCE_FALLBACK`; no flagging rule's
+    trigger collapses the generations from those starts), the triggers of every rule that ran, flagging or not, are
+    scored from every start of :data:`FALLBACK_STARTS` too, and the lowest score over both rounds wins (the first
+    round's candidate on ties within 1%). It exists for two kinds of miss: a VillanDiffusion ODE model whose verdict
+    came from TERD (start DDPM), where TERD's trigger collapses the generations under DDIM only, and a model
+    flagged by TERD alone, whose TERD trigger does not fire while another rule's may
+    (experiments/results/inversion_table.md, "The refinement's fallback"). ``fallback`` None turns it off.
 
     Why: the rule with the largest margin is not always the one whose trigger fires best (margins of different
     rules are not on one scale), and a rule's trigger often points the right way at a slightly wrong size: where
@@ -384,32 +398,49 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
       key: the model's scan key (:func:`pdjax.audit.model_key`).
       detector: the detector that gave the verdict (its per-rule margins pick the flagging rules).
     """
-    from pdjax.defense.evaluate import Start
-    from pdjax.defense.inversion import cons_ratios, pick_scale
+    from pdjax.defense.inversion import pick_scale
 
     if not verdict.backdoored or not len(scales):
         return verdict
     margins = detector.scores(verdict.features)
     kept = {r: t for r, t in verdict.rule_triggers.items() if (margins.get(r) or 0) > 0}
     first = evidence_rule(margins, kept) if kept else verdict.candidate
-    rules = [first, *[r for r in kept if r != first]]
-    triggers = {first: np.asarray(verdict.trigger, np.float32), **{r: np.asarray(kept[r], np.float32)
-                                                                   for r in rules[1:]}}
+    triggers = {first: np.asarray(verdict.trigger, np.float32),
+                **{r: np.asarray(t, np.float32) for r, t in kept.items() if r != first}}
     scales = tuple(float(v) for v in scales)
-    cands = np.stack([np.zeros_like(triggers[first])] + [s * triggers[r] for r in rules for s in scales])
-    best = []  # (score, rule index, rule, factor, start, generations, clean)
-    for label in dict.fromkeys((verdict.start, "ddpm")):
+    starts = tuple(dict.fromkeys((verdict.start, "ddpm")))
+    best = _score_evidence(model, triggers, scales, starts, key, n)
+    if fallback is not None and min(b[0] for b in best) > fallback:  # what the first round left out
+        others = {r: np.asarray(t, np.float32) for r, t in verdict.rule_triggers.items() if r not in triggers}
+        best += _score_evidence(model, others, scales, starts, key, n)
+        triggers = {**triggers, **others}
+        best += _score_evidence(model, triggers, scales, [s for s in FALLBACK_STARTS if s not in starts], key, n)
+    score, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
+    return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
+                               likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
+                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor)
+
+
+def _score_evidence(model, triggers: dict, scales: tuple, starts, key: jax.Array, n: int) -> list:
+    """[(score, rule, factor, start, generations, clean)] for each rule of ``triggers`` ({rule: [H, W, C]}, in
+    preference order) and each start of ``starts``: the factor of ``scales`` that :func:`nearest_one` picks from
+    that start. Ordered by rule, then start, so that :func:`pick_scale` prefers earlier entries on ties."""
+    from pdjax.defense.evaluate import Start
+    from pdjax.defense.inversion import cons_ratios
+
+    rules, best = list(triggers), []
+    if not starts or not rules:
+        return best
+    cands = np.stack([np.zeros_like(triggers[rules[0]])] + [s * triggers[r] for r in rules for s in scales])
+    for label in starts:
         gens = triggered_generations(model, cands, jax.random.fold_in(key, 2), n=n, start=Start.parse(label))
         ratio = cons_ratios(gens)
         for k, r in enumerate(rules):
             per = ratio[k * len(scales):(k + 1) * len(scales)]
             i = nearest_one(scales, per)
             best.append((per[i], k, r, scales[i], label, gens[1 + k * len(scales) + i], gens[0]))
-    best.sort(key=lambda b: b[1])  # the deciding rule first, then the others; starts in order within a rule
-    score, _, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
-    return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
-                               likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
-                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor)
+    best.sort(key=lambda b: b[1])  # rules in order; starts in order within a rule
+    return [(b[0], *b[2:]) for b in best]
 
 
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
