@@ -42,7 +42,8 @@ larger). It sees a TrojDiff patch backdoor that the other rules missed (experime
 The likely target is the per-pixel median of the triggered generations.
 In ``pdjax audit`` (and ``pdjax scan --refine``) the evidence of a flagged model (the trigger the verdict shows and
 the audit saves) is then re-chosen by :func:`refine_evidence`: among the triggers of every rule that flags, each at
-factors 0.75-1.5, the one whose generations agree most; the decision is not changed by it.
+factors 0.75-1.5, the one whose generations agree most (with a fallback to every rule's trigger from DDPM and DDIM
+when none of them collapses the generations); the decision is not changed by it.
 """
 
 from __future__ import annotations
@@ -405,7 +406,8 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     margins = detector.scores(verdict.features)
     kept = {r: t for r, t in verdict.rule_triggers.items() if (margins.get(r) or 0) > 0}
     first = evidence_rule(margins, kept) if kept else verdict.candidate
-    triggers = {first: np.asarray(verdict.trigger, np.float32),
+    # the deciding rule's own trigger (verdict.trigger is a refined one when the verdict was refined before)
+    triggers = {first: np.asarray(verdict.rule_triggers.get(first, verdict.trigger), np.float32),
                 **{r: np.asarray(t, np.float32) for r, t in kept.items() if r != first}}
     scales = tuple(float(v) for v in scales)
     starts = tuple(dict.fromkeys((verdict.start, "ddpm")))
