@@ -497,41 +497,6 @@ def test_refine_evidence_picks_the_most_agreeing_trigger_of_the_flagging_rules(m
     assert D.refine_evidence(None, v, jax.random.key(0), det, scales=()) is v
 
 
-def test_refine_evidence_falls_back_to_every_rule_and_start_when_nothing_collapses(monkeypatch):
-    """No flagging rule's trigger collapses the generations from the first round's starts: every rule's trigger,
-    flagging or not, is scored from DDIM too, and a non-flagging rule's collapse there wins; when the fallback
-    finds nothing either, the first round's choice stands; fallback=None keeps the first round only."""
-    from types import SimpleNamespace
-
-    diverse = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
-    tried = []
-
-    def fake(model, cands, key, n, start):
-        tried.append((start.label, sorted({round(float(c[0, 0, 0]), 3) for c in cands})))
-        # terd (1000, not flagging) at 1.25 collapses under DDIM only; probe (10) agrees a little from DDPM
-        shrink = {1250.0: 1e-2} if start.label == "ddim" else {10.0: 0.97}
-        return np.stack([diverse * shrink.get(round(float(c[0, 0, 0]), 3), 1.0) for c in cands])
-
-    monkeypatch.setattr(D, "triggered_generations", fake)
-    det = SimpleNamespace(scores=lambda f: {"main": 1.5, "probe": 0.5, "ball": -0.2, "terd": -1.0})
-    v = _verdict_for_refine(start="ddpm")
-    r = D.refine_evidence(None, v, jax.random.key(0), det)
-    assert (r.candidate, r.evidence_scale, r.start) == ("terd", 1.25, "ddim")
-    np.testing.assert_array_equal(r.trigger, np.full((8, 8, 1), 1250.0, np.float32))
-    assert (r.backdoored, r.score, r.features) == (v.backdoored, v.score, v.features)
-    # first round: main and probe from DDPM; then ball and terd from DDPM; then all four from DDIM
-    assert [s for s, _ in tried] == ["ddpm", "ddpm", "ddim"]
-    assert {100.0, 1000.0} <= set(tried[1][1]) and 1.0 not in tried[1][1] and 1000.0 in tried[2][1]
-
-    tried.clear()
-    off = D.refine_evidence(None, v, jax.random.key(0), det, fallback=None)
-    assert (off.candidate, off.evidence_scale, off.start) == ("probe", 1.0, "ddpm") and len(tried) == 1
-    monkeypatch.setattr(D, "triggered_generations", lambda model, cands, key, n, start: np.stack(
-        [diverse * (0.97 if round(float(c[0, 0, 0]), 3) == 10.0 else 1.0) for c in cands]))
-    kept = D.refine_evidence(None, v, jax.random.key(0), det)
-    assert (kept.candidate, kept.evidence_scale, kept.start) == ("probe", 1.0, "ddpm")
-
-
 def test_refine_evidence_on_a_real_model_is_seeded():
     """On a tiny model: the refined trigger is one of the candidates, and the same key gives the same choice."""
     m = random_model("tiny", seed=0, timesteps=50)

@@ -42,8 +42,7 @@ larger). It sees a TrojDiff patch backdoor that the other rules missed (experime
 The likely target is the per-pixel median of the triggered generations.
 In ``pdjax audit`` (and ``pdjax scan --refine``) the evidence of a flagged model (the trigger the verdict shows and
 the audit saves) is then re-chosen by :func:`refine_evidence`: among the triggers of every rule that flags, each at
-factors 0.75-1.5, the one whose generations agree most (with a fallback to every rule's trigger from DDPM and DDIM
-when none of them collapses the generations); the decision is not changed by it.
+factors 0.75-1.5, the one whose generations agree most; the decision is not changed by it.
 """
 
 from __future__ import annotations
@@ -349,11 +348,6 @@ def _explain_main(det: Detector, features: dict, backdoored: bool) -> str:
 #: main size search's 1, 1.5, 2, ...) and generations per candidate.
 EVIDENCE_SCALES = (0.75, 1.0, 1.25, 1.5)
 EVIDENCE_SAMPLES = 32
-#: The refinement's fallback (:func:`refine_evidence`): when no flagging rule's trigger makes the generations agree
-#: at least this much more than clean ones (best score above it), every rule's trigger is scored from every start
-#: of :data:`FALLBACK_STARTS` as well. A score near 1 means the evidence shows no collapse at all.
-EVIDENCE_FALLBACK = 0.9
-FALLBACK_STARTS = ("ddpm", "ddim")
 
 
 def nearest_one(scales, scores, rel_tol: float = 0.01) -> int:
@@ -365,8 +359,7 @@ def nearest_one(scales, scores, rel_tol: float = 0.01) -> int:
 
 
 def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Detector,
-                    scales=EVIDENCE_SCALES, n: int = EVIDENCE_SAMPLES,
-                    fallback: float | None = EVIDENCE_FALLBACK) -> ModelVerdict:
+                    scales=EVIDENCE_SCALES, n: int = EVIDENCE_SAMPLES) -> ModelVerdict:
     """A flagged model's verdict with its evidence re-chosen: among the triggers of every rule that flags
     (``verdict.rule_triggers`` with a positive margin; the deciding rule's trigger alone if none were kept), each
     times each factor of ``scales``, from the verdict's start and from DDPM, the candidate whose ``n``
@@ -377,14 +370,6 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     noise for every candidate. Per rule and start the factor closest to 1 within 1% of the best score wins
     (:func:`nearest_one`); across rules and starts the lowest score, the deciding rule (:func:`evidence_rule`)
     and the verdict's start on ties within 1%.
-
-    Fallback: when the best of those scores is above ``fallback`` (:data:`EVIDENCE_FALLBACK`; no flagging rule's
-    trigger collapses the generations from those starts), the triggers of every rule that ran, flagging or not, are
-    scored from every start of :data:`FALLBACK_STARTS` too, and the lowest score over both rounds wins (the first
-    round's candidate on ties within 1%). It exists for two kinds of miss: a VillanDiffusion ODE model whose verdict
-    came from TERD (start DDPM), where TERD's trigger collapses the generations under DDIM only, and a model
-    flagged by TERD alone, whose TERD trigger does not fire while another rule's may
-    (experiments/results/inversion_table.md, "The refinement's fallback"). ``fallback`` None turns it off.
 
     Why: the rule with the largest margin is not always the one whose trigger fires best (margins of different
     rules are not on one scale), and a rule's trigger often points the right way at a slightly wrong size: where
@@ -412,11 +397,6 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     scales = tuple(float(v) for v in scales)
     starts = tuple(dict.fromkeys((verdict.start, "ddpm")))
     best = _score_evidence(model, triggers, scales, starts, key, n)
-    if fallback is not None and min(b[0] for b in best) > fallback:  # what the first round left out
-        others = {r: np.asarray(t, np.float32) for r, t in verdict.rule_triggers.items() if r not in triggers}
-        best += _score_evidence(model, others, scales, starts, key, n)
-        triggers = {**triggers, **others}
-        best += _score_evidence(model, triggers, scales, [s for s in FALLBACK_STARTS if s not in starts], key, n)
     score, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
     return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
                                likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
@@ -431,8 +411,6 @@ def _score_evidence(model, triggers: dict, scales: tuple, starts, key: jax.Array
     from pdjax.defense.inversion import cons_ratios
 
     rules, best = list(triggers), []
-    if not starts or not rules:
-        return best
     cands = np.stack([np.zeros_like(triggers[rules[0]])] + [s * triggers[r] for r in rules for s in scales])
     for label in starts:
         gens = triggered_generations(model, cands, jax.random.fold_in(key, 2), n=n, start=Start.parse(label))
