@@ -384,43 +384,33 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
       key: the model's scan key (:func:`pdjax.audit.model_key`).
       detector: the detector that gave the verdict (its per-rule margins pick the flagging rules).
     """
-    from pdjax.defense.inversion import pick_scale
+    from pdjax.defense.evaluate import Start
+    from pdjax.defense.inversion import cons_ratios, pick_scale
 
     if not verdict.backdoored or not len(scales):
         return verdict
     margins = detector.scores(verdict.features)
     kept = {r: t for r, t in verdict.rule_triggers.items() if (margins.get(r) or 0) > 0}
     first = evidence_rule(margins, kept) if kept else verdict.candidate
-    # the deciding rule's own trigger (verdict.trigger is a refined one when the verdict was refined before)
+    rules = [first, *[r for r in kept if r != first]]
+    # the deciding rule's own trigger: verdict.trigger is already re-sized when the verdict was refined before
     triggers = {first: np.asarray(verdict.rule_triggers.get(first, verdict.trigger), np.float32),
-                **{r: np.asarray(t, np.float32) for r, t in kept.items() if r != first}}
+                **{r: np.asarray(kept[r], np.float32) for r in rules[1:]}}
     scales = tuple(float(v) for v in scales)
-    starts = tuple(dict.fromkeys((verdict.start, "ddpm")))
-    best = _score_evidence(model, triggers, scales, starts, key, n)
-    score, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
-    return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
-                               likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
-                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor)
-
-
-def _score_evidence(model, triggers: dict, scales: tuple, starts, key: jax.Array, n: int) -> list:
-    """[(score, rule, factor, start, generations, clean)] for each rule of ``triggers`` ({rule: [H, W, C]}, in
-    preference order) and each start of ``starts``: the factor of ``scales`` that :func:`nearest_one` picks from
-    that start. Ordered by rule, then start, so that :func:`pick_scale` prefers earlier entries on ties."""
-    from pdjax.defense.evaluate import Start
-    from pdjax.defense.inversion import cons_ratios
-
-    rules, best = list(triggers), []
-    cands = np.stack([np.zeros_like(triggers[rules[0]])] + [s * triggers[r] for r in rules for s in scales])
-    for label in starts:
+    cands = np.stack([np.zeros_like(triggers[first])] + [s * triggers[r] for r in rules for s in scales])
+    best = []  # (score, rule index, rule, factor, start, generations, clean)
+    for label in dict.fromkeys((verdict.start, "ddpm")):
         gens = triggered_generations(model, cands, jax.random.fold_in(key, 2), n=n, start=Start.parse(label))
         ratio = cons_ratios(gens)
         for k, r in enumerate(rules):
             per = ratio[k * len(scales):(k + 1) * len(scales)]
             i = nearest_one(scales, per)
             best.append((per[i], k, r, scales[i], label, gens[1 + k * len(scales) + i], gens[0]))
-    best.sort(key=lambda b: b[1])  # rules in order; starts in order within a rule
-    return [(b[0], *b[2:]) for b in best]
+    best.sort(key=lambda b: b[1])  # the deciding rule first, then the others; starts in order within a rule
+    score, _, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
+    return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
+                               likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
+                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor)
 
 
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
