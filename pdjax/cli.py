@@ -377,6 +377,13 @@ def cmd_clean(args) -> int:
     if res.asr_before is not None:
         line += f"; ASR ({spec.trigger} -> {spec.target}) {res.asr_before:.2f} -> {res.asr_after:.2f}"
     print(line)
+    qb, qa = res.quality_before, res.quality_after
+    print(f"clean generations, original -> cleaned: uniformity {qb['uniformity']:.2f} -> {qa['uniformity']:.2f}, "
+          f"distance to the nearest training image {qb['nearest']:.4f} -> {qa['nearest']:.4f}")
+    if res.clean_damaged:
+        print("warning: the cleaned model's clean generations collapsed or left the data (removal.json: "
+              "clean_damaged); the trigger may not be the backdoor's: try another audit rule's trigger "
+              "(evidence/<model>/rules/) or fewer --steps", file=sys.stderr)
     print(f"wrote {Path(args.out) / 'model'} (pdjax checkpoint) and {Path(args.out) / 'removal.json'}")
     return 0
 

@@ -179,6 +179,21 @@ def uniformity(x):
     return trimmed_mean(trimmed_mean(pairwise_distances(x), axis=1), axis=0)
 
 
+def nearest_data_mse(x, data):
+    """Per-sample distance of generations to the data: the smallest mean squared difference (over H, W, C,
+    on the values as given, so [-1, 1] images) between each generation and any image of ``data``.
+
+    A label-free quality check: clean generations of a healthy model lie near training-like images; a
+    model that collapses its clean chain onto some other image moves them away. ``x``: ``[N, H, W, C]``,
+    ``data``: ``[M, H, W, C]`` -> ``[N]`` (computed row by row, memory M * H * W * C).
+    """
+    x, data = _batch(x), _batch(data)
+    if x.shape[1:] != data.shape[1:]:
+        raise ValueError(f"generations {x.shape[1:]} and data {data.shape[1:]} differ in image shape")
+    d = data.reshape(data.shape[0], -1)
+    return jax.lax.map(lambda xi: jnp.min(jnp.mean((d - xi) ** 2, axis=1)), x.reshape(x.shape[0], -1))
+
+
 def total_variation(x):
     """Per-sample total variation (SPEC 5): mean absolute difference of vertical and horizontal
     neighbours, pooled over all neighbour pairs and channels. ``[N, H, W, C]`` -> ``[N]``."""
@@ -225,5 +240,5 @@ def attack_metrics(x, y, threshold=None) -> AttackMetrics:
 
 __all__ = [
     "AttackMetrics", "asr", "asr_threshold", "attack_metrics", "mse_to_target", "pairwise_distances", "ssim",
-    "ssim_window", "to_unit", "total_variation", "trigger_l2", "trimmed_mean", "uniformity",
+    "nearest_data_mse", "ssim_window", "to_unit", "total_variation", "trigger_l2", "trimmed_mean", "uniformity",
 ]

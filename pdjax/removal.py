@@ -33,9 +33,14 @@ Four options shape the samples that take TrojDiff's shift, and only those (a Con
   mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
 
 Reported (``out/removal.json``): ASR before/after when the attack spec is known (triggered generations
-with the spec's trigger and target, SPEC 7), and the clean-sample MSE: the mean squared difference, on
+with the spec's trigger and target, SPEC 7), the clean-sample MSE: the mean squared difference, on
 the [-1, 1] pixel scale, between ``n`` DDPM clean generations of the original and of the cleaned model
-drawn from the same start noise and chain noise. The cleaned model is the pdjax checkpoint ``out/model``
+drawn from the same start noise and chain noise, and the clean-sample quality of each model without labels
+(:func:`clean_quality`): the uniformity of its clean generations (SPEC 5; low = they collapsed onto one image)
+and their mean distance to the nearest clean training image (:func:`pdjax.metrics.nearest_data_mse`). The
+result's ``clean_damaged`` says when the cleaned model's generations moved away from the data or collapsed
+(:data:`DAMAGE_NEAREST_RATIO`, :data:`DAMAGE_UNIFORMITY_RATIO`), which a defender can check without knowing
+the attack. The cleaned model is the pdjax checkpoint ``out/model``
 (resumable: rerunning the same call continues the fine-tuning).
 """
 
@@ -62,6 +67,11 @@ SHIFTS = ("baddiffusion", "trojdiff", "both")
 #: What the backdoor term asks of a triggered input: the frozen model's answer to the clean input, or the noise
 #: that made it (the DDPM loss of the triggered forward process on clean data).
 REFERENCES = ("frozen", "noise")
+#: ``clean_damaged`` when the cleaned model's clean generations lie this many times farther from their nearest
+#: training image than the original's (experiments/results/removal_table.md, "Label-free quality").
+DAMAGE_NEAREST_RATIO = 2.0
+#: ... or when their uniformity falls below this fraction of the original's (a collapse onto few images).
+DAMAGE_UNIFORMITY_RATIO = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +138,24 @@ class RemovalResult:
     config: dict = dataclasses.field(default_factory=dict)
     out: str = ""
     final_loss: float = float("nan")
+    quality_before: dict = dataclasses.field(default_factory=dict)
+    quality_after: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def clean_damaged(self) -> bool:
+        """Whether the cleaned model's clean generations moved away from the data or collapsed
+        (:func:`damaged`; needs no labels)."""
+        return damaged(self.quality_before, self.quality_after)
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "asr_before": self.asr_before, "asr_after": self.asr_after,
                 "attack": self.attack, "clean_mse": self.clean_mse,
+                "clean_quality_before": self.quality_before, "clean_quality_after": self.quality_after,
+                "clean_damaged": self.clean_damaged,
+                "clean_quality_rule": f"uniformity (SPEC 5) of the {self.config.get('n')} DDPM clean generations and "
+                                      "their mean squared distance ([-1, 1] scale) to the nearest training image; "
+                                      f"damaged: nearest distance > {DAMAGE_NEAREST_RATIO:g}x the original's or "
+                                      f"uniformity < {DAMAGE_UNIFORMITY_RATIO:g}x the original's",
                 "clean_mse_rule": f"mean squared difference ([-1, 1] pixel scale) between {self.config.get('n')} DDPM "
                                   "clean generations of the original and the cleaned model from the same noise",
                 "asr_rule": "SPEC 7, triggered generations with the attack's trigger and target" if self.attack
@@ -223,6 +247,25 @@ def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 
     return loss
 
 
+def clean_quality(x, data) -> dict:
+    """Label-free quality of clean generations ``x`` [N, H, W, C] against the clean data [M, H, W, C]:
+    ``uniformity`` (SPEC 5 trimmed mean pairwise distance) and ``nearest`` (mean of
+    :func:`pdjax.metrics.nearest_data_mse`, [-1, 1] scale)."""
+    from pdjax.metrics import nearest_data_mse, uniformity
+
+    return {"uniformity": float(uniformity(x)), "nearest": float(np.mean(np.asarray(nearest_data_mse(x, data))))}
+
+
+def damaged(before: dict, after: dict) -> bool:
+    """Whether :func:`clean_quality` ``after`` removal is damaged against ``before``: the generations lie more
+    than :data:`DAMAGE_NEAREST_RATIO` times farther from the data, or their uniformity fell below
+    :data:`DAMAGE_UNIFORMITY_RATIO` times the original's. False when either is unmeasured."""
+    if not before or not after:
+        return False
+    return bool(after["nearest"] > DAMAGE_NEAREST_RATIO * before["nearest"]
+                or after["uniformity"] < DAMAGE_UNIFORMITY_RATIO * before["uniformity"])
+
+
 def load_delta(path, shape) -> np.ndarray:
     """An inverted trigger from a .npy file (raw values, any range) or an image file, as float32 ``shape``."""
     path = Path(path)
@@ -287,11 +330,12 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
                                        [0].triggered["asr"]) for m in (model, cleaned))
     result = RemovalResult(cleaned, res.steps, clean_mse, asr_before, asr_after, spec.to_dict() if spec else None,
                            cfg.to_dict(), str(out.absolute()),
-                           float(res.losses[-1]) if len(res.losses) else float("nan"))
+                           float(res.losses[-1]) if len(res.losses) else float("nan"),
+                           clean_quality(before, data), clean_quality(after, data))
     out.mkdir(parents=True, exist_ok=True)
     (out / "removal.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
 
 
-__all__ = ["REFERENCES", "SHIFTS", "RemovalConfig", "RemovalResult", "load_delta", "remove_backdoor", "removal_loss",
-           "removal_terms"]
+__all__ = ["DAMAGE_NEAREST_RATIO", "DAMAGE_UNIFORMITY_RATIO", "REFERENCES", "SHIFTS", "RemovalConfig", "RemovalResult",
+           "clean_quality", "damaged", "load_delta", "remove_backdoor", "removal_loss", "removal_terms"]

@@ -24,7 +24,7 @@ from pdjax.data import load_digits
 from pdjax.diffusion.schedule import q_sample
 from pdjax.errors import CheckpointError, ConfigError
 from pdjax.model import load
-from pdjax.removal import SHIFTS, RemovalConfig, removal_loss, removal_terms
+from pdjax.removal import SHIFTS, RemovalConfig, clean_quality, damaged, removal_loss, removal_terms
 from pdjax.testing import random_model
 
 SPEC = AttackSpec(trigger="BOX_3", target="CORNER", poison_rate=0.25)
@@ -320,3 +320,22 @@ def test_cli_clean_end_to_end(model_dir, tmp_path):
     res = json.loads((out / "removal.json").read_text())
     assert res["steps"] == 2 and res["asr_before"] is not None and res["clean_mse"] >= 0 and 0 <= res["asr_after"] <= 1
     assert checkpoint.read_meta(out / "model")["provenance"]["steps"] == 2
+    for q in (res["clean_quality_before"], res["clean_quality_after"]):
+        assert set(q) == {"uniformity", "nearest"} and q["uniformity"] > 0 and q["nearest"] > 0
+    assert res["clean_damaged"] == damaged(res["clean_quality_before"], res["clean_quality_after"])
+
+
+def test_damaged_flags_clean_generations_that_leave_the_data_or_collapse():
+    ok = {"uniformity": 10.0, "nearest": 0.10}
+    assert not damaged(ok, {"uniformity": 9.0, "nearest": 0.15})
+    assert damaged(ok, {"uniformity": 9.0, "nearest": 0.25})  # far from every training image
+    assert damaged(ok, {"uniformity": 5.0, "nearest": 0.10})  # collapsed onto few images
+    assert not damaged({}, ok) and not damaged(ok, {})  # unmeasured
+
+
+def test_clean_quality_of_copies_of_the_data_and_of_one_repeated_image():
+    data = np.random.default_rng(0).uniform(-1, 1, (20, 4, 4, 1)).astype(np.float32)
+    q = clean_quality(data[:8], data)
+    assert q["nearest"] == 0.0 and q["uniformity"] > 1.0
+    q_one = clean_quality(np.repeat(data[:1] + 0.5, 8, axis=0), data)
+    assert q_one["uniformity"] == 0.0 and q_one["nearest"] > 0.0

@@ -125,3 +125,12 @@ def test_jit_compatible():
     assert set(out) == {"l2_in_mask", "l2_overall"}
     grad = jax.grad(lambda z: M.uniformity(z))(jnp.repeat(x[:1], 4, axis=0))
     assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_nearest_data_mse_hand_computed():
+    data = np.stack([np.full((2, 2, 1), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+    x = np.stack([np.full((2, 2, 1), 0.25, np.float32), data[2]])
+    # 0.25 is nearest to 0.0 (0.0625); the copy of a data image is at distance 0
+    np.testing.assert_allclose(np.asarray(M.nearest_data_mse(x, data)), [0.0625, 0.0], atol=1e-7)
+    with pytest.raises(ValueError, match="image shape"):
+        M.nearest_data_mse(x, np.zeros((3, 3, 3, 1), np.float32))
