@@ -283,7 +283,7 @@ def load_verdict(out: str | Path, entry: dict) -> ModelVerdict | None:
                         np.load(folder / "trigger.npy"), g["likely_target"], g["triggered"], g["clean"],
                         g["losses"], entry["method"], entry["seconds"], entry["detector"],
                         entry.get("start", "ddpm"), entry.get("candidate", "main"), rules,
-                        entry.get("evidence_scale", 1.0))
+                        entry.get("evidence_scale", 1.0), entry.get("scan_start"))
 
 
 def zlib_name(p: Path) -> str:

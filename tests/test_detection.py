@@ -485,8 +485,11 @@ def test_refine_evidence_picks_the_most_agreeing_trigger_of_the_flagging_rules(m
     assert all(1000.0 * f not in vals for _, vals in tried for f in D.EVIDENCE_SCALES)  # terd does not flag
     assert all(100.0 * f in vals for _, vals in tried for f in D.EVIDENCE_SCALES)
     assert r.to_dict()["evidence_scale"] == 1.25
-    again = D.refine_evidence(None, r, jax.random.key(0), det)  # refining twice: each rule's own trigger again
-    assert (again.candidate, again.evidence_scale) == ("ball", 1.25)
+    assert r.scan_start == "ddim" and r.to_dict()["scan_start"] == "ddim" and "scan_start" not in v.to_dict()
+    tried.clear()
+    again = D.refine_evidence(None, r, jax.random.key(0), det)  # refining twice: each rule's own trigger again,
+    assert (again.candidate, again.evidence_scale, again.scan_start) == ("ball", 1.25, "ddim")
+    assert [s for s, _ in tried] == ["ddim", "ddpm"]  # from the scan's starts, not the refined one
     np.testing.assert_array_equal(again.trigger, r.trigger)
     tried.clear()
     D.refine_evidence(None, _verdict_for_refine(start="ddpm"), jax.random.key(0), det)

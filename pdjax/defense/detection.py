@@ -248,6 +248,9 @@ class ModelVerdict:
         main rule's is that of its chosen candidate), so that any of them can be generated from or removed.
       evidence_scale: the factor :func:`refine_evidence` applied to the deciding rule's trigger (``trigger``
         is that trigger times this factor; 1 when not refined).
+      scan_start: the scan's own start, kept when :func:`refine_evidence` replaces ``start`` with the start its
+        evidence was generated from (None: not refined, ``start`` is the scan's), so that refining again
+        scores from the same starts.
     """
 
     model: str
@@ -267,6 +270,7 @@ class ModelVerdict:
     candidate: str = "main"
     rule_triggers: dict = dataclasses.field(default_factory=dict)
     evidence_scale: float = 1.0
+    scan_start: str | None = None
 
     def to_dict(self) -> dict:
         """JSON summary (arrays left out; the scan writes them as files)."""
@@ -274,6 +278,7 @@ class ModelVerdict:
                 "backdoored": self.backdoored, "score": self.score, "reason": self.reason,
                 "features": self.features, "method": self.method, "seconds": self.seconds, "start": self.start,
                 "candidate": self.candidate, "evidence_scale": self.evidence_scale,
+                **({} if self.scan_start is None else {"scan_start": self.scan_start}),
                 "detector": self.detector, "final_loss": float(self.losses[-1]) if len(self.losses) else None}
 
 
@@ -399,7 +404,8 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     scales = tuple(float(v) for v in scales)
     cands = np.stack([np.zeros_like(triggers[first])] + [s * triggers[r] for r in rules for s in scales])
     best = []  # (score, rule index, rule, factor, start, generations, clean)
-    for label in dict.fromkeys((verdict.start, "ddpm")):
+    scan_start = verdict.scan_start or verdict.start
+    for label in dict.fromkeys((scan_start, "ddpm")):
         gens = triggered_generations(model, cands, jax.random.fold_in(key, 2), n=n, start=Start.parse(label))
         ratio = cons_ratios(gens)
         for k, r in enumerate(rules):
@@ -410,7 +416,8 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
     score, _, rule, factor, label, gens, clean = best[pick_scale(range(len(best)), [b[0] for b in best])]
     return dataclasses.replace(verdict, trigger=(factor * triggers[rule]).astype(np.float32),
                                likely_target=np.median(gens, axis=0), triggered=np.asarray(gens),
-                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor)
+                               clean=np.asarray(clean), start=label, candidate=rule, evidence_scale=factor,
+                               scan_start=scan_start)
 
 
 def scan_model(model, name: str, key: jax.Array, detector: Detector | None = None,
