@@ -41,6 +41,8 @@ from pdjax.model import load
 from pdjax.removal import REFERENCES, SHIFTS, RemovalConfig, remove_backdoor
 
 ARMS = ("evidence", "true", "mu", "control")
+#: removal.json's label-free quality fields (pdjax.removal.clean_quality), copied into the summary rows when present.
+QUALITY = ("clean_quality_before", "clean_quality_after", "clean_damaged")
 
 
 def audit_entries(audit: Path) -> dict[str, dict]:
@@ -111,7 +113,7 @@ def run_model(path: Path, entry: dict, args) -> dict:
         if done.is_file():
             rep = json.loads(done.read_text())
             row[name] = {k: rep[k] for k in ("steps", "asr_before", "asr_after", "clean_mse")}
-            row[name]["seconds"] = rep.get("seconds")
+            row[name].update({k: rep[k] for k in QUALITY if k in rep}, seconds=rep.get("seconds"))
             continue
         trigger = {"true": true_g, "mu": mu}.get(arm, found)
         cfg = RemovalConfig(steps=args.steps, n=args.n, seed=args.seed, shift=args.shift,
@@ -124,7 +126,7 @@ def run_model(path: Path, entry: dict, args) -> dict:
         rep = json.loads(done.read_text())
         done.write_text(json.dumps({**rep, "seconds": seconds}, indent=2))
         row[name] = {"steps": rem.steps, "asr_before": rem.asr_before, "asr_after": rem.asr_after,
-                    "clean_mse": rem.clean_mse, "seconds": seconds}
+                    "clean_mse": rem.clean_mse, "seconds": seconds, **{k: rep[k] for k in QUALITY if k in rep}}
         print(f"{path.name} {name}: ASR {rem.asr_before:.2f} -> {rem.asr_after:.2f}, clean-sample MSE "
               f"{rem.clean_mse:.4f} ({seconds:.0f} s)", flush=True)
     return row

@@ -8,9 +8,13 @@ segment scores the cleaned-so-far model: ASR with the attack's own trigger, targ
 MSE to the original's and :func:`pdjax.removal.clean_quality` (uniformity; mean squared distance to the nearest
 training image). Labels are used for the ASR only.
 
-Command (removal_table.md, "Label-free quality"):
+Commands (removal_table.md, "Label-free quality"; the last three vary one setting each):
 
-    python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger runs/ho11-audit-nofallback/evidence/ho11_villan_ode_stop9_corner-5e68f131/trigger.npy --out runs/removal-trajectory/stop9 --json experiments/results/removal_trajectory_stop9.json
+    T=runs/ho11-audit-nofallback/evidence/ho11_villan_ode_stop9_corner-5e68f131/trigger.npy
+    python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --out runs/removal-trajectory/stop9 --json experiments/results/removal_trajectory_stop9.json
+    python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --warmup 100 --out runs/removal-trajectory/stop9_wu100 --json experiments/results/removal_trajectory_stop9_wu100.json
+    python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --lr 3e-5 --out runs/removal-trajectory/stop9_lr3e-5 --json experiments/results/removal_trajectory_stop9_lr3e-5.json
+    python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --clean-weight 5 --out runs/removal-trajectory/stop9_cw5 --json experiments/results/removal_trajectory_stop9_cw5.json
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from pdjax.removal import RemovalConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="a backdoored model folder with its attack in the metadata")
     ap.add_argument("--trigger", type=Path, required=True, help="the removal trigger (.npy)")
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumable)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--clean-weight", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=RemovalConfig.lr)
+    ap.add_argument("--warmup", type=int, default=RemovalConfig.warmup_steps, help="linear warm-up steps")
+    ap.add_argument("--clean-weight", type=float, default=RemovalConfig.clean_weight)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -45,14 +52,14 @@ def main(argv=None) -> int:
     from pdjax.data import load_digits_with_labels
     from pdjax.generate import generate
     from pdjax.model import load
-    from pdjax.removal import RemovalConfig, clean_quality, load_delta, removal_loss
+    from pdjax.removal import clean_quality, load_delta, removal_loss
     from pdjax.train import TrainConfig, fit
 
     model = load(args.model)
     spec = spec_from_model(model)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
     delta = load_delta(args.trigger, model.image_shape)
-    cfg = RemovalConfig(steps=args.steps, lr=args.lr, clean_weight=args.clean_weight, seed=args.seed, n=args.n,
+    cfg = RemovalConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, clean_weight=args.clean_weight, seed=args.seed, n=args.n,
                         checkpoint_every=args.every)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every)
