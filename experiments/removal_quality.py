@@ -7,12 +7,15 @@ noise as its clean-sample MSE) from the original (``--zoo``/<model>) and the cle
 :func:`pdjax.removal.clean_quality` of each (uniformity; mean squared distance to the nearest training image),
 the recomputed MSE and :func:`pdjax.removal.damaged`. With ``--audit`` (the audits the removals took their
 evidence from, first match wins) each row also gives the evidence trigger's mean and the share of its energy in
-that constant offset, ``D mean^2 / ||delta||^2`` (1 = a uniform brightness shift). Removals run after the report
+that constant offset, ``D mean^2 / ||delta||^2`` (1 = a uniform brightness shift). For an image target (not
+TrojDiff's d2d) each row also gives the share of the clean generations that land on the attack's target (SPEC 7's
+ASR rule applied to generations from plain noise; labels used, a diagnostic only). Removals run after the report
 gained these fields carry them in removal.json already; this script scores the earlier ones the same way.
 
 Command (removal_table.md, "Label-free quality"):
 
     python experiments/removal_quality.py runs/removal-ho10 runs/removal-ho11 --json experiments/results/removal_quality.json --audit runs/ho10-audit runs/ho11-audit-nofallback runs/ho11-audit
+    python experiments/removal_quality.py runs/removal-ho11 --json experiments/results/removal_quality_ho11.json --audit runs/ho11-audit-nofallback runs/ho11-audit
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
     from pdjax.data import load_digits_with_labels
     from pdjax.generate import generate
     from pdjax.model import load
+    from pdjax.backdoor.train import build_arrays, spec_from_model
+    from pdjax.metrics import asr
     from pdjax.removal import clean_quality, damaged
     from removal_audit import audit_entries, evidence_trigger
 
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
             cfg = rep["config"]
             original = load(args.zoo / run.parent.name)
             cleaned = load(run / "model")
-            data, _ = load_digits_with_labels(original.image_shape[0], original.image_shape[2])
+            data, labels = load_digits_with_labels(original.image_shape[0], original.image_shape[2])
             t0 = time.perf_counter()
             key = jax.random.fold_in(jax.random.key(cfg["seed"]), 11)
             before, after = (np.asarray(generate(m, key, cfg["n"]), np.float64) for m in (original, cleaned))
@@ -76,6 +81,10 @@ def main(argv=None) -> int:
                    "clean_mse_recomputed": float(np.mean((before - after) ** 2)),
                    "quality_before": qb, "quality_after": qa, "damaged": damaged(qb, qa),
                    **(evidence(run.parent.name) if run.name == "evidence" else {})}
+            target = build_arrays(spec_from_model(original), original.image_shape, data, labels).target
+            if np.ndim(target) == 3:
+                row["clean_target_share_before"], row["clean_target_share_after"] = (
+                    float(asr(x, target)) for x in (before, after))
             rows.append(row)
             print(f"{row['model']} {row['arm']}: ASR {row['asr_before']:.2f} -> {row['asr_after']:.2f}, MSE "
                   f"{row['clean_mse']:.4f} (again {row['clean_mse_recomputed']:.4f}); "
@@ -83,6 +92,8 @@ def main(argv=None) -> int:
                   f"-> {qa['uniformity']:.2f}, nearest {qb['nearest']:.4f} -> {qa['nearest']:.4f}; "
                   f"damaged {row['damaged']}" + (f"; evidence mean {row['evidence_mean']:+.2f}, offset share "
                                                  f"{row['evidence_dc_share']:.2f}" if "evidence_mean" in row else "")
+                  + (f"; clean generations on the target {row['clean_target_share_before']:.2f} -> "
+                     f"{row['clean_target_share_after']:.2f}" if "clean_target_share_after" in row else "")
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

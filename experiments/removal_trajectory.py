@@ -8,12 +8,11 @@ segment scores the cleaned-so-far model: ASR with the attack's own trigger, targ
 MSE to the original's and :func:`pdjax.removal.clean_quality` (uniformity; mean squared distance to the nearest
 training image). Labels are used for the ASR only.
 
-Commands (removal_table.md, "Label-free quality"; the last three vary one setting each):
+Commands (removal_table.md, "Label-free quality"; the last two vary one setting each):
 
     T=runs/ho11-audit-nofallback/evidence/ho11_villan_ode_stop9_corner-5e68f131/trigger.npy
     python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --out runs/removal-trajectory/stop9 --json experiments/results/removal_trajectory_stop9.json
     python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --warmup 100 --out runs/removal-trajectory/stop9_wu100 --json experiments/results/removal_trajectory_stop9_wu100.json
-    python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --lr 3e-5 --out runs/removal-trajectory/stop9_lr3e-5 --json experiments/results/removal_trajectory_stop9_lr3e-5.json
     python experiments/removal_trajectory.py zoo/ho11_villan_ode_stop9_corner --trigger $T --clean-weight 5 --out runs/removal-trajectory/stop9_cw5 --json experiments/results/removal_trajectory_stop9_cw5.json
 """
 
