@@ -41,8 +41,9 @@ from pdjax.model import load
 from pdjax.removal import REFERENCES, SHIFTS, RemovalConfig, remove_backdoor
 
 ARMS = ("evidence", "true", "mu", "control")
-#: removal.json's label-free quality fields (pdjax.removal.clean_quality), copied into the summary rows when present.
-QUALITY = ("clean_quality_before", "clean_quality_after", "clean_damaged")
+#: removal.json's label-free quality fields (pdjax.removal.clean_quality) and the target's share of generations from
+#: plain noise, copied into the summary rows when present.
+QUALITY = ("clean_quality_before", "clean_quality_after", "clean_damaged", "clean_asr_before", "clean_asr_after")
 
 
 def audit_entries(audit: Path) -> dict[str, dict]:

@@ -375,7 +375,8 @@ def cmd_clean(args) -> int:
     res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels)
     line = f"cleaned in {res.steps} steps; clean-sample MSE original vs cleaned {res.clean_mse:.4f} (n={cfg.n})"
     if res.asr_before is not None:
-        line += f"; ASR ({spec.trigger} -> {spec.target}) {res.asr_before:.2f} -> {res.asr_after:.2f}"
+        line += (f"; ASR ({spec.trigger} -> {spec.target}) {res.asr_before:.2f} -> {res.asr_after:.2f}, "
+                 f"from plain noise {res.clean_asr_before:.2f} -> {res.clean_asr_after:.2f}")
     print(line)
     qb, qa = res.quality_before, res.quality_after
     print(f"clean generations, original -> cleaned: uniformity {qb['uniformity']:.2f} -> {qa['uniformity']:.2f}, "

@@ -33,7 +33,9 @@ Four options shape the samples that take TrojDiff's shift, and only those (a Con
   mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
 
 Reported (``out/removal.json``): ASR before/after when the attack spec is known (triggered generations
-with the spec's trigger and target, SPEC 7), the clean-sample MSE: the mean squared difference, on
+with the spec's trigger and target, SPEC 7) and the same rule on generations from plain noise (``clean_asr``: a
+removal can move the backdoor onto clean noise, so that ASR with the trigger reads 0 while clean noise now gives the
+target; experiments/results/removal_table.md, "Label-free quality"), the clean-sample MSE: the mean squared difference, on
 the [-1, 1] pixel scale, between ``n`` DDPM clean generations of the original and of the cleaned model
 drawn from the same start noise and chain noise, and the clean-sample quality of each model without labels
 (:func:`clean_quality`): the uniformity of its clean generations (SPEC 5; low = they collapsed onto one image)
@@ -140,6 +142,8 @@ class RemovalResult:
     final_loss: float = float("nan")
     quality_before: dict = dataclasses.field(default_factory=dict)
     quality_after: dict = dataclasses.field(default_factory=dict)
+    clean_asr_before: float | None = None
+    clean_asr_after: float | None = None
 
     @property
     def clean_damaged(self) -> bool:
@@ -149,6 +153,7 @@ class RemovalResult:
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "asr_before": self.asr_before, "asr_after": self.asr_after,
+                "clean_asr_before": self.clean_asr_before, "clean_asr_after": self.clean_asr_after,
                 "attack": self.attack, "clean_mse": self.clean_mse,
                 "clean_quality_before": self.quality_before, "clean_quality_after": self.quality_after,
                 "clean_damaged": self.clean_damaged,
@@ -158,8 +163,10 @@ class RemovalResult:
                                       f"uniformity < {DAMAGE_UNIFORMITY_RATIO:g}x the original's",
                 "clean_mse_rule": f"mean squared difference ([-1, 1] pixel scale) between {self.config.get('n')} DDPM "
                                   "clean generations of the original and the cleaned model from the same noise",
-                "asr_rule": "SPEC 7, triggered generations with the attack's trigger and target" if self.attack
-                else "not measured: no attack spec (pass the target to report ASR)",
+                "asr_rule": "SPEC 7, triggered generations with the attack's trigger and target; clean_asr: the same "
+                            "rule on generations from plain noise with the attack's sampler (a backdoor moved onto "
+                            "clean noise shows here)"
+                if self.attack else "not measured: no attack spec (pass the target to report ASR)",
                 "config": self.config, "out": self.out, "final_loss": self.final_loss, "model": "model"}
 
 
@@ -322,16 +329,18 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     after = generate(cleaned, key, cfg.n)
     clean_mse = float(np.mean((np.asarray(before, np.float64) - np.asarray(after, np.float64)) ** 2))
     asr_before = asr_after = None
+    leak_before = leak_after = None
     if spec is not None:
         from pdjax.backdoor.train import evaluate
 
         ev_key = jax.random.fold_in(jax.random.key(cfg.seed), 12)
-        asr_before, asr_after = (float(evaluate(m, spec, ev_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)
-                                       [0].triggered["asr"]) for m in (model, cleaned))
+        (asr_before, leak_before), (asr_after, leak_after) = (
+            (float(ev.triggered["asr"]), float(ev.clean["asr"])) for ev in
+            (evaluate(m, spec, ev_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)[0] for m in (model, cleaned)))
     result = RemovalResult(cleaned, res.steps, clean_mse, asr_before, asr_after, spec.to_dict() if spec else None,
                            cfg.to_dict(), str(out.absolute()),
                            float(res.losses[-1]) if len(res.losses) else float("nan"),
-                           clean_quality(before, data), clean_quality(after, data))
+                           clean_quality(before, data), clean_quality(after, data), leak_before, leak_after)
     out.mkdir(parents=True, exist_ok=True)
     (out / "removal.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -323,6 +323,7 @@ def test_cli_clean_end_to_end(model_dir, tmp_path):
     for q in (res["clean_quality_before"], res["clean_quality_after"]):
         assert set(q) == {"uniformity", "nearest"} and q["uniformity"] > 0 and q["nearest"] > 0
     assert res["clean_damaged"] == damaged(res["clean_quality_before"], res["clean_quality_after"])
+    assert 0 <= res["clean_asr_before"] <= 1 and 0 <= res["clean_asr_after"] <= 1
 
 
 def test_damaged_flags_clean_generations_that_leave_the_data_or_collapse():
