@@ -328,15 +328,18 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     before = generate(model, key, cfg.n)
     after = generate(cleaned, key, cfg.n)
     clean_mse = float(np.mean((np.asarray(before, np.float64) - np.asarray(after, np.float64)) ** 2))
-    asr_before = asr_after = None
-    leak_before = leak_after = None
+    asr_before = asr_after = leak_before = leak_after = None
     if spec is not None:
         from pdjax.backdoor.train import evaluate
 
         ev_key = jax.random.fold_in(jax.random.key(cfg.seed), 12)
-        (asr_before, leak_before), (asr_after, leak_after) = (
-            (float(ev.triggered["asr"]), float(ev.clean["asr"])) for ev in
-            (evaluate(m, spec, ev_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)[0] for m in (model, cleaned)))
+
+        def asrs(m: Model) -> tuple[float, float]:
+            """(ASR of triggered generations, the same rule on generations from plain noise)."""
+            ev = evaluate(m, spec, ev_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)[0]
+            return float(ev.triggered["asr"]), float(ev.clean["asr"])
+
+        (asr_before, leak_before), (asr_after, leak_after) = asrs(model), asrs(cleaned)
     result = RemovalResult(cleaned, res.steps, clean_mse, asr_before, asr_after, spec.to_dict() if spec else None,
                            cfg.to_dict(), str(out.absolute()),
                            float(res.losses[-1]) if len(res.losses) else float("nan"),
