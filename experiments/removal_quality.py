@@ -42,15 +42,13 @@ def main(argv=None) -> int:
     from pdjax import cpu_runtime
 
     cpu_runtime.enable()
-    import jax
     import numpy as np
 
     from pdjax.data import load_digits_with_labels
-    from pdjax.generate import generate
     from pdjax.model import load
     from pdjax.backdoor.train import build_arrays, spec_from_model
     from pdjax.metrics import asr
-    from pdjax.removal import clean_quality, damaged
+    from pdjax.removal import RemovalConfig, clean_quality, damaged, report_generations
     from removal_audit import audit_entries, evidence_trigger
 
     def evidence(name: str) -> dict:
@@ -73,8 +71,7 @@ def main(argv=None) -> int:
             cleaned = load(run / "model")
             data, labels = load_digits_with_labels(original.image_shape[0], original.image_shape[2])
             t0 = time.perf_counter()
-            key = jax.random.fold_in(jax.random.key(cfg["seed"]), 11)
-            before, after = (np.asarray(generate(m, key, cfg["n"]), np.float64) for m in (original, cleaned))
+            before, after = (report_generations(m, RemovalConfig(**cfg)) for m in (original, cleaned))
             qb, qa = clean_quality(before, data), clean_quality(after, data)
             row = {"removal": str(run), "model": run.parent.name, "arm": run.name, "n": cfg["n"], "seed": cfg["seed"],
                    "asr_before": rep["asr_before"], "asr_after": rep["asr_after"], "clean_mse": rep["clean_mse"],

@@ -44,32 +44,26 @@ def main(argv=None) -> int:
     from pdjax import cpu_runtime
 
     cpu_runtime.enable()
-    import jax
     import numpy as np
 
-    from pdjax.backdoor.train import evaluate, spec_from_model
+    from pdjax.backdoor.train import spec_from_model
     from pdjax.data import load_digits_with_labels
-    from pdjax.generate import generate
     from pdjax.model import load
-    from pdjax.removal import clean_quality, load_delta, removal_loss
-    from pdjax.train import TrainConfig, fit
+    from pdjax.removal import clean_quality, config_loss, load_delta, report_asr, report_generations
+    from pdjax.train import fit
 
     model = load(args.model)
     spec = spec_from_model(model)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
     delta = load_delta(args.trigger, model.image_shape)
-    cfg = RemovalConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, clean_weight=args.clean_weight, seed=args.seed, n=args.n,
-                        checkpoint_every=args.every)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                       checkpoint_every=cfg.checkpoint_every)
-    loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight)
-    gen_key = jax.random.fold_in(jax.random.key(cfg.seed), 11)
-    ev_key = jax.random.fold_in(jax.random.key(cfg.seed), 12)
-    before = np.asarray(generate(model, gen_key, cfg.n), np.float64)
+    cfg = RemovalConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, clean_weight=args.clean_weight,
+                        seed=args.seed, n=args.n, checkpoint_every=args.every)
+    loss = config_loss(model, delta, cfg)
+    before = report_generations(model, cfg)
 
     def score(m, step: int, seconds: float) -> dict:
-        x = np.asarray(generate(m, gen_key, cfg.n), np.float64)
-        asr = float(evaluate(m, spec, ev_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)[0].triggered["asr"])
+        x = report_generations(m, cfg)
+        asr = report_asr(m, spec, cfg, data, labels)[0]
         row = {"step": step, "asr": asr, "clean_mse": float(np.mean((x - before) ** 2)), **clean_quality(x, data),
                "train_seconds": seconds}
         print(f"step {step}: ASR {asr:.2f}, clean MSE {row['clean_mse']:.4f}, uniformity {row['uniformity']:.2f}, "
@@ -80,7 +74,7 @@ def main(argv=None) -> int:
     step = 0
     while step < cfg.steps:
         t0 = time.perf_counter()
-        res = fit(model, loss, data, tcfg, out=args.out, progress=False, stop_after=args.every)
+        res = fit(model, loss, data, cfg.train_config(), out=args.out, progress=False, stop_after=args.every)
         step = res.steps
         rows.append(score(res.model, step, time.perf_counter() - t0))
     if args.json:

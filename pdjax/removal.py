@@ -126,6 +126,11 @@ class RemovalConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def train_config(self) -> TrainConfig:
+        """The :func:`pdjax.train.fit` settings of this removal."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch, lr=self.lr, warmup_steps=self.warmup_steps,
+                           seed=self.seed, checkpoint_every=self.checkpoint_every)
+
 
 @dataclasses.dataclass
 class RemovalResult:
@@ -296,6 +301,31 @@ def load_delta(path, shape) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def config_loss(model: Model, delta, cfg: RemovalConfig):
+    """:func:`removal_loss` with the weights and options of ``cfg``."""
+    return removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
+                        noise_scale_min=cfg.noise_scale_min, noise_scale_max=cfg.noise_scale_max,
+                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min)
+
+
+def report_generations(model: Model, cfg: RemovalConfig) -> np.ndarray:
+    """[n, H, W, C] float64: the clean DDPM generations the report compares (key fold_in(seed, 11); the same
+    noise for every model, so the original and a cleaned copy can be compared sample by sample)."""
+    from pdjax.generate import generate
+
+    return np.asarray(generate(model, jax.random.fold_in(jax.random.key(cfg.seed), 11), cfg.n), np.float64)
+
+
+def report_asr(model: Model, spec: AttackSpec, cfg: RemovalConfig, data, labels=None) -> tuple[float, float]:
+    """(ASR of the attack's triggered generations, the same SPEC 7 rule on its generations from plain noise), with
+    the attack's sampler, n = ``cfg.n``, key fold_in(seed, 12)."""
+    from pdjax.backdoor.train import evaluate
+
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 12)
+    ev = evaluate(model, spec, key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)[0]
+    return float(ev.triggered["asr"]), float(ev.clean["asr"])
+
+
 def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalConfig(), out: str | Path = "clean",
                     progress: bool = True, spec: AttackSpec | None = None, labels=None) -> RemovalResult:
     """Fine-tune a copy of ``model`` so that the trigger ``delta`` no longer changes its output.
@@ -308,38 +338,22 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
       out: folder: ``model/`` (the cleaned pdjax checkpoint, resumable) and ``removal.json``.
       spec: the attack spec, when known, to report ASR before/after with its trigger and target.
     """
-    from pdjax.generate import generate
-
     _check_data(model, data)
     delta = np.asarray(trigger, np.float32)
     if delta.shape != tuple(model.image_shape):
         raise ConfigError(f"trigger has shape {delta.shape}, the model needs {tuple(model.image_shape)}")
     out = Path(out)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                       checkpoint_every=cfg.checkpoint_every)
-    loss = removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
-                        noise_scale_min=cfg.noise_scale_min, noise_scale_max=cfg.noise_scale_max,
-                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min)
     meta = {"removal": {"config": cfg.to_dict(), "trigger_norm": float(np.linalg.norm(delta))}}
-    res = fit(model, loss, data, tcfg, out=out / "model", meta=meta, progress=progress)
+    res = fit(model, config_loss(model, delta, cfg), data, cfg.train_config(), out=out / "model", meta=meta,
+              progress=progress)
     cleaned = res.model
 
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 11)
-    before = generate(model, key, cfg.n)
-    after = generate(cleaned, key, cfg.n)
-    clean_mse = float(np.mean((np.asarray(before, np.float64) - np.asarray(after, np.float64)) ** 2))
+    before, after = report_generations(model, cfg), report_generations(cleaned, cfg)
+    clean_mse = float(np.mean((before - after) ** 2))
     asr_before = asr_after = leak_before = leak_after = None
     if spec is not None:
-        from pdjax.backdoor.train import evaluate
-
-        ev_key = jax.random.fold_in(jax.random.key(cfg.seed), 12)
-
-        def asrs(m: Model) -> tuple[float, float]:
-            """(ASR of triggered generations, the same rule on generations from plain noise)."""
-            ev = evaluate(m, spec, ev_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)[0]
-            return float(ev.triggered["asr"]), float(ev.clean["asr"])
-
-        (asr_before, leak_before), (asr_after, leak_after) = asrs(model), asrs(cleaned)
+        (asr_before, leak_before), (asr_after, leak_after) = (report_asr(m, spec, cfg, data, labels)
+                                                              for m in (model, cleaned))
     result = RemovalResult(cleaned, res.steps, clean_mse, asr_before, asr_after, spec.to_dict() if spec else None,
                            cfg.to_dict(), str(out.absolute()),
                            float(res.losses[-1]) if len(res.losses) else float("nan"),
@@ -350,4 +364,5 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
 
 
 __all__ = ["DAMAGE_NEAREST_RATIO", "DAMAGE_UNIFORMITY_RATIO", "REFERENCES", "SHIFTS", "RemovalConfig", "RemovalResult",
-           "clean_quality", "damaged", "load_delta", "remove_backdoor", "removal_loss", "removal_terms"]
+           "clean_quality", "config_loss", "damaged", "load_delta", "remove_backdoor", "removal_loss", "removal_terms",
+           "report_asr", "report_generations"]

@@ -367,14 +367,14 @@ def refine_evidence(model, verdict: ModelVerdict, key: jax.Array, detector: Dete
                     scales=EVIDENCE_SCALES, n: int = EVIDENCE_SAMPLES) -> ModelVerdict:
     """A flagged model's verdict with its evidence re-chosen: among the triggers of every rule that flags
     (``verdict.rule_triggers`` with a positive margin; the deciding rule's trigger alone if none were kept), each
-    times each factor of ``scales``, from the verdict's start and from DDPM, the candidate whose ``n``
-    generations agree most.
+    times each factor of ``scales``, from the scan's start (``scan_start``, else ``start``) and from DDPM, the
+    candidate whose ``n`` generations agree most.
 
     Scoring is the size search's (:func:`pdjax.defense.inversion.size_search`): L_cons of the candidate's
     generations over L_cons of the same noise's generations without a trigger, key ``fold_in(key, 2)``, the same
     noise for every candidate. Per rule and start the factor closest to 1 within 1% of the best score wins
     (:func:`nearest_one`); across rules and starts the lowest score, the deciding rule (:func:`evidence_rule`)
-    and the verdict's start on ties within 1%.
+    and the scan's start on ties within 1%.
 
     Why: the rule with the largest margin is not always the one whose trigger fires best (margins of different
     rules are not on one scale), and a rule's trigger often points the right way at a slightly wrong size: where
