@@ -35,9 +35,9 @@ Four options shape the samples that take TrojDiff's shift, and only those (a Con
 Reported (``out/removal.json``): ASR before/after when the attack spec is known (triggered generations
 with the spec's trigger and target, SPEC 7) and the same rule on generations from plain noise (``clean_asr``: a
 removal can move the backdoor onto clean noise, so that ASR with the trigger reads 0 while clean noise now gives the
-target; experiments/results/removal_table.md, "Label-free quality"), the clean-sample MSE: the mean squared difference, on
-the [-1, 1] pixel scale, between ``n`` DDPM clean generations of the original and of the cleaned model
-drawn from the same start noise and chain noise, and the clean-sample quality of each model without labels
+target; experiments/results/removal_table.md, "Label-free quality"), the clean-sample MSE: the mean squared
+difference, on the [-1, 1] pixel scale, between ``n`` DDPM clean generations of the original and of the cleaned
+model drawn from the same start noise and chain noise (:func:`report_generations`), and the clean-sample quality of each model without labels
 (:func:`clean_quality`): the uniformity of its clean generations (SPEC 5; low = they collapsed onto one image)
 and their mean distance to the nearest clean training image (:func:`pdjax.metrics.nearest_data_mse`). The
 result's ``clean_damaged`` says when the cleaned model's generations moved away from the data or collapsed
