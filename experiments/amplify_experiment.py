@@ -63,6 +63,7 @@ from pdjax.data import load_digits_with_labels
 from pdjax.defense.inversion import InversionConfig, invert
 from pdjax.metrics import attack_metrics
 from pdjax.model import load
+from pdjax.reinforce import DEFAULT_STAGES, ReinforceConfig, format_stages, parse_stages
 from pdjax.removal import RemovalConfig, remove_backdoor
 from pdjax.train import TrainConfig
 
@@ -97,13 +98,14 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     t0 = time.perf_counter()
     acfg = AmplifyConfig(steps=args.steps, eval_every=args.eval_every, n=args.n, alpha=args.alpha,
                          seed=case.seed, lr=1e-3, warmup_steps=0, batch=32, plain_steps=args.plain_steps,
-                         keep_models=True, reinforce=args.reinforce)
+                         keep_models=True, reinforce=args.reinforce,
+                         target_reinforce=ReinforceConfig(stages=parse_stages(args.reinforce_stages)))
     amp = amplify(brief, data, case.spec, acfg, out=out / "amplify", progress=not args.quiet, labels=labels)
     amp_s = time.perf_counter() - t0
     print(f"{case.name}: amplify ASR g* {amp.asr_amplified} at {amp.steps} / g {amp.asr_plain_all} at "
           f"{amp.plain_steps} ({amp_s:.0f} s)", flush=True)
     row = {"case": case.name, "attack": case.spec.to_dict(), "seed": case.seed, "brief_steps": args.brief_steps,
-           "reinforce": args.reinforce, "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
+           "reinforce": args.reinforce, "reinforce_stages": args.reinforce_stages, "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
            "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
     if args.confirm_n:
         row["confirm"] = confirm_points(out / "amplify", row, case, args.confirm_n, data, labels)
@@ -134,6 +136,7 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     return row
 
 
+DEFAULT_STAGES_TEXT = format_stages(DEFAULT_STAGES)
 CONFIRM_FROM = 0.85  # re-score the points whose n-generation ASR is at least this (the ones near REACH)
 
 
@@ -198,6 +201,8 @@ def write_table(rows: list[dict], path: Path, args) -> None:
     brief = f" --brief-steps {args.brief_steps}" if args.brief_steps != 300 else ""
     steps = f" --steps {args.steps}" if args.steps != 1000 else ""
     reinf = f" --reinforce {args.reinforce}" if args.reinforce != "shift" else ""
+    if args.reinforce_stages != DEFAULT_STAGES_TEXT:
+        reinf += f" --reinforce-stages {args.reinforce_stages}"
     lines = [f"Command: `python experiments/amplify_experiment.py --out {args.out}{only}{brief}{steps}{reinf} "
              f"--eval-every {args.eval_every}{plain}{f' --confirm-n {args.confirm_n}' if args.confirm_n else ''}{' --no-removal' if args.no_removal else ''}` (brief backdoor {args.brief_steps} steps from the "
              f"demo clean base; then {args.steps} steps with g* (amplified arm) and "
@@ -242,6 +247,8 @@ def main():
     ap.add_argument("--reinforce", choices=("shift", "target"), default="shift",
                     help="how g* is found (AmplifyConfig.reinforce): PureDiffusion's shift loss from g, or the "
                          "target-directed reinforcement of pdjax.reinforce (default stages)")
+    ap.add_argument("--reinforce-stages", dest="reinforce_stages", default=DEFAULT_STAGES_TEXT,
+                    metavar="CHAIN:STEPS:LR,...", help="stages of --reinforce target (default: pdjax.reinforce's)")
     ap.add_argument("--plain-steps", type=int, default=0,
                     help="budget of the plain arm (default --steps): run it longer to find the steps it needs")
     ap.add_argument("--removal-steps", type=int, default=500)

@@ -289,16 +289,11 @@ def _training_data(model, name: str):
 
 def _reinforce_config(args):
     """ReinforceConfig from --reinforce-stages "S:STEPS:LR,..." and --reinforce-batch (defaults: the module's)."""
-    from pdjax.reinforce import ReinforceConfig, ReinforceStage
+    from pdjax.reinforce import ReinforceConfig, parse_stages
 
     kw = {"batch": args.reinforce_batch} if args.reinforce_batch is not None else {}
     if args.reinforce_stages:
-        try:
-            kw["stages"] = tuple(ReinforceStage(int(s), int(n), float(lr)) for s, n, lr in
-                                 (part.split(":") for part in args.reinforce_stages.split(",")))
-        except ValueError:
-            raise PdjaxError(f"--reinforce-stages {args.reinforce_stages!r}: expected CHAIN:STEPS:LR[,...], "
-                             "e.g. 20:300:0.02,100:100:0.01") from None
+        kw["stages"] = parse_stages(args.reinforce_stages)
     return ReinforceConfig(**kw)
 
 

@@ -80,6 +80,22 @@ class ReinforceConfig:
         return dataclasses.asdict(self)
 
 
+def format_stages(stages) -> str:
+    """The ``"CHAIN:STEPS:LR,..."`` text of ``stages`` (the inverse of :func:`parse_stages`)."""
+    return ",".join(f"{s.chain_steps}:{s.steps}:{s.lr:g}" for s in stages)
+
+
+def parse_stages(text: str) -> tuple:
+    """Stages from ``"CHAIN:STEPS:LR,..."`` (e.g. ``"20:300:0.02,100:100:0.01"``, the defaults), as the CLI's
+    ``--reinforce-stages`` takes them; a malformed text raises :class:`ConfigError`."""
+    try:
+        return tuple(ReinforceStage(int(s), int(n), float(lr)) for s, n, lr in
+                     (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise ConfigError(f"reinforcement stages {text!r}: expected CHAIN:STEPS:LR[,...], "
+                          "e.g. 20:300:0.02,100:100:0.01") from None
+
+
 @dataclasses.dataclass
 class ReinforceResult:
     """The reinforced trigger [H, W, C] (float32, unclipped), the trigger at the end of each stage

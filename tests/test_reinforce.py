@@ -17,7 +17,8 @@ from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
 from pdjax.data import load_digits_with_labels
 from pdjax.errors import ConfigError
-from pdjax.reinforce import ReinforceConfig, ReinforceStage, reinforce_to_target, target_loss
+from pdjax.reinforce import (DEFAULT_STAGES, ReinforceConfig, ReinforceStage, format_stages, parse_stages,
+                             reinforce_to_target, target_loss)
 from pdjax.testing import random_model
 
 SPEC = AttackSpec(trigger="BOX_3", target="CORNER", poison_rate=0.25)
@@ -87,6 +88,15 @@ def test_config_and_shape_errors(model, arrays):
         amplify(model, data, AttackSpec(kind="trojdiff", trigger="BOX_3", target="class:3", mode="in-d2d"),
                 AmplifyConfig(reinforce="target"),
                 out="unused", progress=False, labels=labels)
+
+
+def test_parse_stages():
+    assert parse_stages("20:300:0.02,100:100:0.01") == DEFAULT_STAGES
+    assert parse_stages("5:7:1e-3") == (ReinforceStage(5, 7, 1e-3),)
+    assert parse_stages(format_stages(DEFAULT_STAGES)) == DEFAULT_STAGES
+    for bad in ("2:2", "a:1:0.1", "1:2:3:4", ""):
+        with pytest.raises(ConfigError, match="CHAIN:STEPS:LR"):
+            parse_stages(bad)
 
 
 def test_cli_amplify_reinforce_target(model, tmp_path):
