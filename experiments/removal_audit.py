@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdjax.audit import read_audit
+from pdjax.audit import evidence_trigger, read_audit
 from pdjax.backdoor.train import build_arrays, spec_from_model
 from pdjax.data import load_digits_with_labels
 from pdjax.model import load
@@ -48,19 +48,9 @@ QUALITY = ("clean_quality_before", "clean_quality_after", "clean_damaged", "clea
 
 def audit_entries(audit: Path) -> dict[str, dict]:
     """The audit's JSONL entries by model name (the last path component)."""
-    path = audit / "audit.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found; pass the --out folder of a `pdjax audit` run")
+    if not (audit / "audit.jsonl").is_file():
+        raise SystemExit(f"error: {audit / 'audit.jsonl'} not found; pass the --out folder of a `pdjax audit` run")
     return {Path(r["model"]).name: r for r in read_audit(audit)}
-
-
-def evidence_trigger(audit: Path, entry: dict, rule: str | None = None) -> np.ndarray:
-    """[H, W, C] the trigger the audit kept as evidence for ``entry``, or with ``rule`` the one that rule found
-    (``evidence/<model>/rules/<rule>.npy``, kept by audits since 8504a56)."""
-    path = audit / entry["evidence"] / ("trigger.npy" if rule is None else f"rules/{rule}.npy")
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found; the audit kept no {rule} trigger for {entry['model']}")
-    return np.load(path)
 
 
 def arm_name(arm: str, shift: str = "baddiffusion", *, noise_scale_min: float = 1.0, noise_scale_max: float = 1.0,

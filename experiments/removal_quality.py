@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     from pdjax.backdoor.train import build_arrays, spec_from_model
     from pdjax.metrics import asr
     from pdjax.removal import RemovalConfig, clean_quality, damaged, report_generations
-    from removal_audit import audit_entries, evidence_trigger
+    from pdjax.audit import evidence_trigger
+    from removal_audit import audit_entries
 
     def evidence(name: str) -> dict:
         """The evidence trigger's mean and constant-offset energy share, from the first ``--audit`` holding

@@ -298,6 +298,37 @@ def read_audit(out: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "audit.jsonl").read_text().splitlines() if line.strip()]
 
 
+def audit_entry(out: str | Path, model: str | Path) -> dict:
+    """The entry of ``model`` in ``out/audit.jsonl``: the one whose recorded path is the same folder, else the one
+    whose folder has the same name. A missing audit, a model it does not hold or a name two entries share raise
+    :class:`ConfigError`."""
+    out, model = Path(out), Path(model)
+    if not (out / "audit.jsonl").is_file():
+        raise ConfigError(f"{out / 'audit.jsonl'} not found: pass the --out folder of a `pdjax audit` run")
+    entries = read_audit(out)
+    same = [e for e in entries if Path(e["model"]).resolve() == model.resolve()]
+    named = same or [e for e in entries if Path(e["model"]).name == model.name]
+    if len(named) != 1:
+        raise ConfigError(f"{out / 'audit.jsonl'} holds {'no' if not named else len(named)} entries for "
+                          f"{model.name}" + ("" if not named else ": pass the model's path as it was audited"))
+    return named[0]
+
+
+def evidence_path(out: str | Path, entry: dict, rule: str | None = None) -> Path:
+    """The file of the trigger an audit kept for ``entry``: its evidence (``evidence/<model>/trigger.npy``, the
+    deciding rule's trigger, refined), or with ``rule`` that rule's own trigger (``rules/<rule>.npy``); a missing
+    file raises :class:`ConfigError`."""
+    path = Path(out) / entry["evidence"] / ("trigger.npy" if rule is None else f"rules/{rule}.npy")
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: the audit kept no {rule or 'evidence'} trigger for {entry['model']}")
+    return path
+
+
+def evidence_trigger(out: str | Path, entry: dict, rule: str | None = None) -> np.ndarray:
+    """[H, W, C] the trigger of :func:`evidence_path`."""
+    return np.load(evidence_path(out, entry, rule))
+
+
 def _audit_report(out: Path, det: Detector) -> None:
     """report.html over every model in audit.jsonl, rebuilt from the saved evidence."""
     rows = read_audit(out)

@@ -340,6 +340,23 @@ def cmd_amplify(args) -> int:
     return 0
 
 
+def _removal_trigger(args) -> tuple:
+    """``pdjax clean``'s trigger file and a phrase naming where it came from."""
+    if args.audit is None:
+        if args.rule is not None:
+            raise PdjaxError("--rule picks one of an audit's triggers: it needs --audit")
+        return args.trigger, f"the trigger {args.trigger}"
+    from pdjax.audit import audit_entry, evidence_path
+
+    entry = audit_entry(args.audit, args.model)
+    if not entry["backdoored"]:
+        raise PdjaxError(f"the audit in {args.audit} judged {args.model} clean (score {entry['score']:+.2f}): "
+                         "nothing to remove; pass --trigger to remove a trigger anyway")
+    rule = args.rule or entry.get("candidate", "main")
+    return (evidence_path(args.audit, entry, args.rule),
+            f"the {rule} rule's trigger{'' if args.rule else ' (the evidence)'} of the audit in {args.audit}")
+
+
 def cmd_clean(args) -> int:
     from pdjax.backdoor.attacks import AttackSpec
     from pdjax.backdoor.train import spec_from_model
@@ -347,13 +364,14 @@ def cmd_clean(args) -> int:
     from pdjax.removal import RemovalConfig, load_delta, remove_backdoor
 
     model = load(args.model)
-    delta = load_delta(args.trigger, model.image_shape)
+    trigger, source = _removal_trigger(args)
+    delta = load_delta(trigger, model.image_shape)
     spec = None
     if args.target is not None:
         if "attack" in model.meta:
             spec = spec_from_model(model, kind=args.kind, trigger=args.eval_trigger, target=args.target)
         else:
-            spec = AttackSpec(kind=args.kind or "baddiffusion", trigger=args.eval_trigger or args.trigger,
+            spec = AttackSpec(kind=args.kind or "baddiffusion", trigger=args.eval_trigger or trigger,
                               target=args.target)
     data, labels = _training_data(model, args.data)
     if spec is not None:  # the ASR report's trigger/target are only used after training: check them now
@@ -365,8 +383,7 @@ def cmd_clean(args) -> int:
                         noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
                         reference=args.reference,
                         trigger_scale_min=args.trigger_scale_min)
-    print(f"removing the trigger {args.trigger} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}",
-          flush=True)
+    print(f"removing {source} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}", flush=True)
     res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels)
     line = f"cleaned in {res.steps} steps; clean-sample MSE original vs cleaned {res.clean_mse:.4f} (n={cfg.n})"
     if res.asr_before is not None:
@@ -756,7 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("clean", help="remove a backdoor: fine-tune away the response to an inverted trigger")
     cl.add_argument("model", help="backdoored pdjax checkpoint or diffusers folder")
-    cl.add_argument("--trigger", required=True, help="inverted trigger (.npy from `pdjax invert`, or an image)")
+    src = cl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trigger", help="inverted trigger (.npy from `pdjax invert`, or an image)")
+    src.add_argument("--audit", metavar="DIR",
+                     help="the --out folder of a `pdjax audit` that flagged MODEL: remove with its evidence trigger")
+    cl.add_argument("--rule", choices=("main", "probe", "ball", "terd"),
+                    help="with --audit: that rule's trigger (evidence/<model>/rules/) instead of the evidence")
     cl.add_argument("--target", help="attack target, to report ASR before/after")
     cl.add_argument("--attack", dest="kind",
                     help="attack kind for the ASR report (default: recorded, else baddiffusion)")

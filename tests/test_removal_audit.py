@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pdjax.errors import ConfigError
 from pdjax.testing import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_a_rules_trigger_and_the_removal_options_name_the_arm(setup, tmp_path, c
     row = json.loads(summary.read_text())["rows"][0]
     assert row[name]["asr_after"] == 0.0 and row["candidate"] == "ball"
     np.testing.assert_allclose(row["evidence_norm"], np.linalg.norm(ball), rtol=1e-6)
-    with pytest.raises(SystemExit, match="kept no probe trigger"):
+    with pytest.raises(ConfigError, match="kept no probe trigger"):
         ra.main([str(audit), "--models", str(model), "--out", str(out), "--rule", "probe"])
 
 
