@@ -105,7 +105,8 @@ def run_case(case: Case, out: Path, args, data, labels) -> dict:
     print(f"{case.name}: amplify ASR g* {amp.asr_amplified} at {amp.steps} / g {amp.asr_plain_all} at "
           f"{amp.plain_steps} ({amp_s:.0f} s)", flush=True)
     row = {"case": case.name, "attack": case.spec.to_dict(), "seed": case.seed, "brief_steps": args.brief_steps,
-           "reinforce": args.reinforce, "reinforce_stages": args.reinforce_stages, "steps": amp.steps, "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
+           "reinforce": args.reinforce, "reinforce_stages": args.reinforce_stages, "steps": amp.steps,
+           "asr_amplified": amp.asr_amplified, "plain_steps": amp.plain_steps,
            "asr_plain": amp.asr_plain_all, "n": args.n, "amplify_s": amp_s}
     if args.confirm_n:
         row["confirm"] = confirm_points(out / "amplify", row, case, args.confirm_n, data, labels)
