@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.defense.detection import RULE_FLAGS, SCAN_INVERSION, SCAN_SAMPLES, Detector, ModelVerdict, scan_model
+from pdjax.defense.detection import (PROBE_FEATURE, RULE_FLAGS, SCAN_INVERSION, SCAN_SAMPLES, Detector, ModelVerdict,
+                                    scan_model)
 from pdjax.defense.inversion import InversionConfig
 from pdjax.errors import ConfigError, OutputError
 
@@ -312,6 +313,22 @@ def audit_entry(out: str | Path, model: str | Path) -> dict:
         raise ConfigError(f"{out / 'audit.jsonl'} holds {'no' if not named else len(named)} entries for "
                           f"{model.name}" + ("" if not named else ": pass the model's path as it was audited"))
     return named[0]
+
+
+def removal_rule(entry: dict) -> str | None:
+    """The rule whose trigger ``pdjax clean --audit`` removes with when no ``--rule`` is given: ``"probe"`` when the
+    audit's evidence is the TERD rule's trigger and the probe rule flagged the model too, else None (the evidence).
+
+    Where both flag (every VillanDiffusion ODE model so far), removal with TERD's trigger moved the clean
+    generations far more (clean-sample MSE 0.11-0.43) than removal with the probe's (0.04-0.10), both to ASR 0:
+    three models seen after the fact, then two built blind for this rule. Two earlier models where the rule also
+    applies go the other way (a VillanDiffusion SDE model, 0.03 -> 0.14 at ASR 0 both; a TrojDiff patch model
+    that neither trigger removes): experiments/results/removal_table.md, "ho13"."""
+    thr = entry.get("detector", {}).get("probe_threshold")
+    x = entry.get("features", {}).get(PROBE_FEATURE)
+    if entry.get("candidate") == "terd" and thr is not None and x is not None and x < thr:
+        return "probe"
+    return None
 
 
 def evidence_path(out: str | Path, entry: dict, rule: str | None = None) -> Path:

@@ -346,15 +346,19 @@ def _removal_trigger(args) -> tuple:
         if args.rule is not None:
             raise PdjaxError("--rule picks one of an audit's triggers: it needs --audit")
         return args.trigger, f"the trigger {args.trigger}"
-    from pdjax.audit import audit_entry, evidence_path
+    from pdjax.audit import audit_entry, evidence_path, removal_rule
 
     entry = audit_entry(args.audit, args.model)
     if not entry["backdoored"]:
         raise PdjaxError(f"the audit in {args.audit} judged {args.model} clean (score {entry['score']:+.2f}): "
                          "nothing to remove; pass --trigger to remove a trigger anyway")
-    rule = args.rule or entry.get("candidate", "main")
-    return (evidence_path(args.audit, entry, args.rule),
-            f"the {rule} rule's trigger{'' if args.rule else ' (the evidence)'} of the audit in {args.audit}")
+    if args.rule == "evidence" or (args.rule is None and removal_rule(entry) is None):
+        return (evidence_path(args.audit, entry),
+                f"the evidence ({entry.get('candidate', 'main')} rule's trigger) of the audit in {args.audit}")
+    rule = args.rule or removal_rule(entry)
+    why = "" if args.rule else (" (the evidence is TERD's trigger, but the probe flagged too and its trigger removes "
+                                "with less damage; --rule evidence for TERD's)")
+    return evidence_path(args.audit, entry, rule), f"the {rule} rule's trigger{why} of the audit in {args.audit}"
 
 
 def cmd_clean(args) -> int:
@@ -396,7 +400,7 @@ def cmd_clean(args) -> int:
     if res.clean_damaged:
         print("warning: the cleaned model's clean generations collapsed or left the data (removal.json: "
               "clean_damaged); the trigger may not be the backdoor's: try another audit rule's trigger "
-              "(evidence/<model>/rules/) or fewer --steps", file=sys.stderr)
+              "(--audit DIR --rule R, or evidence/<model>/rules/) or fewer --steps", file=sys.stderr)
     print(f"wrote {Path(args.out) / 'model'} (pdjax checkpoint) and {Path(args.out) / 'removal.json'}")
     return 0
 
@@ -776,9 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = cl.add_mutually_exclusive_group(required=True)
     src.add_argument("--trigger", help="inverted trigger (.npy from `pdjax invert`, or an image)")
     src.add_argument("--audit", metavar="DIR",
-                     help="the --out folder of a `pdjax audit` that flagged MODEL: remove with its evidence trigger")
-    cl.add_argument("--rule", choices=("main", "probe", "ball", "terd"),
-                    help="with --audit: that rule's trigger (evidence/<model>/rules/) instead of the evidence")
+                     help="the --out folder of a `pdjax audit` that flagged MODEL: remove with its evidence trigger, "
+                          "or the probe rule's where the evidence is TERD's and the probe flagged too "
+                          "(pdjax.audit.removal_rule)")
+    cl.add_argument("--rule", choices=("evidence", "main", "probe", "ball", "terd"),
+                    help="with --audit: the evidence (evidence/<model>/trigger.npy) or that rule's trigger "
+                         "(evidence/<model>/rules/) instead of the default choice")
     cl.add_argument("--target", help="attack target, to report ASR before/after")
     cl.add_argument("--attack", dest="kind",
                     help="attack kind for the ASR report (default: recorded, else baddiffusion)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pdjax import cli
-from pdjax.audit import audit_entry, evidence_path, evidence_trigger
+from pdjax.audit import audit_entry, evidence_path, evidence_trigger, removal_rule
 from pdjax.errors import ConfigError
 from pdjax.testing import random_model
 
@@ -70,9 +70,29 @@ def test_clean_with_audit_removes_the_evidence_or_the_chosen_rules_trigger(audit
     _, audit, seen = audited
     assert cli.main(["clean", "zoo/bd", "--audit", str(audit), "--steps", "1", "--out", "c1", "--quiet"]) == 130
     np.testing.assert_array_equal(seen["delta"], np.full((8, 8, 1), 0.5, np.float32))
-    assert "removing the terd rule's trigger (the evidence) of the audit in" in capsys.readouterr().out
+    assert "removing the evidence (terd rule's trigger) of the audit in" in capsys.readouterr().out
     assert cli.main(["clean", "zoo/bd", "--audit", str(audit), "--rule", "probe", "--out", "c2", "--quiet"]) == 130
     np.testing.assert_array_equal(seen["delta"], np.full((8, 8, 1), -0.25, np.float32))
+
+
+def test_clean_with_audit_prefers_the_probe_over_terds_evidence_when_the_probe_flagged(audited, capsys):
+    """pdjax.audit.removal_rule: evidence = TERD's trigger and the probe flagged -> the probe's trigger."""
+    _, audit, seen = audited
+    entry = audit_entry(audit, "zoo/bd")
+    flagged = {**entry, "features": {"probe_log_uni_ratio": -1.0}, "detector": {"probe_threshold": -0.4}}
+    assert removal_rule(flagged) == "probe"
+    assert removal_rule({**flagged, "candidate": "main"}) is None  # not TERD's evidence
+    assert removal_rule({**flagged, "features": {"probe_log_uni_ratio": -0.1}}) is None  # the probe did not flag
+    assert removal_rule(entry) is None  # no probe feature or threshold recorded
+    lines = [json.loads(line) for line in (audit / "audit.jsonl").read_text().splitlines()]
+    lines[0].update(features=flagged["features"], detector=flagged["detector"])
+    (audit / "audit.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    assert cli.main(["clean", "zoo/bd", "--audit", str(audit), "--out", "c1", "--quiet"]) == 130
+    np.testing.assert_array_equal(seen["delta"], np.full((8, 8, 1), -0.25, np.float32))
+    assert "removing the probe rule's trigger (the evidence is TERD's trigger, but the probe flagged too" in \
+        capsys.readouterr().out
+    assert cli.main(["clean", "zoo/bd", "--audit", str(audit), "--rule", "evidence", "--out", "c2", "--quiet"]) == 130
+    np.testing.assert_array_equal(seen["delta"], np.full((8, 8, 1), 0.5, np.float32))
 
 
 def test_clean_with_audit_errors(audited, capsys):
