@@ -388,7 +388,8 @@ def cmd_clean(args) -> int:
                         reference=args.reference,
                         trigger_scale_min=args.trigger_scale_min)
     print(f"removing {source} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}", flush=True)
-    res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels)
+    res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels,
+                          source=source)
     line = f"cleaned in {res.steps} steps; clean-sample MSE original vs cleaned {res.clean_mse:.4f} (n={cfg.n})"
     if res.asr_before is not None:
         line += (f"; ASR ({spec.trigger} -> {spec.target}) {res.asr_before:.2f} -> {res.asr_after:.2f}, "

@@ -327,7 +327,8 @@ def report_asr(model: Model, spec: AttackSpec, cfg: RemovalConfig, data, labels=
 
 
 def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalConfig(), out: str | Path = "clean",
-                    progress: bool = True, spec: AttackSpec | None = None, labels=None) -> RemovalResult:
+                    progress: bool = True, spec: AttackSpec | None = None, labels=None,
+                    source: str | None = None) -> RemovalResult:
     """Fine-tune a copy of ``model`` so that the trigger ``delta`` no longer changes its output.
 
     Args:
@@ -335,8 +336,10 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
       data: clean images [N, H, W, C] in [-1, 1].
       trigger: the inverted trigger delta [H, W, C] (raw values).
       cfg: :class:`RemovalConfig`.
-      out: folder: ``model/`` (the cleaned pdjax checkpoint, resumable) and ``removal.json``.
+      out: folder: ``model/`` (the cleaned pdjax checkpoint, resumable), ``trigger.npy`` (the trigger removed) and
+        ``removal.json`` (with ``trigger``: that file, its L2 norm and ``source``).
       spec: the attack spec, when known, to report ASR before/after with its trigger and target.
+      source: where the trigger came from (a file, an audit's rule), recorded in removal.json.
     """
     _check_data(model, data)
     delta = np.asarray(trigger, np.float32)
@@ -359,7 +362,9 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
                            float(res.losses[-1]) if len(res.losses) else float("nan"),
                            clean_quality(before, data), clean_quality(after, data), leak_before, leak_after)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "removal.json").write_text(json.dumps(result.to_dict(), indent=2))
+    np.save(out / "trigger.npy", delta)
+    trig = {"file": "trigger.npy", "norm": float(np.linalg.norm(delta)), "source": source}
+    (out / "removal.json").write_text(json.dumps({**result.to_dict(), "trigger": trig}, indent=2))
     return result
 
 

@@ -324,6 +324,8 @@ def test_cli_clean_end_to_end(model_dir, tmp_path):
         assert set(q) == {"uniformity", "nearest"} and q["uniformity"] > 0 and q["nearest"] > 0
     assert res["clean_damaged"] == damaged(res["clean_quality_before"], res["clean_quality_after"])
     assert 0 <= res["clean_asr_before"] <= 1 and 0 <= res["clean_asr_after"] <= 1
+    np.testing.assert_array_equal(np.load(out / "trigger.npy"), np.full((8, 8, 1), 1.5, np.float32))
+    assert res["trigger"] == {"file": "trigger.npy", "norm": pytest.approx(12.0), "source": f"the trigger {trig}"}
 
 
 def test_damaged_flags_clean_generations_that_leave_the_data_or_collapse():

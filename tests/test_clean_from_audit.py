@@ -34,7 +34,7 @@ def audited(tmp_path, monkeypatch):
     seen = {}
 
     def recorder(model, data, delta, cfg, out, **kw):
-        seen["delta"] = np.asarray(delta)
+        seen["delta"], seen["source"] = np.asarray(delta), kw["source"]
         raise KeyboardInterrupt  # stop before any training; cli.main answers 130
 
     monkeypatch.setattr("pdjax.removal.remove_backdoor", recorder)
@@ -71,6 +71,7 @@ def test_clean_with_audit_removes_the_evidence_or_the_chosen_rules_trigger(audit
     assert cli.main(["clean", "zoo/bd", "--audit", str(audit), "--steps", "1", "--out", "c1", "--quiet"]) == 130
     np.testing.assert_array_equal(seen["delta"], np.full((8, 8, 1), 0.5, np.float32))
     assert "removing the evidence (terd rule's trigger) of the audit in" in capsys.readouterr().out
+    assert seen["source"] == f"the evidence (terd rule's trigger) of the audit in {audit}"  # kept in removal.json
     assert cli.main(["clean", "zoo/bd", "--audit", str(audit), "--rule", "probe", "--out", "c2", "--quiet"]) == 130
     np.testing.assert_array_equal(seen["delta"], np.full((8, 8, 1), -0.25, np.float32))
 
