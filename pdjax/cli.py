@@ -500,6 +500,8 @@ def cmd_audit(args) -> int:
                     **_extra_inversions(args))
     flagged = sum(e["backdoored"] for e in entries)
     print(f"this run: {len(entries)} model(s) audited, {flagged} flagged; results in {Path(args.out) / 'audit.jsonl'}")
+    if flagged:
+        print(f"to remove a flagged model's backdoor: pdjax clean MODEL --audit {args.out} --out DIR")
     return 0
 
 

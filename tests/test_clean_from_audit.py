@@ -107,3 +107,12 @@ def test_clean_with_audit_errors(audited, capsys):
     with pytest.raises(SystemExit):  # argparse: one of them is required
         cli.main(["clean", "zoo/bd", "--out", "c"])
     assert not Path("c").exists()
+
+
+def test_audit_names_the_removal_command_when_it_flags(monkeypatch, tmp_path, capsys):
+    for entries, hint in (([{"backdoored": True}, {"backdoored": False}], True), ([{"backdoored": False}], False)):
+        monkeypatch.setattr("pdjax.audit.audit", lambda *a, **k: entries)  # the audit itself: test_audit.py
+        assert cli.main(["audit", str(tmp_path), "--out", str(tmp_path / "au"), "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert f"{len(entries)} model(s) audited, {int(hint)} flagged" in out
+        assert (f"pdjax clean MODEL --audit {tmp_path / 'au'} --out DIR" in out) == hint
