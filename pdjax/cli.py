@@ -352,10 +352,10 @@ def _removal_trigger(args) -> tuple:
     if not entry["backdoored"]:
         raise PdjaxError(f"the audit in {args.audit} judged {args.model} clean (score {entry['score']:+.2f}): "
                          "nothing to remove; pass --trigger to remove a trigger anyway")
-    if args.rule == "evidence" or (args.rule is None and removal_rule(entry) is None):
+    rule = args.rule or removal_rule(entry) or "evidence"
+    if rule == "evidence":
         return (evidence_path(args.audit, entry),
                 f"the evidence ({entry.get('candidate', 'main')} rule's trigger) of the audit in {args.audit}")
-    rule = args.rule or removal_rule(entry)
     why = "" if args.rule else (" (the evidence is TERD's trigger, but the probe flagged too and its trigger removes "
                                 "with less damage; --rule evidence for TERD's)")
     return evidence_path(args.audit, entry, rule), f"the {rule} rule's trigger{why} of the audit in {args.audit}"
