@@ -58,8 +58,9 @@ from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
 from pdjax.generate import generate
 from pdjax.metrics import attack_metrics
+from pdjax.amplify import FULL_FRAME_FLOOR, mix_trigger
 from pdjax.model import load
-from pdjax.reinforce import ReinforceConfig, ReinforceStage, reinforce_to_target
+from pdjax.reinforce import ReinforceConfig, ReinforceStage, parse_stages, reinforce_to_target
 
 
 def main():
@@ -78,6 +79,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--eval-seed", type=int, default=7)
+    ap.add_argument("--eval-seeds", type=int, nargs="+", help="score the triggers on each of these evaluation keys "
+                    "(n generations each; default: --eval-seed only)")
+    ap.add_argument("--stages", help="reinforcement stages CHAIN:STEPS:LR,... (pdjax.reinforce.parse_stages; "
+                    "overrides --steps1/--lr1/--steps2/--lr2)")
+    ap.add_argument("--trigger", help="score this reinforced trigger (.npy) instead of reinforcing again")
     ap.add_argument("--out", default="runs/amplify-target")
     ap.add_argument("--train-steps", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -107,16 +113,27 @@ def main():
         return rescore(y, out, args)
     if args.train_steps:
         return train_arm(model, spec, y, out, args)
-    cfg = ReinforceConfig(stages=(ReinforceStage(20, args.steps1, args.lr1), ReinforceStage(100, args.steps2, args.lr2)),
-                          batch=args.batch)
+    stages = parse_stages(args.stages) if args.stages else (ReinforceStage(20, args.steps1, args.lr1),
+                                                            ReinforceStage(100, args.steps2, args.lr2))
+    cfg = ReinforceConfig(stages=stages, batch=args.batch)
     start = np.load(args.start).astype(np.float32) if args.start else g
-    res = reinforce_to_target(model, start, y, key, cfg, progress=True)
-    (d1, d2), (l1, l2) = res.stage_triggers, res.losses
-    np.save(out / "trigger_target.npy", d2)
+    if args.trigger:
+        res = None
+        stage_triggers, losses, seconds = [np.load(args.trigger).astype(np.float32)], [[np.nan]], [0.0]
+    else:
+        res = reinforce_to_target(model, start, y, key, cfg, progress=True)
+        stage_triggers, losses, seconds = res.stage_triggers, res.losses, res.seconds
+    final = stage_triggers[-1]
+    np.save(out / "trigger_target.npy", final)
+    seeds = args.eval_seeds or [args.eval_seed]
 
     def asr(trigger):
-        x = generate(model, jax.random.key(args.eval_seed), args.n, trigger=trigger)
-        return float(attack_metrics(x, y).asr)
+        """ASR per evaluation key, and pooled over the keys (n generations each)."""
+        per = {}
+        for s in seeds:
+            x = generate(model, jax.random.key(s), args.n, trigger=trigger)
+            per[str(s)] = float(attack_metrics(x, y).asr)
+        return per if len(seeds) > 1 else per[str(seeds[0])]
 
     rows = {"g": (g, asr(g))}
     if args.start:
@@ -124,17 +141,27 @@ def main():
     if args.pd_star:
         star = np.load(args.pd_star)
         rows["g* shift loss (amplify)"] = (star, asr(star))
-    rows["stage 1 (S = 20)"] = (d1, asr(d1))
-    rows["g* target-directed (S = 20, then 100)"] = (d2, asr(d2))
-    result = {"model": args.model, "attack": spec.to_dict(), "args": vars(args),
-              "seconds": {"stage1": res.seconds[0], "stage2": res.seconds[1]},
-              "loss_end": {"stage1": l1[-1], "stage2": l2[-1]},
+    for i, (st, d) in enumerate(zip(stages[:-1], stage_triggers[:-1])):
+        rows[f"stage {i + 1} (S = {st.chain_steps})"] = (d, asr(d))
+    name = "given trigger (--trigger)" if args.trigger else "g* target-directed (" + ", then ".join(
+        f"S = {st.chain_steps}" for st in stages) + ")"
+    rows[name] = (final, asr(final))
+    clipped = mix_trigger(final, 0.0, 1.0, FULL_FRAME_FLOOR)
+    rows[name + ", clipped as amplify trains it"] = (clipped, asr(clipped))
+    result = {"model": args.model, "attack": spec.to_dict(), "args": vars(args), "eval_seeds": seeds,
+              "seconds": {f"stage{i + 1}": t for i, t in enumerate(seconds)},
+              "loss_end": {f"stage{i + 1}": float(v[-1]) for i, v in enumerate(losses)},
               "asr": {k: v[1] for k, v in rows.items()},
               "norm": {k: float(np.linalg.norm(v[0])) for k, v in rows.items()}}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     for k, (d, a) in rows.items():
-        print(f"{k}: ASR {a:.3f} (n = {args.n}), norm {np.linalg.norm(d):.2f}")
-    print(f"stages: {res.seconds[0]:.0f} s, {res.seconds[1]:.0f} s (compiles included)")
+        if isinstance(a, dict):
+            pooled = sum(a.values()) / len(a)
+            text = ", ".join(f"key {s}: {v:.3f}" for s, v in a.items()) + f", pooled {pooled:.3f}"
+        else:
+            text = f"{a:.3f}"
+        print(f"{k}: ASR {text} (n = {args.n} a key), norm {np.linalg.norm(d):.2f}")
+    print("stages: " + ", ".join(f"{t:.0f} s" for t in seconds) + " (compiles included)")
 
 
 def train_arm(model, spec, y, out: Path, args):
@@ -145,7 +172,7 @@ def train_arm(model, spec, y, out: Path, args):
     """
     import dataclasses
 
-    from pdjax.amplify import FULL_FRAME_FLOOR, _run_arm, eval_points, mix_trigger
+    from pdjax.amplify import _run_arm, eval_points
     from pdjax.data import load_digits_with_labels
     from pdjax.train import TrainConfig
 
