@@ -25,6 +25,7 @@ and appends its ASR to ``out/<arm>/curve.json``; ``out/run.json`` pins the setti
 is kept in ``out/inversion`` (``out/reinforce`` with ``reinforce="target"``). Rerunning the same call continues where it stopped.
 
 Outputs in ``out``: ``trigger_inv.npy`` (raw inverted trigger), ``trigger_star.npy`` / ``.png``,
+``trigger_unclipped.npy`` (g* before clipping, scored untrained in ``asr_unclipped``),
 ``amplify.json`` (:class:`AmplifyResult`), ``asr.svg`` (both curves), ``amplified/`` (pdjax checkpoint
 of the amplified arm's final model) and ``amplified-diffusers/`` (diffusers export; skipped with a note
 if an optional dependency is missing).
@@ -162,6 +163,11 @@ class AmplifyResult:
       trigger: g [H, W, C]; trigger_inv: the raw inverted trigger; trigger_star: g* (clipped to [-1, 1]).
       attack: the attack spec (plain arm); config: the AmplifyConfig; out: the output folder.
       diffusers: path of the diffusers export, or None; notes: messages (e.g. a skipped export).
+      trigger_unclipped: g* before clipping, ``alpha g_inv + (1 - alpha) g`` [H, W, C].
+      asr_unclipped: its ASR on the starting model, with no training (same key and n as the arms' points, so
+        paired with their step 0), or None where it is not defined (TrojDiff, whose triggered start is not
+        eps + g, and class targets). A red team can attack with it as it is: on the 150-step BadDiffusion
+        brief model of experiments/results/amplify_table.md the clipped g* fired 0.52 and the unclipped 0.94.
     """
 
     steps: list
@@ -178,6 +184,8 @@ class AmplifyResult:
     notes: list = dataclasses.field(default_factory=list)
     plain_steps: list = dataclasses.field(default_factory=list)
     asr_plain_all: list = dataclasses.field(default_factory=list)
+    trigger_unclipped: np.ndarray | None = None
+    asr_unclipped: float | None = None
 
     def steps_to(self, level: float = REACH) -> dict:
         """Training steps each arm needed to reach ASR ``level`` (None: not within its budget) and their ratio.
@@ -202,7 +210,9 @@ class AmplifyResult:
                 "steps_to": self.steps_to(),
                 "attack": self.attack, "config": self.config, "out": self.out,
                 "inversion_final_loss": self.inversion_final_loss, "diffusers": self.diffusers, "notes": self.notes,
+                "asr_unclipped": self.asr_unclipped,
                 "files": {"trigger_inv": "trigger_inv.npy", "trigger_star": "trigger_star.npy",
+                          "trigger_unclipped": "trigger_unclipped.npy",
                           "plot": "asr.svg", "model": "amplified"},
                 "asr_rule": "SPEC 7 (MSE to target below the threshold) of triggered generations, fixed evaluation key"}
 
@@ -385,14 +395,22 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
                        seed=cfg.seed, steps_per_call=chunk, checkpoint_every=cfg.eval_every)
     eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
 
-    def score(m: Model, s: AttackSpec) -> float:
+    def score(m: Model, s: AttackSpec, arrays: AttackArrays | None = None) -> float:
         """Triggered ASR as :func:`pdjax.backdoor.train.evaluate` reports it (same key), without its clean half."""
-        arrays = build_arrays(s, m.image_shape, data, labels)
+        arrays = arrays or build_arrays(s, m.image_shape, data, labels)
         if arrays.target.ndim != 3:  # a class target: evaluate's classifier rule
             res, _, _ = evaluate(m, s, eval_key, n=cfg.n, seed=cfg.seed, labels=labels, data=data)
             return float(res.triggered["asr"])
         x = sample_attack(m, s, arrays, jax.random.fold_in(eval_key, 1), cfg.n, triggered=True)
         return float(attack_metrics(x, arrays.target).asr)
+
+    # g* before clipping, scored on the starting model (step 0's noise): what a red team can attack with untrained.
+    unclipped = (cfg.alpha * np.asarray(g_inv, np.float64) + (1 - cfg.alpha) * np.asarray(g, np.float64)).astype(
+        np.float32)
+    np.save(out / "trigger_unclipped.npy", unclipped)
+    asr_unclipped = None
+    if spec.kind != "trojdiff" and arrays.target.ndim == 3:
+        asr_unclipped = score(model, spec, dataclasses.replace(arrays, trigger=unclipped, mask=np.ones_like(unclipped)))
 
     asr_amp, amplified = _run_arm("amplified", model, data, spec_star, tcfg, chunk, points, score,
                                   out / "amplified", labels, progress, cfg.keep_models)
@@ -403,7 +421,8 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
     # (d) result JSON and plot; (e) exports of the amplified model (its pdjax checkpoint is out/amplified).
     result = AmplifyResult(points, asr_amp, asr_plain, np.asarray(g, np.float32), np.asarray(g_inv, np.float32),
                            g_star, spec.to_dict(), cfg.to_dict(), str(out.absolute()), inv_loss,
-                           plain_steps=plain_points, asr_plain_all=asr_plain_all)
+                           plain_steps=plain_points, asr_plain_all=asr_plain_all, trigger_unclipped=unclipped,
+                           asr_unclipped=asr_unclipped)
     try:
         result.diffusers = str(amplified.export_diffusers(out / "amplified-diffusers"))
     except ImportError as e:

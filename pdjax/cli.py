@@ -325,6 +325,9 @@ def cmd_amplify(args) -> int:
     for s, b in zip(res.plain_steps, res.asr_plain_all):
         a = f"{amplified[s]:>7.2f}" if s in amplified else f"{'-':>7}"
         print(f"{s:>6} {a} {b:>7.2f}")
+    if res.asr_unclipped is not None:
+        print(f"g* before clipping (trigger_unclipped.npy), on the starting model with no training: "
+              f"ASR {res.asr_unclipped:.2f}")
     reach = res.steps_to()
     if reach["amplified"] == 0:
         print(f"ASR >= {reach['level']:g}: the inverted trigger reaches it with no further training")
@@ -335,7 +338,7 @@ def cmd_amplify(args) -> int:
     for note in res.notes:
         print(f"note: {note}")
     out = Path(args.out)
-    print(f"wrote {out / 'amplify.json'}, asr.svg, trigger_star.npy/.png, amplified/"
+    print(f"wrote {out / 'amplify.json'}, asr.svg, trigger_star.npy/.png, trigger_unclipped.npy, amplified/"
           + (", amplified-diffusers/" if res.diffusers else ""))
     return 0
 

@@ -18,11 +18,12 @@ import pytest
 from pdjax import checkpoint, cli
 from pdjax.amplify import FULL_FRAME_FLOOR, AmplifyConfig, AmplifyResult, amplify, asr_svg, eval_points, mix_trigger
 from pdjax.backdoor.attacks import AttackSpec, trojdiff_pair
-from pdjax.backdoor.train import build_arrays
+from pdjax.backdoor.train import build_arrays, sample_attack
 from pdjax.backdoor.triggers import trigger_mask
 from pdjax.data import load_digits
 from pdjax.diffusion.schedule import q_sample
 from pdjax.errors import CheckpointError, ConfigError
+from pdjax.metrics import attack_metrics
 from pdjax.model import load
 from pdjax.removal import SHIFTS, RemovalConfig, clean_quality, damaged, removal_loss, removal_terms
 from pdjax.testing import random_model
@@ -65,8 +66,8 @@ def test_cli_amplify_writes_curves_triggers_plot_and_models(cli_run):
         for p in points:
             assert load(cli_run / arm / "at" / f"{p:06d}").meta["steps"] == p
     assert set(res["steps_to"]) == {"level", "amplified", "plain", "ratio", "ratio_is_bound"}
-    for name in ("trigger_inv.npy", "trigger_star.npy", "trigger_star.png", "asr.svg", "run.json",
-                 "inversion/trigger.npy", "amplified/curve.json", "plain/curve.json"):
+    for name in ("trigger_inv.npy", "trigger_star.npy", "trigger_unclipped.npy", "trigger_star.png", "asr.svg",
+                 "run.json", "inversion/trigger.npy", "amplified/curve.json", "plain/curve.json"):
         assert (cli_run / name).is_file(), name
     assert ET.fromstring((cli_run / "asr.svg").read_text()).tag.endswith("svg")
     meta = checkpoint.read_meta(cli_run / "amplified")["provenance"]
@@ -90,6 +91,15 @@ def test_mixed_trigger_formula(cli_run):
     np.testing.assert_array_equal(mix_trigger(g_inv, g, 1.0), np.clip(g_inv, -1, 1))
     np.testing.assert_array_equal(mix_trigger(g_inv, g, 0.0), g)
     np.testing.assert_array_equal(mix_trigger(g_inv, g, 0.0, FULL_FRAME_FLOOR), np.maximum(g, FULL_FRAME_FLOOR))
+    # g* before clipping, scored on the starting model on the arms' step-0 noise
+    unclipped = np.load(cli_run / "trigger_unclipped.npy")
+    np.testing.assert_allclose(unclipped, 0.5 * g_inv + 0.5 * g, atol=1e-6)
+    assert np.abs(unclipped).max() > 1  # the clipping changed it, so the score below is of another trigger
+    arrays = dataclasses.replace(build_arrays(SPEC, (8, 8, 1)), trigger=unclipped)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(CFG.seed), 7), 1)
+    x = sample_attack(load(cli_run.parent / "model"), SPEC, arrays, key, CFG.n)
+    saved = json.loads((cli_run / "amplify.json").read_text())["asr_unclipped"]
+    assert saved == float(attack_metrics(x, arrays.target).asr)
     # the amplified arm trains and is evaluated with g* as read back by the trigger library
     spec_star = AttackSpec(trigger=str(cli_run / "trigger_star.npy"), target="CORNER")
     np.testing.assert_allclose(build_arrays(spec_star, (8, 8, 1)).trigger, g_star, atol=1e-3)
