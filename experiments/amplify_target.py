@@ -39,6 +39,11 @@ amplified arm's model, ``B=runs/amplify-b150/bd_stop_shoe``:
 
     python experiments/amplify_target.py $B/amplify/amplified/at/000100 --attack $B/summary.json --start $B/amplify/trigger_star.npy --out runs/amplify-round2-000100
 
+The unclipped trigger with no training (amplify_table.md, "The reinforced trigger before it is clipped"): ``--stages``
+sets the stages, ``--eval-seeds 7 8`` scores every trigger on both keys (and pooled), ``--trigger`` scores a trigger
+an earlier run found instead of reinforcing again; the clipped trigger is always scored beside. The commands are
+in that section.
+
 (the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
 experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
 compiling the 100-step chain's gradient took 14.5 and 13 min in the two runs (XLA's slow-compile notices in their logs).
@@ -54,11 +59,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pdjax.amplify import FULL_FRAME_FLOOR, mix_trigger
 from pdjax.backdoor.attacks import AttackSpec
 from pdjax.backdoor.train import build_arrays
 from pdjax.generate import generate
 from pdjax.metrics import attack_metrics
-from pdjax.amplify import FULL_FRAME_FLOOR, mix_trigger
 from pdjax.model import load
 from pdjax.reinforce import ReinforceConfig, ReinforceStage, parse_stages, reinforce_to_target
 
@@ -118,7 +123,6 @@ def main():
     cfg = ReinforceConfig(stages=stages, batch=args.batch)
     start = np.load(args.start).astype(np.float32) if args.start else g
     if args.trigger:
-        res = None
         stage_triggers, losses, seconds = [np.load(args.trigger).astype(np.float32)], [[np.nan]], [0.0]
     else:
         res = reinforce_to_target(model, start, y, key, cfg, progress=True)
