@@ -217,10 +217,10 @@ class AmplifyResult:
                 "asr_rule": "SPEC 7 (MSE to target below the threshold) of triggered generations, fixed evaluation key"}
 
 
-def mix_trigger(g_inv, g, alpha: float, floor: float = -1.0) -> np.ndarray:
-    """g* = clip(alpha g_inv + (1 - alpha) g, floor, 1), float32 [H, W, C] (SPEC 6)."""
+def mix_trigger(g_inv, g, alpha: float, floor: float | None = -1.0) -> np.ndarray:
+    """g* = clip(alpha g_inv + (1 - alpha) g, floor, 1), float32 [H, W, C] (SPEC 6); ``floor=None``: not clipped."""
     mixed = alpha * np.asarray(g_inv, np.float64) + (1.0 - alpha) * np.asarray(g, np.float64)
-    return np.clip(mixed, floor, 1.0).astype(np.float32)
+    return (mixed if floor is None else np.clip(mixed, floor, 1.0)).astype(np.float32)
 
 
 def eval_points(steps: int, every: int) -> list[int]:
@@ -405,8 +405,7 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
         return float(attack_metrics(x, arrays.target).asr)
 
     # g* before clipping, scored on the starting model (step 0's noise): what a red team can attack with untrained.
-    unclipped = (cfg.alpha * np.asarray(g_inv, np.float64) + (1 - cfg.alpha) * np.asarray(g, np.float64)).astype(
-        np.float32)
+    unclipped = mix_trigger(g_inv, g, cfg.alpha, floor=None)
     np.save(out / "trigger_unclipped.npy", unclipped)
     asr_unclipped = None
     if spec.kind != "trojdiff" and arrays.target.ndim == 3:
