@@ -129,14 +129,10 @@ def main():
         stage_triggers, losses, seconds = res.stage_triggers, res.losses, res.seconds
     final = stage_triggers[-1]
     np.save(out / "trigger_target.npy", final)
-    seeds = args.eval_seeds or [args.eval_seed]
+    seeds = eval_seeds(args)
 
     def asr(trigger):
-        """ASR per evaluation key, and pooled over the keys (n generations each)."""
-        per = {}
-        for s in seeds:
-            x = generate(model, jax.random.key(s), args.n, trigger=trigger)
-            per[str(s)] = float(attack_metrics(x, y).asr)
+        per = asr_per_key(model, trigger, y, seeds, args.n)
         return per if len(seeds) > 1 else per[str(seeds[0])]
 
     rows = {"g": (g, asr(g))}
@@ -160,12 +156,31 @@ def main():
     (out / "result.json").write_text(json.dumps(result, indent=2))
     for k, (d, a) in rows.items():
         if isinstance(a, dict):
-            pooled = sum(a.values()) / len(a)
-            text = ", ".join(f"key {s}: {v:.3f}" for s, v in a.items()) + f", pooled {pooled:.3f}"
+            text = ", ".join(f"key {s}: {v:.3f}" for s, v in a.items()) + f", pooled {pooled(a):.3f}"
         else:
             text = f"{a:.3f}"
         print(f"{k}: ASR {text} (n = {args.n} a key), norm {np.linalg.norm(d):.2f}")
     print("stages: " + ", ".join(f"{t:.0f} s" for t in seconds) + " (compiles included)")
+
+
+def eval_seeds(args) -> list[int]:
+    """The evaluation keys: ``--eval-seeds`` if given, else ``[--eval-seed]``."""
+    return args.eval_seeds or [args.eval_seed]
+
+
+def asr_per_key(model, trigger, y, seeds, n: int) -> dict[str, float]:
+    """ASR (SPEC 7 rule) of ``trigger`` [H, W, C] on ``model`` for each evaluation key: n 1000-step DDPM
+    generations from eps + trigger per key, ``generate``'s noise for ``jax.random.key(seed)``."""
+    per = {}
+    for s in seeds:
+        x = generate(model, jax.random.key(s), n, trigger=trigger)
+        per[str(s)] = float(attack_metrics(x, y).asr)
+    return per
+
+
+def pooled(per: dict[str, float]) -> float:
+    """ASR pooled over keys with equal n each: the mean of the per-key ASRs."""
+    return sum(per.values()) / len(per)
 
 
 def train_arm(model, spec, y, out: Path, args):
@@ -189,7 +204,7 @@ def train_arm(model, spec, y, out: Path, args):
     if args.plain:  # the plain arm again (the original trigger g), to score it at more points
         spec_star, trigger = spec, build_arrays(spec, model.image_shape, data, labels).trigger
     else:
-        raw = np.load(out / "trigger_target.npy")
+        raw = np.load(args.trigger or out / "trigger_target.npy").astype(np.float32)
         star_path = out / "trigger_star.npy"
         np.save(star_path, mix_trigger(raw, 0.0, 1.0, FULL_FRAME_FLOOR))
         spec_star = dataclasses.replace(spec, trigger=str(star_path.absolute()))
@@ -200,22 +215,26 @@ def train_arm(model, spec, y, out: Path, args):
         trigger = raw
     name = "plain-rerun" if args.plain else "trained-raw" if args.raw else "trained"
 
-    def score(m, s):
-        x = generate(m, jax.random.key(args.eval_seed), args.n, trigger=trigger)
-        return float(attack_metrics(x, y).asr)
+    seeds, per_key = eval_seeds(args), {}
+
+    def score(m, s):  # pooled over the keys; each key's ASR kept in per_key
+        per_key[int(m.meta["steps"])] = per = asr_per_key(m, trigger, y, seeds, args.n)
+        return pooled(per)
 
     t0 = time.perf_counter()
     points = eval_points(args.train_steps, args.eval_every)
     if args.eval_from:
         points = [p for p in points if p >= args.eval_from]
     asr, _ = _run_arm("plain" if args.plain else "target-directed", model, data, spec_star, tcfg, tcfg.steps_per_call, points, score,
-                      out / name, labels, True, arrays=arrays)
-    (out / f"{name}.json").write_text(json.dumps({"steps": points, "asr": asr, "n": args.n, "raw": args.raw,
+                      out / name, labels, True, keep=True, arrays=arrays)
+    (out / f"{name}.json").write_text(json.dumps({"steps": points, "asr": asr, "asr_per_key": per_key,
+                                                  "eval_seeds": seeds, "n": args.n, "raw": args.raw,
                                                   "plain": args.plain,
                                                   "train": meta["train"], "seconds": time.perf_counter() - t0},
                                                  indent=2))
     for p, a in zip(points, asr):
-        print(f"step {p}: ASR {a:.3f} (n = {args.n})")
+        keys = ", ".join(f"key {k}: {v:.3f}" for k, v in per_key.get(p, {}).items())
+        print(f"step {p}: ASR {a:.3f} (pooled; {keys}; n = {args.n} a key)")
 
 
 def rescore(y, out: Path, args):
@@ -232,10 +251,11 @@ def rescore(y, out: Path, args):
             m = load(m_dir)
             g = np.load(trig) if trig.endswith(".npy") else np.asarray(
                 get_trigger(trig, m.image_shape[0], m.image_shape[-1]), np.float32)
-            x = generate(m, jax.random.key(args.eval_seed), args.n, trigger=g)
-            rows.append({"arm": folder, "trigger": trig, "steps": int(m.meta["steps"]),
-                         "asr": float(attack_metrics(x, y).asr), "n": args.n})
-            print(f"{folder} at {rows[-1]['steps']}: ASR {rows[-1]['asr']:.3f} (n = {args.n})", flush=True)
+            per = asr_per_key(m, g, y, eval_seeds(args), args.n)
+            rows.append({"arm": folder, "trigger": trig, "steps": int(m.meta["steps"]), "asr": pooled(per),
+                         "asr_per_key": per, "n": args.n})
+            print(f"{folder} at {rows[-1]['steps']}: ASR {rows[-1]['asr']:.3f} (pooled over keys "
+                  f"{', '.join(per)}; n = {args.n} a key)", flush=True)
     path = out / "rescore.json"  # merged with earlier calls' rows (one row per arm, trigger and step)
     old = json.loads(path.read_text()) if path.is_file() else []
     new = {(r["arm"], r["trigger"], r["steps"]) for r in rows}
