@@ -225,8 +225,8 @@ def train_arm(model, spec, y, out: Path, args):
     points = eval_points(args.train_steps, args.eval_every)
     if args.eval_from:
         points = [p for p in points if p >= args.eval_from]
-    asr, _ = _run_arm("plain" if args.plain else "target-directed", model, data, spec_star, tcfg, tcfg.steps_per_call, points, score,
-                      out / name, labels, True, keep=True, arrays=arrays)
+    asr, _ = _run_arm("plain" if args.plain else "target-directed", model, data, spec_star, tcfg, tcfg.steps_per_call,
+                      points, score, out / name, labels, True, keep=True, arrays=arrays)
     (out / f"{name}.json").write_text(json.dumps({"steps": points, "asr": asr, "asr_per_key": per_key,
                                                   "eval_seeds": seeds, "n": args.n, "raw": args.raw,
                                                   "plain": args.plain,

@@ -16,9 +16,12 @@ Randomness: stage s (0-based) uses ``fold_in(key, s + 1)``; its optimiser step i
 i)``, split into the start-noise key and the chain key, and chain step j draws ``fold_in(chain_key, j)``.
 The same key gives the same trigger, whatever the loop layout (:mod:`pdjax.loops`).
 
-Cost: the chain's backward pass holds S UNet activations (``remat`` recomputes them instead). On XLA:CPU the
-chain is unrolled (DESIGN.md habit 2) and a 100-step chain takes minutes to compile (13-15 min in the two runs of experiments/amplify_target.py,
-for the 16x16 demo UNet on 2 cores); on GPU/TPU it is a ``lax.scan``.
+Cost: the chain's backward pass holds S UNet activations (``remat`` recomputes them instead). On GPU/TPU an
+optimiser step is one jitted program with the chain in a ``lax.scan``. On XLA:CPU a scan slows the UNet's
+backward pass (DESIGN.md habit 2) and an unrolled 100-step chain took 13-29 min to trace and compile in the runs
+of experiments/amplify_target.py (16x16 demo UNet, 2 cores), so there the step is a host loop over one chain
+step's jitted forward and VJP, compiled in seconds whatever S (``ReinforceConfig.loop``;
+experiments/bench_reinforce_loop.py).
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ class ReinforceConfig:
       stages: the optimisation stages, run in order (each continues from the previous trigger).
       batch: start noises per optimiser step.
       remat: rematerialise each chain step in the backward pass (less memory, more compute).
-      loop: chain loop strategy (None: :func:`pdjax.loops.default_strategy`).
+      loop: the chain's layout: "host" (a host loop over one chain step's jitted forward and VJP: nothing
+        S-long to compile), or "unroll" / "scan" (the whole optimiser step as one jitted program, the chain
+        laid out by :func:`pdjax.loops.repeat`). None: "host" on CPU, :func:`pdjax.loops.default_strategy`
+        elsewhere. All give the same trigger up to float rounding.
     """
 
     stages: tuple = DEFAULT_STAGES
@@ -68,6 +74,8 @@ class ReinforceConfig:
     def __post_init__(self):
         if self.batch < 1:
             raise ConfigError(f"batch must be >= 1, got {self.batch}")
+        if self.loop not in (None, "host", *loops.STRATEGIES):
+            raise ConfigError(f"loop must be host, {' or '.join(loops.STRATEGIES)} (or None), got {self.loop!r}")
         if not self.stages:
             raise ConfigError("reinforcement needs at least one stage")
         for s in self.stages:
@@ -119,20 +127,29 @@ def chain_end(model, params, delta, chain_steps: int, batch: int, key, eta: floa
 
     ``key`` splits into the start-noise key and the chain key; chain step j draws ``fold_in(chain_key, j)``.
     """
-    sched, T = model.schedule, model.schedule.num_timesteps
-    ts = jnp.asarray(timesteps_ddim(T, chain_steps))
-    stride = T // chain_steps
-    k_start, k_chain = jax.random.split(key)
-    x = jax.random.normal(k_start, (batch, *model.image_shape)) + delta
+    x, k_chain = chain_start(model, delta, batch, key)
 
     def step(x, j):
-        t = ts[j]
-        e = model.eps(params, x, jnp.full((batch,), t, jnp.int32))
-        z = jax.random.normal(jax.random.fold_in(k_chain, j), x.shape)
-        return ddim_update(sched, x, e, t, t - stride, z, eta), None
+        return chain_step(model, params, x, j, k_chain, chain_steps, eta), None
 
     x, _ = loops.repeat(jax.checkpoint(step) if remat else step, x, chain_steps, strategy=loop)
     return x
+
+
+def chain_start(model, delta, batch: int, key):
+    """The chain's start eps + delta [B, H, W, C] and its chain key, from ``key`` (split into the two)."""
+    k_start, k_chain = jax.random.split(key)
+    return jax.random.normal(k_start, (batch, *model.image_shape)) + delta, k_chain
+
+
+def chain_step(model, params, x, j, k_chain, chain_steps: int, eta: float = 1.0):
+    """Step j (0-based, may be traced) of the ``chain_steps``-step DDIM chain: x [B, H, W, C] -> the next x,
+    with chain noise ``fold_in(k_chain, j)``."""
+    sched, T = model.schedule, model.schedule.num_timesteps
+    t = jnp.asarray(timesteps_ddim(T, chain_steps))[j]
+    e = model.eps(params, x, jnp.full((x.shape[0],), t, jnp.int32))
+    z = jax.random.normal(jax.random.fold_in(k_chain, j), x.shape)
+    return ddim_update(sched, x, e, t, t - T // chain_steps, z, eta)
 
 
 def target_loss(model, params, delta, target, chain_steps: int, batch: int, key, remat: bool = False,
@@ -152,10 +169,16 @@ _PROGRAMS: dict = {}
 
 
 def _program(model, cfg: ReinforceConfig, stage: ReinforceStage):
-    """The jitted ``(delta, opt_state, params, target, key) -> (delta, opt_state, loss)``, cached per
-    (architecture, schedule, stage, batch, layout)."""
-    cache_key = (model.config, model.schedule_config, stage, cfg.batch, cfg.remat, cfg.loop)
-    if cache_key not in _PROGRAMS:
+    """The ``(delta, opt_state, params, target, key) -> (delta, opt_state, loss)`` of one optimiser step and its
+    optax optimiser, cached per (architecture, schedule, chain length, learning rate, batch, layout; not the
+    number of steps): one jitted program, or with ``loop="host"`` a host loop over small jitted pieces
+    (:func:`_host_program`)."""
+    cache_key = (model.config, model.schedule_config, stage.chain_steps, stage.lr, cfg.batch, cfg.remat, cfg.loop)
+    if cache_key in _PROGRAMS:
+        return _PROGRAMS[cache_key]
+    if _loop(cfg) == "host":
+        _PROGRAMS[cache_key] = _host_program(model, cfg, stage)
+    else:
         opt = optax.adam(stage.lr)
 
         def run(delta, opt_state, params, target, key):
@@ -166,6 +189,65 @@ def _program(model, cfg: ReinforceConfig, stage: ReinforceStage):
 
         _PROGRAMS[cache_key] = (jax.jit(run), opt)
     return _PROGRAMS[cache_key]
+
+
+def _loop(cfg: ReinforceConfig) -> str:
+    """The chain's layout: ``cfg.loop``, or else "host" on CPU and :func:`pdjax.loops.default_strategy`
+    elsewhere."""
+    if cfg.loop:
+        return cfg.loop
+    return "host" if jax.default_backend() == "cpu" else loops.default_strategy()
+
+
+def _host_program(model, cfg: ReinforceConfig, stage: ReinforceStage):
+    """One optimiser step as a host loop over small jitted programs, each compiled once whatever S:
+
+    forward: x_{j+1} = step_j(x_j) for j < S, keeping step j's VJP (its residuals: the UNet activations);
+    backward: the loss's gradient at x_S pulled back through the VJPs for j = S - 1 .. 0; d loss / d delta is
+    the cotangent at x_0 = eps + delta summed over the batch. With ``cfg.remat`` the forward keeps only x_j
+    [B, H, W, C] and the backward recomputes step j's UNet forward (one more forward per step, less memory).
+
+    The same loss, gradient and key layout as the one-program step, without an unrolled S-step program to
+    trace and compile (experiments/bench_reinforce_loop.py measures both).
+    """
+    S, opt = stage.chain_steps, optax.adam(stage.lr)
+
+    def step(params, x, j, k):
+        return chain_step(model, params, x, j, k, S)
+
+    start = jax.jit(lambda delta, key: chain_start(model, delta, cfg.batch, key))
+    if cfg.remat:  # keep (x_j, j); the pull-back recomputes step j
+        fwd = jax.jit(lambda params, x, j, k: (step(params, x, j, k), (x, j)))
+        def pull_remat(params, k, saved, ct):
+            return jax.vjp(lambda x: step(params, x, saved[1], k), saved[0])[1](ct)[0]
+
+        pull = jax.jit(pull_remat)
+    else:  # keep step j's VJP, a pytree of its residuals (28 MB a step for the 16x16 demo UNet at B = 16)
+        fwd = jax.jit(lambda params, x, j, k: jax.vjp(lambda x: step(params, x, j, k), x))
+        pull = jax.jit(lambda params, k, vjp, ct: vjp(ct)[0])
+
+    @jax.jit
+    def end(x, target):
+        return jax.value_and_grad(lambda x: jnp.mean((jnp.clip(x, -1.0, 1.0) - target) ** 2))(x)
+
+    @jax.jit
+    def update(delta, opt_state, ct):
+        updates, opt_state = opt.update(ct.sum(axis=0), opt_state)
+        return optax.apply_updates(delta, updates), opt_state
+
+    def run(delta, opt_state, params, target, key):
+        x, k_chain = start(delta, key)
+        saved = []
+        for j in range(S):
+            x, back = fwd(params, x, jnp.int32(j), k_chain)
+            saved.append(back)
+        value, ct = end(x, target)
+        for back in reversed(saved):
+            ct = pull(params, k_chain, back, ct)
+        delta, opt_state = update(delta, opt_state, ct)
+        return delta, opt_state, value
+
+    return run, opt
 
 
 def reinforce_to_target(model, start, target, key: jax.Array, cfg: ReinforceConfig = ReinforceConfig(),
@@ -191,13 +273,14 @@ def reinforce_to_target(model, start, target, key: jax.Array, cfg: ReinforceConf
     from tqdm.auto import tqdm
 
     losses, seconds, triggers = [], [], []
+    params = jax.device_put(model.params)  # once, not at every call of a host loop's pieces
     for s, stage in enumerate(cfg.stages):
         run, opt = _program(model, cfg, stage)
         stage_key, opt_state, vals = jax.random.fold_in(key, s + 1), opt.init(delta), []
         t0 = time.perf_counter()
         for i in tqdm(range(stage.steps), desc=f"reinforce stage {s + 1} (S = {stage.chain_steps})",
                       disable=not progress, leave=False):
-            delta, opt_state, value = run(delta, opt_state, model.params, y, jax.random.fold_in(stage_key, i))
+            delta, opt_state, value = run(delta, opt_state, params, y, jax.random.fold_in(stage_key, i))
             vals.append(float(value))
         seconds.append(time.perf_counter() - t0)
         losses.append(vals)

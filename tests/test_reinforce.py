@@ -67,14 +67,19 @@ def test_stages_chain_and_loop_layout_does_not_change_the_trigger(model, arrays)
     r = reinforce_to_target(model, arrays.trigger, arrays.target, jax.random.key(0), cfg)
     assert len(r.stage_triggers) == 2 and len(r.seconds) == 2
     assert not np.array_equal(r.stage_triggers[0], r.trigger)  # the second stage continued from the first
-    scan = reinforce_to_target(model, arrays.trigger, arrays.target, jax.random.key(0),
-                               dataclasses.replace(cfg, loop="scan", remat=True))
-    np.testing.assert_allclose(scan.trigger, r.trigger, atol=1e-5)
+    for loop, remat in [("scan", True), ("host", False), ("host", True)]:
+        # the host loop pulls the gradient back through per-step VJPs outside any jitted program
+        other = reinforce_to_target(model, arrays.trigger, arrays.target, jax.random.key(0),
+                                    dataclasses.replace(cfg, loop=loop, remat=remat))
+        np.testing.assert_allclose(other.trigger, r.trigger, atol=1e-5, err_msg=f"{loop}, remat={remat}")
+        np.testing.assert_allclose(other.losses, r.losses, rtol=1e-5)
 
 
 def test_config_and_shape_errors(model, arrays):
     with pytest.raises(ConfigError, match="batch"):
         ReinforceConfig(batch=0)
+    with pytest.raises(ConfigError, match="loop must be host"):
+        ReinforceConfig(loop="python")
     with pytest.raises(ConfigError, match="chain_steps"):
         ReinforceConfig(stages=(ReinforceStage(0, 5, 0.1),))
     with pytest.raises(ConfigError, match="ReinforceStage"):
