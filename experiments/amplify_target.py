@@ -88,6 +88,8 @@ def main():
                     "(n generations each; default: --eval-seed only)")
     ap.add_argument("--stages", help="reinforcement stages CHAIN:STEPS:LR,... (pdjax.reinforce.parse_stages; "
                     "overrides --steps1/--lr1/--steps2/--lr2)")
+    ap.add_argument("--remat", action="store_true", help="recompute each chain step in the backward pass (for "
+                                                         "long chains: memory of S x [B, H, W, C] only)")
     ap.add_argument("--trigger", help="score this reinforced trigger (.npy) instead of reinforcing again")
     ap.add_argument("--out", default="runs/amplify-target")
     ap.add_argument("--train-steps", type=int, default=0)
@@ -120,7 +122,7 @@ def main():
         return train_arm(model, spec, y, out, args)
     stages = parse_stages(args.stages) if args.stages else (ReinforceStage(20, args.steps1, args.lr1),
                                                             ReinforceStage(100, args.steps2, args.lr2))
-    cfg = ReinforceConfig(stages=stages, batch=args.batch)
+    cfg = ReinforceConfig(stages=stages, batch=args.batch, remat=args.remat)
     start = np.load(args.start).astype(np.float32) if args.start else g
     if args.trigger:
         stage_triggers, losses, seconds = [np.load(args.trigger).astype(np.float32)], [[np.nan]], [0.0]
