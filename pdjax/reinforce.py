@@ -215,12 +215,12 @@ def _host_program(model, cfg: ReinforceConfig, stage: ReinforceStage):
     def step(params, x, j, k):
         return chain_step(model, params, x, j, k, S)
 
+    def pull_remat(params, k, saved, ct):
+        return jax.vjp(lambda x: step(params, x, saved[1], k), saved[0])[1](ct)[0]
+
     start = jax.jit(lambda delta, key: chain_start(model, delta, cfg.batch, key))
     if cfg.remat:  # keep (x_j, j); the pull-back recomputes step j
         fwd = jax.jit(lambda params, x, j, k: (step(params, x, j, k), (x, j)))
-        def pull_remat(params, k, saved, ct):
-            return jax.vjp(lambda x: step(params, x, saved[1], k), saved[0])[1](ct)[0]
-
         pull = jax.jit(pull_remat)
     else:  # keep step j's VJP, a pytree of its residuals (28 MB a step for the 16x16 demo UNet at B = 16)
         fwd = jax.jit(lambda params, x, j, k: jax.vjp(lambda x: step(params, x, j, k), x))
