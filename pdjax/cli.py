@@ -288,10 +288,13 @@ def _training_data(model, name: str):
 
 
 def _reinforce_config(args):
-    """ReinforceConfig from --reinforce-stages "S:STEPS:LR,..." and --reinforce-batch (defaults: the module's)."""
+    """ReinforceConfig from --reinforce-stages "S:STEPS:LR,...", --reinforce-batch and --reinforce-remat (defaults:
+    the module's)."""
     from pdjax.reinforce import ReinforceConfig, parse_stages
 
     kw = {"batch": args.reinforce_batch} if args.reinforce_batch is not None else {}
+    if args.reinforce_remat:
+        kw["remat"] = True
     if args.reinforce_stages:
         kw["stages"] = parse_stages(args.reinforce_stages)
     return ReinforceConfig(**kw)
@@ -777,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 20:300:0.02,100:100:0.01)")
     am.add_argument("--reinforce-batch", dest="reinforce_batch", type=int,
                     help="--reinforce target: noises per step (default 16)")
+    am.add_argument("--reinforce-remat", dest="reinforce_remat", action="store_true",
+                    help="--reinforce target: recompute each chain step's UNet forward in the backward pass, "
+                    "keeping only the chain's images (for long chains, e.g. a 1000-step stage)")
     am.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     am.add_argument("--quiet", action="store_true")
     am.set_defaults(func=cmd_amplify)

@@ -110,10 +110,11 @@ def test_cli_amplify_reinforce_target(model, tmp_path):
     out = tmp_path / "am"
     args = ["amplify", str(path), "--trigger", "BOX_3", "--target", "CORNER", "--poison-rate", "0.25", "--steps", "1",
             "--eval-every", "1", "--n", "2", "--batch", "4", "--reinforce", "target", "--reinforce-stages",
-            "2:2:0.05", "--reinforce-batch", "4", "--quiet", "--out", str(out)]
+            "2:2:0.05", "--reinforce-batch", "4", "--reinforce-remat", "--quiet", "--out", str(out)]
     assert cli.main(args) == 0
     rein = json.loads((out / "reinforce" / "reinforce.json").read_text())
     assert rein["config"]["stages"] == [{"chain_steps": 2, "steps": 2, "lr": 0.05}] and len(rein["losses"][0]) == 2
+    assert rein["config"]["batch"] == 4 and rein["config"]["remat"] is True
     g_inv = np.load(out / "trigger_inv.npy")
     np.testing.assert_array_equal(g_inv, np.load(out / "reinforce" / "trigger.npy"))
     np.testing.assert_array_equal(np.load(out / "trigger_star.npy"), mix_trigger(g_inv, 0, 1.0, FULL_FRAME_FLOOR))
