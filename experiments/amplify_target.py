@@ -90,6 +90,8 @@ def main():
                     "overrides --steps1/--lr1/--steps2/--lr2)")
     ap.add_argument("--remat", action="store_true", help="recompute each chain step in the backward pass (for "
                                                          "long chains: memory of S x [B, H, W, C] only)")
+    ap.add_argument("--final-only", dest="final_only", action="store_true",
+                    help="score only the final (unclipped) trigger, not g, the start or the clipped trigger beside it")
     ap.add_argument("--trigger", help="score this reinforced trigger (.npy) instead of reinforcing again")
     ap.add_argument("--out", default="runs/amplify-target")
     ap.add_argument("--train-steps", type=int, default=0)
@@ -137,19 +139,20 @@ def main():
         per = asr_per_key(model, trigger, y, seeds, args.n)
         return per if len(seeds) > 1 else per[str(seeds[0])]
 
-    rows = {"g": (g, asr(g))}
-    if args.start:
+    rows = {} if args.final_only else {"g": (g, asr(g))}
+    if args.start and not args.final_only:
         rows["start (--start)"] = (start, asr(start))
-    if args.pd_star:
+    if args.pd_star and not args.final_only:
         star = np.load(args.pd_star)
         rows["g* shift loss (amplify)"] = (star, asr(star))
-    for i, (st, d) in enumerate(zip(stages[:-1], stage_triggers[:-1])):
+    for i, (st, d) in enumerate(zip(stages[:-1], stage_triggers[:-1]) if not args.final_only else []):
         rows[f"stage {i + 1} (S = {st.chain_steps})"] = (d, asr(d))
     name = "given trigger (--trigger)" if args.trigger else "g* target-directed (" + ", then ".join(
         f"S = {st.chain_steps}" for st in stages) + ")"
     rows[name] = (final, asr(final))
-    clipped = mix_trigger(final, 0.0, 1.0, FULL_FRAME_FLOOR)
-    rows[name + ", clipped as amplify trains it"] = (clipped, asr(clipped))
+    if not args.final_only:
+        clipped = mix_trigger(final, 0.0, 1.0, FULL_FRAME_FLOOR)
+        rows[name + ", clipped as amplify trains it"] = (clipped, asr(clipped))
     result = {"model": args.model, "attack": spec.to_dict(), "args": vars(args), "eval_seeds": seeds,
               "seconds": {f"stage{i + 1}": t for i, t in enumerate(seconds)},
               "loss_end": {f"stage{i + 1}": float(v[-1]) for i, v in enumerate(losses)},
