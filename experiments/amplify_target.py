@@ -44,6 +44,12 @@ sets the stages, ``--eval-seeds 7 8`` scores every trigger on both keys (and poo
 an earlier run found instead of reinforcing again; the clipped trigger is always scored beside. The commands are
 in that section.
 
+Training on with the unclipped trigger, and a third stage through the 1000-step chain (amplify_table.md,
+"Training on with the unclipped trigger", "A third stage through the 1000-step sampler itself" and "The third
+stage run longer"): ``--trigger`` also feeds ``--raw`` training, ``--eval-seeds`` also applies to ``--train-steps``
+and ``--rescore`` (per key and pooled), ``--remat`` keeps a long chain's memory to its images, ``--final-only``
+scores only the final trigger. The commands are in those sections.
+
 (the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
 experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
 compiling the 100-step chain's gradient took 14.5 and 13 min in the two runs (XLA's slow-compile notices in their logs).
