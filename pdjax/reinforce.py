@@ -222,7 +222,7 @@ def _host_program(model, cfg: ReinforceConfig, stage: ReinforceStage):
     if cfg.remat:  # keep (x_j, j); the pull-back recomputes step j
         fwd = jax.jit(lambda params, x, j, k: (step(params, x, j, k), (x, j)))
         pull = jax.jit(pull_remat)
-    else:  # keep step j's VJP, a pytree of its residuals (28 MB a step for the 16x16 demo UNet at B = 16)
+    else:  # keep step j's VJP: a pytree of its residuals (the UNet activations)
         fwd = jax.jit(lambda params, x, j, k: jax.vjp(lambda x: step(params, x, j, k), x))
         pull = jax.jit(lambda params, k, vjp, ct: vjp(ct)[0])
 
