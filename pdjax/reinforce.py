@@ -27,6 +27,7 @@ experiments/bench_reinforce_loop.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -62,8 +63,8 @@ class ReinforceConfig:
       remat: rematerialise each chain step in the backward pass (less memory, more compute).
       loop: the chain's layout: "host" (a host loop over one chain step's jitted forward and VJP: nothing
         S-long to compile), or "unroll" / "scan" (the whole optimiser step as one jitted program, the chain
-        laid out by :func:`pdjax.loops.repeat`). None: "host" on CPU, :func:`pdjax.loops.default_strategy`
-        elsewhere. All give the same trigger up to float rounding.
+        laid out by :func:`pdjax.loops.repeat`). None: ``PDJAX_LOOP`` if set, else "host" on CPU and
+        :func:`pdjax.loops.default_strategy` elsewhere. All give the same trigger up to float rounding.
     """
 
     stages: tuple = DEFAULT_STAGES
@@ -162,6 +163,11 @@ def target_loss(model, params, delta, target, chain_steps: int, batch: int, key,
       delta: trigger [H, W, C]; target: y [H, W, C] in [-1, 1].
     """
     x = chain_end(model, params, delta, chain_steps, batch, key, 1.0, remat, loop)
+    return end_loss(x, target)
+
+
+def end_loss(x, target):
+    """mean (clip(x_0, -1, 1) - y)^2 over the batch and pixels: x [B, H, W, C], target [H, W, C]."""
     return jnp.mean((jnp.clip(x, -1.0, 1.0) - target) ** 2)
 
 
@@ -192,10 +198,12 @@ def _program(model, cfg: ReinforceConfig, stage: ReinforceStage):
 
 
 def _loop(cfg: ReinforceConfig) -> str:
-    """The chain's layout: ``cfg.loop``, or else "host" on CPU and :func:`pdjax.loops.default_strategy`
-    elsewhere."""
+    """The chain's layout: ``cfg.loop``; else ``PDJAX_LOOP`` if set; else "host" on CPU and
+    :func:`pdjax.loops.default_strategy` elsewhere."""
     if cfg.loop:
         return cfg.loop
+    if os.environ.get("PDJAX_LOOP"):  # the project-wide override (pdjax.loops) still applies
+        return loops.default_strategy()
     return "host" if jax.default_backend() == "cpu" else loops.default_strategy()
 
 
@@ -226,10 +234,7 @@ def _host_program(model, cfg: ReinforceConfig, stage: ReinforceStage):
         fwd = jax.jit(lambda params, x, j, k: jax.vjp(lambda x: step(params, x, j, k), x))
         pull = jax.jit(lambda params, k, vjp, ct: vjp(ct)[0])
 
-    @jax.jit
-    def end(x, target):
-        return jax.value_and_grad(lambda x: jnp.mean((jnp.clip(x, -1.0, 1.0) - target) ** 2))(x)
-
+    end = jax.jit(jax.value_and_grad(end_loss))
     @jax.jit
     def update(delta, opt_state, ct):
         updates, opt_state = opt.update(ct.sum(axis=0), opt_state)
