@@ -4,10 +4,14 @@ Command:
 
     python experiments/bench_cpu_runtime.py [--model pdjax/assets/demo/bd_box_corner] [--reps 3]
         [--json experiments/results/bench_cpu_runtime.json]
+    python experiments/bench_cpu_runtime.py --configs flaxnorm-N,ynn-N --reference flaxnorm-N --reps 5 \
+        --json experiments/results/bench_groupnorm.json
 
 Each configuration runs in its own process (XLA_FLAGS are read once, at backend start):
 ``xla-1`` (XLA's kernels, 1 device: the reference), ``ynn-1`` (YNNPACK, 1 device) and ``ynn-N``
-(YNNPACK, ``PDJAX_CPU_DEVICES=auto``: one device per core, the ``pdjax`` command's default). Each child
+(YNNPACK, ``PDJAX_CPU_DEVICES=auto``: one device per core, the ``pdjax`` command's default); ``flaxnorm-N``
+is ``ynn-N`` with ``flax.linen.GroupNorm`` (``use_fast_variance=False``, what pdjax's UNet used until
+2026-12-07) in place of :class:`pdjax.models.unet.GroupNorm`, the reference of the second command. Each child
 times, on the same model and inputs, after a warm-up call: the UNet forward at batch 32, the gradient of a
 loss through it with respect to its input (what trigger inversion differentiates), a 100-step DDPM chain of
 2 x 16 samples through :func:`pdjax.defense.evaluate.triggered_generations` (batch-split over the devices
@@ -30,13 +34,29 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {"xla-1": ("xla", "1"), "ynn-1": ("ynn", "1"), "ynn-N": ("ynn", "auto")}
+# name -> (PDJAX_CPU_KERNELS, PDJAX_CPU_DEVICES, GroupNorm implementation)
+CONFIGS = {"xla-1": ("xla", "1", "pdjax"), "ynn-1": ("ynn", "1", "pdjax"), "ynn-N": ("ynn", "auto", "pdjax"),
+           "flaxnorm-N": ("ynn", "auto", "flax")}
+NORM_ENV = "PDJAX_BENCH_NORM"
+
+
+def use_flax_group_norm() -> None:
+    """Build the UNet with ``flax.linen.GroupNorm`` (the reference of the GroupNorm comparison): same params."""
+    import flax.linen as nn
+
+    from pdjax.models import unet
+
+    unet._Common.norm = lambda self, name, groups=None: nn.GroupNorm(
+        num_groups=groups or self.cfg.norm_num_groups, epsilon=self.cfg.norm_eps, use_fast_variance=False,
+        dtype=self.dtype, name=name)
 
 
 def child(model_path: str, reps: int, out: Path) -> None:
     from pdjax import cpu_runtime
 
     flags = cpu_runtime.enable()
+    if os.environ.get(NORM_ENV) == "flax":
+        use_flax_group_norm()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -95,33 +115,41 @@ def main():
     ap.add_argument("--model", default="pdjax/assets/demo/bd_box_corner")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default="experiments/results/bench_cpu_runtime.json")
+    ap.add_argument("--configs", default="xla-1,ynn-1,ynn-N", help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--reference", default="xla-1", help="the config the ratios are against (one of --configs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.model, args.reps, Path(args.child))
     import numpy as np
 
+    names = args.configs.split(",")
+    if any(n not in CONFIGS for n in names) or args.reference not in names:
+        raise SystemExit(f"error: --configs must be names from {', '.join(CONFIGS)} and include --reference")
     work = Path(tempfile.mkdtemp(prefix="pdjax-cpurt-"))
     results = {}
-    for name, (kernels, devices) in CONFIGS.items():
+    for name in names:
+        kernels, devices, norm = CONFIGS[name]
         folder = work / name
         folder.mkdir()
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env.update(PDJAX_CPU_KERNELS=kernels, PDJAX_CPU_DEVICES=devices, PDJAX_CACHE_DIR="off")
+        env[NORM_ENV] = norm
         subprocess.run([sys.executable, __file__, "--child", str(folder), "--model", args.model,
                         "--reps", str(args.reps)], env=env, check=True)
         results[name] = json.loads((folder / "rows.json").read_text())
         results[name]["arrays"] = np.load(folder / "arrays.npz")
-    ref = results["xla-1"]
+    ref = results[args.reference]
     table = []
-    print(f"{'config':8} {'devices':>7} {'job':24} {'median s':>9} {'ratio':>6} {'max |diff|':>11}")
+    print(f"{'config':10} {'devices':>7} {'job':24} {'median s':>9} {'ratio':>6} {'max |diff|':>11}"
+          f"  (ratio and diff against {args.reference})")
     for name, res in results.items():
         for job, row in res["rows"].items():
             ratio = ref["rows"][job]["median_s"] / row["median_s"]
             diff = float(np.abs(res["arrays"][job] - ref["arrays"][job]).max())
             table.append({"config": name, "devices": res["devices"], "flags": res["flags"], "job": job, **row,
-                          "speedup_vs_xla_1": ratio, "max_abs_diff_vs_xla_1": diff})
-            print(f"{name:8} {res['devices']:7d} {job:24} {row['median_s']:9.3f} {ratio:6.2f} {diff:11.2e}")
+                          "reference": args.reference, "speedup_vs_reference": ratio, "max_abs_diff_vs_reference": diff})
+            print(f"{name:10} {res['devices']:7d} {job:24} {row['median_s']:9.3f} {ratio:6.2f} {diff:11.2e}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_inversion import environment, write_json
 

@@ -100,9 +100,23 @@ class Pinned:
         self.fn = fn
         self.shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        self._flat: dict = {}  # argument treedef -> one sharding per leaf
 
     def place(self, *args) -> tuple:
-        return jax.device_put(args, self.shardings)
+        """``args`` with every array on its sharding; arrays already there (a loop's own outputs, params placed
+        once) are passed through without a ``device_put`` call, whose per-leaf cost made a third of a
+        digits-16 Elijah step's time on the 2-core CPU."""
+        leaves, tree = jax.tree.flatten(args)
+        if tree not in self._flat:
+            self._flat[tree] = jax.tree.leaves(_broadcast_prefix(self.shardings, args))
+        targets = self._flat[tree]
+        todo = [i for i, (x, s) in enumerate(zip(leaves, targets))
+                if not (isinstance(x, jax.Array) and x.sharding == s)]
+        if todo:
+            placed = jax.device_put([leaves[i] for i in todo], [targets[i] for i in todo])
+            for i, x in zip(todo, placed):
+                leaves[i] = x
+        return jax.tree.unflatten(tree, leaves)
 
     def lower(self, *args):
         return self.fn.lower(*self.place(*args))
@@ -112,6 +126,12 @@ class Pinned:
 
 
 pinned = Pinned
+
+
+def _broadcast_prefix(prefix, tree):
+    """``prefix`` (a pytree whose leaves are shardings) broadcast to the structure of ``tree``."""
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, tree,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 _PARALLEL: dict = {}

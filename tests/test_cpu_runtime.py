@@ -117,6 +117,13 @@ def test_pinned_places_its_arguments_and_compiles_ahead_of_time():
     assert len(placed[0].sharding.device_set) == 8 and placed[0].sharding.spec == P(AXIS)
     compiled = run.lower(x, s).compile()  # ahead of time, as experiments/bench_inversion.py does
     assert float(compiled(*placed)) == float(run(x, s)) == 3.0 * 120.0
+    # arrays already on their sharding pass through untouched; others (here a pytree prefix's leaves) are placed
+    again = run.place(*placed)
+    assert again[0] is placed[0] and again[1] is placed[1]
+    tree = pinned(jax.jit(lambda d: d["a"].sum() + d["b"]), mesh, (P(AXIS),))
+    d = {"a": placed[0], "b": jnp.arange(16.0)}
+    (put,) = tree.place(d)
+    assert put["a"] is placed[0] and put["b"].sharding.spec == P(AXIS) and float(tree(d)[1]) == 121.0
 
 
 def test_sharded_samplers_equal_one_device():

@@ -144,3 +144,28 @@ def test_live_vs_diffusers_random_config(seed):
                                     jnp.asarray(t, jnp.int32))
     err = float(np.max(np.abs(np.asarray(out) - ref)))
     assert err <= TOL, f"{cfg}: max abs error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape, groups, dtype", [((3, 5, 4, 32), 8, jnp.float32), ((2, 9, 16), 4, jnp.float32),
+                                                  ((2, 4, 4, 8), 2, jnp.bfloat16)])
+def test_group_norm_matches_flax(shape, groups, dtype):
+    """pdjax's GroupNorm (column sums + one-hot group product) gives flax.linen.GroupNorm's output (two-pass
+    variance) for the same params, on ResNet-shaped [B, H, W, C] and attention-shaped [B, P, C] inputs."""
+    import flax.linen as nn
+
+    from pdjax.models.unet import GroupNorm
+
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)  # an offset mean: the two-pass variance matters
+    ours = GroupNorm(groups, 1e-6, dtype)
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype)
+    params = ours.init(jax.random.key(1), x)
+    assert jax.tree.structure(params) == jax.tree.structure(ref.init(jax.random.key(1), x))
+    c = shape[-1]
+    ramp = jnp.arange(c, dtype=jnp.float32)
+    params = {"params": {"scale": 1 + 0.1 * ramp, "bias": 0.01 * ramp}}
+    a, b = ours.apply(params, x), ref.apply(params, x)
+    assert a.dtype == b.dtype == dtype and a.shape == shape
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="do not split"):
+        GroupNorm(3, 1e-6).init(jax.random.key(0), jnp.zeros((1, 2, 2, 8)))

@@ -8,7 +8,8 @@ that uses ``flax.linen``; everything else calls the pure ``eps(params, x_t, t)``
 Details that matter for numerical equivalence with diffusers (DESIGN.md habit 7):
 - time embedding: ``exp(-log(10000) * i / (half - freq_shift))``, ``[sin, cos]`` (``[cos, sin]`` if flipped);
 - downsampling with ``downsample_padding=0`` pads (0, 1, 0, 1) before a VALID stride-2 conv;
-- GroupNorm uses the two-pass variance (``use_fast_variance=False``) and the config's eps;
+- GroupNorm (:class:`GroupNorm`) uses the two-pass variance and the config's eps, as ``flax.linen.GroupNorm``
+  with ``use_fast_variance=False`` (same params, same result to float32 rounding);
 - attention: GroupNorm, q/k/v projections with bias, softmax in float32, output projection, residual,
   divided by the rescale factor.
 """
@@ -38,15 +39,44 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift
     return emb
 
 
+class GroupNorm(nn.Module):
+    """Group normalisation over every axis but the first (batch) and last (channels), two-pass variance.
+
+    x: [B, ..., C] -> same shape, in ``dtype``; statistics in at least float32. Params ``scale`` and ``bias``
+    [C], as ``flax.linen.GroupNorm`` (which this matches to float32 rounding). The statistics are column sums
+    over the positions ([B, P, C] -> [B, C], contiguous in C) followed by a [C, G] one-hot product: XLA:CPU
+    fuses flax's single reduction over (positions, channels of a group) into a strided loop that made the
+    norms of a digits-16 UNet's input gradient about a third of its time (docs/performance.md section 1).
+    """
+
+    num_groups: int
+    epsilon: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, g = x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.reshape(x.shape[0], -1, c)
+        xf = xf.astype(jnp.promote_types(x.dtype, jnp.float32))  # [B, P, C]
+        member = (jnp.arange(c)[:, None] // (c // g) == jnp.arange(g)[None, :]).astype(xf.dtype)  # [C, G]
+        count = xf.shape[1] * (c // g)
+        mean = xf.sum(1) @ member / count  # [B, G]
+        xc = xf - (mean @ member.T)[:, None, :]
+        var = (xc * xc).sum(1) @ member / count
+        y = xc * (jax.lax.rsqrt(var + self.epsilon) @ member.T * scale)[:, None, :] + bias
+        return y.reshape(x.shape).astype(self.dtype)
+
+
 class _Common(nn.Module):
     cfg: UNetConfig
     dtype: jnp.dtype = jnp.float32
 
-    def norm(self, name: str, groups: int | None = None) -> nn.GroupNorm:
-        return nn.GroupNorm(
-            num_groups=groups or self.cfg.norm_num_groups, epsilon=self.cfg.norm_eps,
-            use_fast_variance=False, dtype=self.dtype, name=name,
-        )
+    def norm(self, name: str, groups: int | None = None) -> GroupNorm:
+        return GroupNorm(groups or self.cfg.norm_num_groups, self.cfg.norm_eps, self.dtype, name=name)
 
     def conv(self, features: int, name: str, kernel: int = 3, stride: int = 1, padding=1) -> nn.Conv:
         if isinstance(padding, int):
