@@ -12,7 +12,8 @@ with random weights (``pdjax.testing.random_params``, the weights of ``experimen
 it 3 times untraced, then ``--steps`` times under ``jax.profiler.trace``. From the trace (Perfetto JSON) it
 takes the operations one device's worker thread ran and prints per step:
 
-- the thread's busy time and the wall time of a step;
+- the wall time of a step and the thread's busy time, split into compute and waiting at the collectives of
+  the batch split (``Rendezvous``, ``Wait``, ``psum``: the other device's lag shows up there);
 - time by operation kind (the fused-computation name without its number: ``ynn_fusion`` = YNNPACK
   convolutions and dot products, ``convolution`` = XLA's own, ``*_reduce_fusion`` = reductions, ...);
 - time by model operation (the jaxpr ``op_name`` of the fusion's root, block indices dropped), split into
@@ -35,6 +36,10 @@ import time
 from pathlib import Path
 
 
+# Trace events that are waits for the other devices at a collective (the batch split's psums), not compute.
+SYNC = ("Rendezvous", "Wait", "psum", "all-reduce")
+
+
 def trace_events(folder: Path) -> tuple[list, dict]:
     """The trace's complete events and {(pid, tid): thread name}."""
     path = sorted(glob.glob(str(folder / "plugins" / "profile" / "*" / "perfetto_trace.json.gz")))[-1]
@@ -55,7 +60,7 @@ def model_op(op_name: str) -> tuple[str, str]:
     """(fwd or bwd, the op_name without the program's wrappers and block indices)."""
     direction = "bwd" if "transpose(" in op_name else "fwd"
     op = re.sub(r"^jit\(\w+\)/(shard_map/)?", "", op_name)
-    op = re.sub(r"(transpose\(|jvp\(|jit\(eps_\w+\)|\))+/?", "", op)
+    op = re.sub(r"^(transpose\(|jvp\()*(jit\(eps_\w+\))?\)*/?", "", op)
     op = re.sub(r"UNet2D/|(down|up)_blocks_\d+/|resnets_\d+/|attentions_\d+/|mid_block/|_\d+\b", "", op)
     return direction, op
 
@@ -76,8 +81,10 @@ def summarise(events: list, threads: dict, meta: dict, steps: int) -> dict:
         compute = "conv/dot" if ("ynn" in kind or "conv" in kind or kind.startswith("dot")) else "other"
         ops[f"{direction} {compute:8} {op}"] += e["dur"]
     per_step = lambda c: {k: v / 1e3 / steps for k, v in c.most_common()}  # noqa: E731  (us -> ms per step)
-    return {"thread": worker, "busy_ms": sum(kinds.values()) / 1e3 / steps, "by_kind_ms": per_step(kinds),
-            "by_op_ms": per_step(ops)}
+    busy = sum(kinds.values()) / 1e3 / steps
+    sync = sum(v for k, v in kinds.items() if k.startswith(SYNC)) / 1e3 / steps
+    return {"thread": worker, "busy_ms": busy, "sync_ms": sync, "compute_ms": busy - sync,
+            "by_kind_ms": per_step(kinds), "by_op_ms": per_step(ops)}
 
 
 def main(argv=None):
@@ -144,7 +151,8 @@ def main(argv=None):
                xla_flags_added=flags, wall_ms_per_step=wall * 1e3,
                group_norm="flax" if args.flax_group_norm else "pdjax")
     print(f"{args.method} {args.size} B={args.batch} devices={out['devices']}: "
-          f"wall {out['wall_ms_per_step']:.1f} ms/step, worker {out['thread']} busy {out['busy_ms']:.1f} ms/step")
+          f"wall {out['wall_ms_per_step']:.1f} ms/step; one device's worker busy {out['busy_ms']:.1f} ms/step: "
+          f"compute {out['compute_ms']:.1f}, waiting at collectives {out['sync_ms']:.1f}")
     for title, table in (("by kind", out["by_kind_ms"]), ("by model operation", out["by_op_ms"])):
         print(f"\n{title} (ms per step, one device):")
         for name, ms in list(table.items())[: args.top]:
