@@ -811,6 +811,11 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
         opt_state = jax.vmap(phase.optimizer.init)(delta) if stacked else phase.optimizer.init(delta)
         zero = jnp.zeros((num_models,), jnp.int32) if stacked else jnp.zeros((), jnp.int32)
         state = shard_models(InvState(zero, delta, opt_state), mesh)
+        # Arguments on the device once: each call would otherwise copy numpy params to it again.
+        if hasattr(run, "place"):
+            state, params, fixed, key = run.place(state, params, fixed, key)
+        elif mesh is None:
+            params = jax.device_put(params)
         calls = phase.steps // n
         bar = _progress(calls * n, f"{cfg.method} phase {p + 1}" if len(phases) > 1 else cfg.method, progress)
         times = []

@@ -1,0 +1,86 @@
+"""What ``pdjax.invert``'s own loop costs on top of its step program: invert's steady per-step time vs the bare program.
+
+Command (docs/performance.md section 1; about 2 minutes on 2 cores):
+
+    python experiments/bench_invert_overhead.py [--model pdjax/assets/demo/bd_box_corner] [--json OUT.json]
+
+For Elijah (100 steps, B = 32) and PureDiffusion (20 steps, B = 32, K = 10, no size search) on one model:
+
+1. ``invert(model, method, key, cfg)`` is run twice; the second run's wall time / steps is the library's
+   per-step cost (programs compiled and cached by the first run; includes the progress-free host loop,
+   argument placement, noise batch and result handling);
+2. the reference, measured in the same run: the same step program (``inversion._program``) compiled ahead
+   of time and called with arguments placed once, as ``experiments/bench_inversion.py`` times it.
+
+Prints both and their ratio (invert / bare program; 1.00 = no overhead) and checks that the two give the
+same trigger (max abs difference after the same steps from the same start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="pdjax/assets/demo/bd_box_corner")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from pdjax import cpu_runtime
+
+    cpu_runtime.enable()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pdjax.defense import inversion as inv
+    from pdjax.model import load
+
+    model = load(args.model)
+    prob = inv.problem_of(model)
+    rows = []
+    for method, cfg in (("elijah", inv.InversionConfig(steps=100, batch=32)),
+                        ("purediffusion", inv.InversionConfig(steps=20, batch=32, K=10, scales=()))):
+        cfg = dataclasses.replace(cfg, method=method).resolved()
+        key = jax.random.key(0)
+        inv.invert(model, method, key, cfg, progress=False)  # compiles
+        t0 = time.perf_counter()
+        res = inv.invert(model, method, key, cfg, progress=False)
+        lib = (time.perf_counter() - t0) / cfg.steps
+
+        # The bare program, from invert's own start (same key: same delta_0, noise and chain key).
+        run, prep, phase = inv._program(prob, cfg, 0, 1, stacked=False)
+        params = model.params
+        fixed = prep(params, key)
+        delta = inv.initial_delta(cfg, inv._cell_shape(cfg, prob.shape), key)
+        state = inv.InvState(jnp.zeros((), jnp.int32), delta, phase.optimizer.init(delta))
+        placed = run.place(state, params, fixed, key) if hasattr(run, "place") else \
+            (state, jax.device_put(params), fixed, key)
+        compiled = run.lower(*placed).compile()
+        state, params, fixed, key = placed
+        times = []
+        for _ in range(cfg.steps):
+            tc = time.perf_counter()
+            state, losses = compiled(state, params, fixed, key)
+            losses.block_until_ready()
+            times.append(time.perf_counter() - tc)
+        bare = float(np.sum(times[1:]) / (cfg.steps - 1))  # the first call touches fresh buffers
+        diff = float(np.max(np.abs(np.asarray(res.trigger) - inv.expand_cells(np.asarray(state.delta), cfg.cells))))
+        rows.append({"method": method, "steps": cfg.steps, "batch": cfg.batch, "invert_ms_per_step": lib * 1e3,
+                     "bare_ms_per_step": bare * 1e3, "ratio": lib / bare, "max_abs_trigger_diff": diff})
+        print(f"{method:14} invert {lib * 1e3:7.1f} ms/step   bare program {bare * 1e3:7.1f} ms/step   "
+              f"ratio {lib / bare:5.2f}   max |trigger diff| {diff:.1e}", flush=True)
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_inversion import environment, write_json
+
+        write_json(args.json, {"environment": environment(), "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
