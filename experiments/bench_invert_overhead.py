@@ -1,6 +1,6 @@
-"""What ``pdjax.invert``'s own loop costs on top of its step program: invert's steady per-step time vs the bare program.
+"""What pdjax's host loops cost on top of their step programs: ``invert`` and ``fit`` per step vs the bare program.
 
-Command (docs/performance.md section 1; about 2 minutes on 2 cores):
+Command (docs/performance.md section 1; about 3 minutes on 2 cores):
 
     python experiments/bench_invert_overhead.py [--model pdjax/assets/demo/bd_box_corner] [--json OUT.json]
 
@@ -14,6 +14,10 @@ For Elijah (100 steps, B = 32) and PureDiffusion (20 steps, B = 32, K = 10, no s
 
 Prints both and their ratio (invert / bare program; 1.00 = no overhead) and checks that the two give the
 same trigger (max abs difference after the same steps from the same start).
+
+Then the same for training: ``pdjax.train.fit`` (30 DDPM steps at batch 64 on the digits, one optimiser step per
+call on CPU, no checkpoint folder) against its multi-step program called directly with the state and data placed
+once; the check is the largest difference of the final EMA params.
 """
 
 from __future__ import annotations
@@ -71,10 +75,39 @@ def main(argv=None):
             times.append(time.perf_counter() - tc)
         bare = float(np.sum(times[1:]) / (cfg.steps - 1))  # the first call touches fresh buffers
         diff = float(np.max(np.abs(np.asarray(res.trigger) - inv.expand_cells(np.asarray(state.delta), cfg.cells))))
-        rows.append({"method": method, "steps": cfg.steps, "batch": cfg.batch, "invert_ms_per_step": lib * 1e3,
+        rows.append({"method": method, "steps": cfg.steps, "batch": cfg.batch, "loop_ms_per_step": lib * 1e3,
                      "bare_ms_per_step": bare * 1e3, "ratio": lib / bare, "max_abs_trigger_diff": diff})
         print(f"{method:14} invert {lib * 1e3:7.1f} ms/step   bare program {bare * 1e3:7.1f} ms/step   "
               f"ratio {lib / bare:5.2f}   max |trigger diff| {diff:.1e}", flush=True)
+    from pdjax.data import load_digits
+    from pdjax.train import TrainConfig, ddpm_loss, fit, init_state, make_multi_step, make_optimizer
+
+    tcfg = TrainConfig(steps=30, batch_size=64, seed=0)
+    loss = ddpm_loss(model.eps, model.schedule, tcfg.batch_size)
+    data = jnp.asarray(load_digits(model.image_shape[0], model.image_shape[2]))
+    fit(model, loss, data, tcfg, progress=False)  # compiles
+    t0 = time.perf_counter()
+    trained = fit(model, loss, data, tcfg, progress=False).model
+    lib = (time.perf_counter() - t0) / tcfg.steps
+    opt = make_optimizer(tcfg)
+    multi = make_multi_step(loss, opt, tcfg.ema_decay, tcfg.steps_per_call, batch_size=tcfg.batch_size)
+    state = init_state(model.params, opt, tcfg.seed)
+    placed = multi.place(state, data) if hasattr(multi, "place") else (state, data)
+    compiled = multi.lower(*placed).compile()
+    state, data = placed
+    times = []
+    for _ in range(tcfg.steps // tcfg.steps_per_call):
+        tc = time.perf_counter()
+        state, losses = compiled(state, data)
+        losses.block_until_ready()
+        times.append(time.perf_counter() - tc)
+    bare = float(np.sum(times[1:]) / (len(times) - 1) / tcfg.steps_per_call)
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(state.ema_params)))
+    rows.append({"method": "train", "steps": tcfg.steps, "batch": tcfg.batch_size, "loop_ms_per_step": lib * 1e3,
+                 "bare_ms_per_step": bare * 1e3, "ratio": lib / bare, "max_abs_param_diff": diff})
+    print(f"{'train (fit)':14} fit    {lib * 1e3:7.1f} ms/step   bare program {bare * 1e3:7.1f} ms/step   "
+          f"ratio {lib / bare:5.2f}   max |param diff| {diff:.1e}", flush=True)
     if args.json:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_inversion import environment, write_json

@@ -44,9 +44,12 @@ class GroupNorm(nn.Module):
 
     x: [B, ..., C] -> same shape, in ``dtype``; statistics in at least float32. Params ``scale`` and ``bias``
     [C], as ``flax.linen.GroupNorm`` (which this matches to float32 rounding). The statistics are column sums
-    over the positions ([B, P, C] -> [B, C], contiguous in C) followed by a [C, G] one-hot product: XLA:CPU
+    over the positions ([B, P, C] -> [B, C], contiguous in C), then sums over each group's channels: XLA:CPU
     compiles flax's single reduction over (positions, channels of a group) into strided loops, 50 of the
-    296 ms of compute of a digits-16 PureDiffusion step (docs/performance.md section 1).
+    296 ms of compute of a digits-16 PureDiffusion step (docs/performance.md section 1). An optimisation
+    barrier keeps the two sums apart (XLA merges a reduction of a reduction into one). A first version did
+    the group sums as [C, G] one-hot products; XLA:CPU's compiler crashed (segfault) on one program of the
+    full test suite with it, reproducibly in that order and never alone.
     """
 
     num_groups: int
@@ -62,12 +65,16 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         xf = x.reshape(x.shape[0], -1, c)
         xf = xf.astype(jnp.promote_types(x.dtype, jnp.float32))  # [B, P, C]
-        member = (jnp.arange(c)[:, None] // (c // g) == jnp.arange(g)[None, :]).astype(xf.dtype)  # [C, G]
         count = xf.shape[1] * (c // g)
-        mean = xf.sum(1) @ member / count  # [B, G]
-        xc = xf - (mean @ member.T)[:, None, :]
-        var = (xc * xc).sum(1) @ member / count
-        y = xc * (jax.lax.rsqrt(var + self.epsilon) @ member.T * scale)[:, None, :] + bias
+
+        def group_sum(a):  # [B, P, C] -> [B, C]: the sum over each channel's group, broadcast to its channels
+            per_channel = jax.lax.optimization_barrier(a.sum(1))  # [B, C]; the barrier keeps XLA from merging
+            per_group = per_channel.reshape(a.shape[0], g, c // g).sum(-1)  # the two sums back into one
+            return jnp.repeat(per_group, c // g, axis=-1)
+
+        xc = xf - (group_sum(xf) / count)[:, None, :]
+        inv = jax.lax.rsqrt(group_sum(xc * xc) / count + self.epsilon)  # [B, C]
+        y = xc * (inv * scale)[:, None, :] + bias
         return y.reshape(x.shape).astype(self.dtype)
 
 
