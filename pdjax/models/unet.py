@@ -49,7 +49,7 @@ class GroupNorm(nn.Module):
     296 ms of compute of a digits-16 PureDiffusion step (docs/performance.md section 1). An optimisation
     barrier keeps the two sums apart (XLA merges a reduction of a reduction into one). A first version did
     the group sums as [C, G] one-hot products; XLA:CPU's compiler crashed (segfault) on one program of the
-    full test suite with it, reproducibly in that order and never alone.
+    full test suite with it, twice at the same test, which passed when run alone or with its own file.
     """
 
     num_groups: int
