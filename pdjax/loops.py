@@ -21,14 +21,18 @@ Carry = TypeVar("Carry")
 STRATEGIES = ("scan", "unroll")
 
 
-def default_strategy(backend: str | None = None) -> str:
-    """``unroll`` on CPU (fast path for conv backward passes), ``scan`` on GPU/TPU (fast compile)."""
+def override() -> str | None:
+    """The layout ``$PDJAX_LOOP`` asks for (checked), or None when unset."""
     env = os.environ.get("PDJAX_LOOP")
-    if env:
-        if env not in STRATEGIES:
-            raise ConfigError(f"PDJAX_LOOP={env!r}; valid: {', '.join(STRATEGIES)}")
-        return env
-    return "unroll" if (backend or jax.default_backend()) == "cpu" else "scan"
+    if env and env not in STRATEGIES:
+        raise ConfigError(f"PDJAX_LOOP={env!r}; valid: {', '.join(STRATEGIES)}")
+    return env or None
+
+
+def default_strategy(backend: str | None = None) -> str:
+    """``$PDJAX_LOOP`` if set, else ``unroll`` on CPU (fast path for conv backward passes), ``scan`` on GPU/TPU
+    (fast compile)."""
+    return override() or ("unroll" if (backend or jax.default_backend()) == "cpu" else "scan")
 
 
 def default_steps_per_call(backend: str | None = None) -> int:

@@ -27,7 +27,6 @@ experiments/bench_reinforce_loop.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -202,9 +201,7 @@ def _loop(cfg: ReinforceConfig) -> str:
     :func:`pdjax.loops.default_strategy` elsewhere."""
     if cfg.loop:
         return cfg.loop
-    if os.environ.get("PDJAX_LOOP"):  # the project-wide override (pdjax.loops) still applies
-        return loops.default_strategy()
-    return "host" if jax.default_backend() == "cpu" else loops.default_strategy()
+    return loops.override() or ("host" if jax.default_backend() == "cpu" else loops.default_strategy())
 
 
 def _host_program(model, cfg: ReinforceConfig, stage: ReinforceStage):
@@ -235,6 +232,7 @@ def _host_program(model, cfg: ReinforceConfig, stage: ReinforceStage):
         pull = jax.jit(lambda params, k, vjp, ct: vjp(ct)[0])
 
     end = jax.jit(jax.value_and_grad(end_loss))
+
     @jax.jit
     def update(delta, opt_state, ct):
         updates, opt_state = opt.update(ct.sum(axis=0), opt_state)
