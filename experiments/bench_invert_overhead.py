@@ -39,10 +39,12 @@ def main(argv=None):
     from pdjax import cpu_runtime
 
     cpu_runtime.enable()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from bench_inversion import compile_step
     from pdjax.defense import inversion as inv
     from pdjax.model import load
 
@@ -59,15 +61,10 @@ def main(argv=None):
         lib = (time.perf_counter() - t0) / cfg.steps
 
         # The bare program, from invert's own start (same key: same delta_0, noise and chain key).
-        run, prep, phase = inv._program(prob, cfg, 0, 1, stacked=False)
-        params = model.params
-        fixed = prep(params, key)
+        _, prep, _ = inv._program(prob, cfg, 0, 1, stacked=False)
         delta = inv.initial_delta(cfg, inv._cell_shape(cfg, prob.shape), key)
-        state = inv.InvState(jnp.zeros((), jnp.int32), delta, phase.optimizer.init(delta))
-        placed = run.place(state, params, fixed, key) if hasattr(run, "place") else \
-            (state, jax.device_put(params), fixed, key)
-        compiled = run.lower(*placed).compile()
-        state, params, fixed, key = placed
+        compiled, (state, params, fixed, key), _, _ = compile_step(model, cfg, model.params,
+                                                                   prep(model.params, key), key, delta)
         times = []
         for _ in range(cfg.steps):
             tc = time.perf_counter()
@@ -116,7 +113,6 @@ def main(argv=None):
     print(f"{'train (fit)':14} fit    {lib * 1e3:7.1f} ms/step   bare program {bare * 1e3:7.1f} ms/step   "
           f"ratio {lib / bare:5.2f}   max |param diff| {diff:.1e}", flush=True)
     if args.json:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_inversion import environment, write_json
 
         write_json(args.json, {"environment": environment(), "args": vars(args), "rows": rows})

@@ -103,15 +103,16 @@ def main(argv=None):
     from pdjax import cpu_runtime
 
     flags = cpu_runtime.enable()
-    if args.flax_group_norm:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_cpu_runtime import use_flax_group_norm
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_cpu_runtime import use_flax_group_norm
 
+    if args.flax_group_norm:
         use_flax_group_norm()
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from bench_inversion import compile_step
     from pdjax.defense import inversion as inv
     from pdjax.diffusion.schedule import ScheduleConfig
     from pdjax.model import Model
@@ -124,15 +125,12 @@ def main(argv=None):
     model = Model(cfg, random_params(cfg, 0), ScheduleConfig())
     icfg = inv.InversionConfig(method=args.method, steps=args.steps, batch=args.batch, K=args.K, steps_per_call=1,
                                fresh_noise=False if args.method == "purediffusion" else None).resolved()
-    run, _, phase = inv._program(inv.problem_of(model), icfg, 0, 1, stacked=False)
     rng = np.random.default_rng(0)  # bench_inversion.py's noise batch and delta_0
     noise = jnp.asarray(rng.standard_normal((args.batch, *model.image_shape), dtype=np.float32))
-    delta = jnp.asarray(-rng.random(model.image_shape, dtype=np.float32))
-    state = inv.InvState(jnp.zeros((), jnp.int32), delta, phase.optimizer.init(delta))
-    fixed, key = {"noise": noise, "chain_key": jax.random.key(1)}, jax.random.key(0)
-    placed = run.place(state, model.params, fixed, key) if hasattr(run, "place") else (state, model.params, fixed, key)
-    compiled = run.lower(*placed).compile()
-    state, params, fixed, key = placed
+    delta = -rng.random(model.image_shape, dtype=np.float32)
+    fixed = {"noise": noise, "chain_key": jax.random.key(1)}
+    compiled, (state, params, fixed, key), _, _ = compile_step(model, icfg, model.params, fixed, jax.random.key(0),
+                                                              delta)
     for _ in range(3):
         state, losses = compiled(state, params, fixed, key)
     losses.block_until_ready()
