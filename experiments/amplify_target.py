@@ -48,7 +48,8 @@ Training on with the unclipped trigger, and a third stage through the 1000-step 
 "Training on with the unclipped trigger", "A third stage through the 1000-step sampler itself" and "The third
 stage run longer"): ``--trigger`` also feeds ``--raw`` training, ``--eval-seeds`` also applies to ``--train-steps``
 and ``--rescore`` (per key and pooled), ``--remat`` keeps a long chain's memory to its images, ``--final-only``
-scores only the final trigger. The commands are in those sections.
+scores only the final trigger. The commands are in those sections. ``--train-lr`` trains at another peak learning
+rate than ``--train-like``'s (amplify_table.md, "Training on at the attack's own learning rate").
 
 (the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
 experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
@@ -103,6 +104,8 @@ def main():
     ap.add_argument("--train-steps", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--train-like", help="an amplify arm's checkpoint folder whose training settings to reuse")
+    ap.add_argument("--train-lr", dest="train_lr", type=float, default=None,
+                    help="peak learning rate of --train-steps (default: --train-like's); the rest of its settings kept")
     ap.add_argument("--raw", action="store_true", help="train with the unclipped g* and a full mask")
     ap.add_argument("--plain", action="store_true", help="train with the original trigger g instead (the plain "
                     "arm again, deterministic, to score it at more points)")
@@ -210,6 +213,8 @@ def train_arm(model, spec, y, out: Path, args):
         raise SystemExit("--train-steps needs --train-like ARM_FOLDER (the settings to train with)")
     meta = json.loads((Path(args.train_like) / "pdjax.json").read_text())["meta"]["provenance"]
     tcfg = TrainConfig(**meta["train"])
+    if args.train_lr is not None:
+        tcfg = dataclasses.replace(tcfg, lr=args.train_lr)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[-1])
     arrays = None
     if args.plain:  # the plain arm again (the original trigger g), to score it at more points
@@ -241,7 +246,7 @@ def train_arm(model, spec, y, out: Path, args):
     (out / f"{name}.json").write_text(json.dumps({"steps": points, "asr": asr, "asr_per_key": per_key,
                                                   "eval_seeds": seeds, "n": args.n, "raw": args.raw,
                                                   "plain": args.plain,
-                                                  "train": meta["train"], "seconds": time.perf_counter() - t0},
+                                                  "train": dataclasses.asdict(tcfg), "seconds": time.perf_counter() - t0},
                                                  indent=2))
     for p, a in zip(points, asr):
         keys = ", ".join(f"key {k}: {v:.3f}" for k, v in per_key.get(p, {}).items())
