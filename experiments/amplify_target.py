@@ -41,7 +41,8 @@ amplified arm's model, ``B=runs/amplify-b150/bd_stop_shoe``:
 
 The unclipped trigger with no training (amplify_table.md, "The reinforced trigger before it is clipped"): ``--stages``
 sets the stages, ``--eval-seeds 7 8`` scores every trigger on both keys (and pooled), ``--trigger`` scores a trigger
-an earlier run found instead of reinforcing again; the clipped trigger is always scored beside. The commands are
+an earlier run found instead of reinforcing again; the clipped trigger is always scored beside. ``--rescore
+ARM=none`` scores clean noise (no trigger): the target's leakage. The commands are
 in that section.
 
 Training on with the unclipped trigger, and a third stage through the 1000-step chain (amplify_table.md,
@@ -111,7 +112,8 @@ def main():
                     "arm again, deterministic, to score it at more points)")
     ap.add_argument("--eval-from", dest="eval_from", type=int, default=0, help="score only from this step on")
     ap.add_argument("--rescore", nargs="+", metavar="ARM_FOLDER=TRIGGER",
-                    help="score the kept models of these arms (FOLDER/at/*) with their trigger instead")
+                    help="score the kept models of these arms (FOLDER/at/*) with their trigger instead "
+                         "(a .npy, a trigger name, or none: clean noise)")
     ap.add_argument("--rescore-at", dest="rescore_at", type=int, nargs="+", help="only the models at these steps")
     args = ap.parse_args()
     from pdjax import compile_cache
@@ -265,8 +267,11 @@ def rescore(y, out: Path, args):
             if args.rescore_at and int(m_dir.name) not in args.rescore_at:
                 continue
             m = load(m_dir)
-            g = np.load(trig) if trig.endswith(".npy") else np.asarray(
-                get_trigger(trig, m.image_shape[0], m.image_shape[-1]), np.float32)
+            if trig.lower() == "none":  # clean noise: how often the target appears with no trigger (leakage)
+                g = np.zeros(m.image_shape, np.float32)
+            else:
+                g = np.load(trig) if trig.endswith(".npy") else np.asarray(
+                    get_trigger(trig, m.image_shape[0], m.image_shape[-1]), np.float32)
             per = asr_per_key(m, g, y, eval_seeds(args), args.n)
             rows.append({"arm": folder, "trigger": trig, "steps": int(m.meta["steps"]), "asr": pooled(per),
                          "asr_per_key": per, "n": args.n})

@@ -11,8 +11,9 @@ detector) runs twice with the same key (seed 0): once with the UNet computing in
 ``InversionConfig(dtype="bfloat16")`` (inversion only; the generations stay float32). It prints, per model,
 both verdicts and scores, the relative L2 distance between the two triggers and both wall times, and the
 number of verdicts that changed. The ratio bf16 / f32 of the scan seconds (inversion + generations, after a
-compiling run) is measured in the same run;
-on a CPU without native bf16 arithmetic it is a cost, not a gain: bf16 is meant for GPUs and TPUs.
+compiling run) is measured in the same run. On the CPUs measured so far it is no gain, with or without bf16
+units (an AVX2 AMD EPYC, and an Intel Xeon with AVX512-BF16 and AMX whose bf16 XLA:CPU does not use here; docs/
+performance.md section 5): bf16 is meant for GPUs and TPUs. The JSON records the host CPU.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inversion import environment  # noqa: E402  (versions, flags and the host CPU, as every bench records)
 
 
 def main(argv=None) -> int:
@@ -65,10 +69,9 @@ def main(argv=None) -> int:
     print(f"verdicts changed by bf16: {changed} of {len(rows)}; max trigger rel. L2 "
           f"{max(r['trigger_rel_l2'] for r in rows):.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python experiments/bench_bf16.py " + " ".join(argv or []),
-                                    "seed": args.seed, "jax": jax.__version__, "backend": jax.default_backend(),
-                                    "devices": len(jax.devices()), "machine": platform.processor() or platform.machine(),
-                                    "rows": rows, "verdicts_changed": changed}, indent=1))
+    command = " ".join(["python experiments/bench_bf16.py", *(sys.argv[1:] if argv is None else argv)])
+    args.out.write_text(json.dumps({"command": command, "seed": args.seed, "environment": environment(), "rows": rows,
+                                    "verdicts_changed": changed}, indent=1))
     return 0
 
 

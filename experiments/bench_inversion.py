@@ -214,9 +214,30 @@ def write_json(path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+# CPU features that decide which kernels a framework can use (AVX-512, bf16 dot products, AMX tiles).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def host_cpu() -> dict:
+    """The host CPU as /proc/cpuinfo gives it: model name, the :data:`ISA_FLAGS` it has, the highest ``cpu MHz``
+    and the cores this process may use. The machines behind these benchmarks changed between sessions (an AVX2
+    AMD EPYC, an AVX-512 + AMX Intel Xeon), so every result file records which one it ran on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": platform.processor() or None, "isa": None, "mhz": None, "cores": cores}
+    field = lambda name: [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(name)]  # noqa: E731
+    flags = set((field("flags") or [""])[0].split())
+    mhz = [float(v) for v in field("cpu MHz")]
+    return {"model": (field("model name") or [None])[0], "isa": [f for f in ISA_FLAGS if f in flags],
+            "mhz": max(mhz) if mhz else None, "cores": cores}
+
+
 def environment() -> dict:
     env = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-           "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "host_cpu": host_cpu()}
     try:
         import jaxlib
 

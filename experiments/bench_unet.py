@@ -20,7 +20,8 @@ that its own cost analysis leaves out; see :func:`flops_of`), achieved TFLOP/s, 
 Peak: --peak-tflops, else a small table for known GPUs (dense tensor-core peaks: H100/H200 bf16 989,
 tf32 495; A100 bf16 312, tf32 156; float32 is measured against tf32, XLA's default f32 precision on those
 GPUs), else on CPU an estimate from /proc/cpuinfo (cores x MHz x 32 float32 FLOP/cycle with AVX2+FMA,
-64 with AVX-512; the bfloat16 row is compared with the same float32 peak, this CPU has no bf16 units).
+64 with AVX-512; the bfloat16 row is compared with the same float32 peak: XLA:CPU's kernels gained nothing
+from bf16 even on a CPU with AVX512-BF16 and AMX, docs/performance.md section 5).
 
 The reference, measured in the same run: diffusers' UNet2DModel with the same weights in torch eager
 float32 (``experiments/torch_reference.py`` worker; --torch-threads picks its thread counts); ratio =
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch_reference  # noqa: E402
-from bench_inversion import device_peak_bytes, environment, memory_analysis, write_json  # noqa: E402
+from bench_inversion import device_peak_bytes, environment, host_cpu, memory_analysis, write_json  # noqa: E402
 
 from pdjax.diffusion.schedule import ScheduleConfig  # noqa: E402
 from pdjax.model import Model  # noqa: E402
@@ -62,19 +62,14 @@ GPU_PEAKS = {
 
 
 def cpu_peak_tflops() -> tuple[float | None, str]:
-    """(estimated float32 peak TFLOP/s of this CPU, how it was estimated) from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None, "no /proc/cpuinfo"
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    mhz = [float(ln.split(":")[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    per_cycle = 64 if " avx512f" in flags else 32 if (" avx2" in flags and " fma" in flags) else 16
-    if not mhz:
-        return None, "no cpu MHz in /proc/cpuinfo"
-    peak = cores * max(mhz) * 1e6 * per_cycle / 1e12
-    return peak, f"{cores} cores x {max(mhz):.0f} MHz x {per_cycle} fp32 FLOP/cycle (estimate)"
+    """(estimated float32 peak TFLOP/s of this CPU, how it was estimated) from :func:`bench_inversion.host_cpu`:
+    cores x MHz x FLOP/cycle, 64 with AVX-512 (two 16-lane FMA pipes), 32 with AVX2 + FMA, else 16."""
+    cpu = host_cpu()
+    if cpu["isa"] is None or not cpu["mhz"]:
+        return None, "no cpu MHz or flags in /proc/cpuinfo"
+    per_cycle = 64 if "avx512f" in cpu["isa"] else 32 if {"avx2", "fma"} <= set(cpu["isa"]) else 16
+    peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle / 1e12
+    return peak, f"{cpu['cores']} cores x {cpu['mhz']:.0f} MHz x {per_cycle} fp32 FLOP/cycle (estimate)"
 
 
 def peak_for(dtype: str, override: float | None) -> tuple[float | None, str]:

@@ -316,7 +316,8 @@ def cmd_amplify(args) -> int:
                         inversion=dataclasses.replace(AmplifyConfig().inversion, **inv), seed=args.seed, lr=args.lr,
                         warmup_steps=args.warmup, batch=args.batch, full_frame=not args.keep_background,
                         plain_steps=args.plain_steps, keep_models=args.keep_models, reinforce=args.reinforce,
-                        target_reinforce=_reinforce_config(args))
+                        target_reinforce=_reinforce_config(args),
+                        train_trigger="unclipped" if args.train_unclipped else "clipped")
     cfg.inversion.resolved()  # unknown --inv-method: before out/ is written
     how = "invert from the trigger" if cfg.reinforce == "shift" else "reinforce the trigger towards the target"
     print(f"amplifying {args.model} ({spec.kind}, {spec.trigger} -> {spec.target}): {how}, then "
@@ -762,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--keep-background", dest="keep_background", action="store_true",
                     help="clip g* to [-1, 1] (default [-0.99, 1]: no -1 background pixel, so training pastes "
                     "no training image into g*)")
+    am.add_argument("--train-unclipped", dest="train_unclipped", action="store_true",
+                    help="train and score the amplified arm with g* before clipping and a full mask (beyond the "
+                    "paper; additive triggers with a single target image)")
     am.add_argument("--keep-models", dest="keep_models", action="store_true",
                     help="keep each arm's model at every evaluation point (OUT/<arm>/at/<step>)")
     am.add_argument("--batch", type=int, default=32)

@@ -117,11 +117,37 @@ def test_amplify_resumes_without_training_and_refuses_other_settings(cli_run, mo
         amplify(model, data, SPEC, AmplifyConfig(steps=3, eval_every=1, n=4), out=cli_run, progress=False)
 
 
+def test_unclipped_training_trains_and_scores_the_unclipped_trigger(cli_run, model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "unclipped"
+    shutil.copytree(cli_run / "inversion", out / "inversion")  # the same g_inv, not inverted again
+    cfg = dataclasses.replace(CFG, train_trigger="unclipped")
+    res = amplify(load(model_dir), load_digits(8, 1), SPEC, cfg, out=out, progress=False)
+    clipped = json.loads((cli_run / "amplify.json").read_text())
+    # step 0 is the starting model scored with the unclipped trigger on the same noise: asr_unclipped
+    assert res.asr_amplified[0] == res.asr_unclipped == clipped["asr_unclipped"]
+    assert res.asr_plain_all == clipped["asr_plain_all"]  # the plain arm is untouched
+    meta = checkpoint.read_meta(out / "amplified")["provenance"]
+    assert meta["attack"]["trigger"].endswith("trigger_unclipped.npy") and meta["steps"] == 2
+    assert json.loads((out / "amplify.json").read_text())["files"]["trigger_trained"] == "trigger_unclipped.npy"
+    assert json.loads((out / "run.json").read_text())["config"]["train_trigger"] == "unclipped"
+    assert "train_trigger" not in json.loads((cli_run / "run.json").read_text())["config"]
+    # trained with another trigger than the clipped run's amplified arm, from the same start and batches
+    a, b = load(out / "amplified").params, load(cli_run / "amplified").params
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    troj = AttackSpec("trojdiff", trigger="blend", target="CORNER")
+    with pytest.raises(ConfigError, match="unclipped"):
+        amplify(load(model_dir), load_digits(8, 1), troj, cfg, out=tmp_path / "troj", progress=False)
+
+
 def test_config_validation_and_helpers(tmp_path):
     with pytest.raises(ConfigError, match="alpha"):
         AmplifyConfig(alpha=1.5)
     with pytest.raises(ConfigError, match="eval_every"):
         AmplifyConfig(eval_every=0)
+    with pytest.raises(ConfigError, match="train_trigger"):
+        AmplifyConfig(train_trigger="raw")
     assert eval_points(5, 2) == [0, 2, 4, 5] and eval_points(4, 2) == [0, 2, 4]
     with pytest.raises(ConfigError, match="plain_steps"):
         AmplifyConfig(steps=10, plain_steps=5)
