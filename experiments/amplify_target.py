@@ -49,8 +49,8 @@ Training on with the unclipped trigger, and a third stage through the 1000-step 
 "Training on with the unclipped trigger", "A third stage through the 1000-step sampler itself" and "The third
 stage run longer"): ``--trigger`` also feeds ``--raw`` training, ``--eval-seeds`` also applies to ``--train-steps``
 and ``--rescore`` (per key and pooled), ``--remat`` keeps a long chain's memory to its images, ``--final-only``
-scores only the final trigger. The commands are in those sections. ``--train-lr`` trains at another peak learning
-rate than ``--train-like``'s (amplify_table.md, "Training on at the attack's own learning rate").
+scores only the final trigger. The commands are in those sections. ``--train-lr`` / ``--train-seed`` train at another peak learning
+rate / batch seed than ``--train-like``'s (amplify_table.md, "Training on at the attack's own learning rate").
 
 (the training calls reuse the first call's trigger_target.npy; runs/amplify-exp4 is the 2026-12-04 run of
 experiments/amplify_experiment.py, with --keep-models). On XLA:CPU the chain is unrolled (habit 2 of DESIGN.md);
@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--train-like", help="an amplify arm's checkpoint folder whose training settings to reuse")
     ap.add_argument("--train-lr", dest="train_lr", type=float, default=None,
                     help="peak learning rate of --train-steps (default: --train-like's); the rest of its settings kept")
+    ap.add_argument("--train-seed", dest="train_seed", type=int, default=None,
+                    help="seed of --train-steps' batches and noise (default: --train-like's)")
     ap.add_argument("--raw", action="store_true", help="train with the unclipped g* and a full mask")
     ap.add_argument("--plain", action="store_true", help="train with the original trigger g instead (the plain "
                     "arm again, deterministic, to score it at more points)")
@@ -217,6 +219,8 @@ def train_arm(model, spec, y, out: Path, args):
     tcfg = TrainConfig(**meta["train"])
     if args.train_lr is not None:
         tcfg = dataclasses.replace(tcfg, lr=args.train_lr)
+    if args.train_seed is not None:
+        tcfg = dataclasses.replace(tcfg, seed=args.train_seed)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[-1])
     arrays = None
     if args.plain:  # the plain arm again (the original trigger g), to score it at more points
