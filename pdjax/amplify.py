@@ -426,7 +426,7 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
     unclipped = mix_trigger(g_inv, g, cfg.alpha, floor=None)
     np.save(out / "trigger_unclipped.npy", unclipped)
     asr_unclipped = None
-    if spec.kind != "trojdiff" and arrays.target.ndim == 3:
+    if spec.kind != "trojdiff" and arrays.target.ndim == 3 and cfg.train_trigger == "clipped":
         asr_unclipped = score(model, spec, dataclasses.replace(arrays, trigger=unclipped, mask=np.ones_like(unclipped)))
 
     amp_spec, amp_arrays, amp_score = spec_star, None, score
@@ -436,6 +436,8 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
         amp_score = lambda m, s: score(m, s, amp_arrays)  # noqa: E731
     asr_amp, amplified = _run_arm("amplified", model, data, amp_spec, tcfg, chunk, points, amp_score,
                                   out / "amplified", labels, progress, cfg.keep_models, arrays=amp_arrays)
+    if cfg.train_trigger == "unclipped":  # its step 0 is that score: the starting model, the same noise
+        asr_unclipped = asr_amp[0]
     asr_plain_all, _ = _run_arm("plain", model, data, spec, tcfg, chunk, plain_points, score, out / "plain", labels,
                                 progress, cfg.keep_models)
     asr_plain = asr_plain_all[: len(points)]
