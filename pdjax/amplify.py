@@ -425,15 +425,15 @@ def amplify(model: Model, data, spec: AttackSpec, cfg: AmplifyConfig = AmplifyCo
     # g* before clipping, scored on the starting model (step 0's noise): what a red team can attack with untrained.
     unclipped = mix_trigger(g_inv, g, cfg.alpha, floor=None)
     np.save(out / "trigger_unclipped.npy", unclipped)
+    full = dataclasses.replace(arrays, trigger=unclipped, mask=np.ones_like(unclipped))  # g* itself, full mask
     asr_unclipped = None
     if spec.kind != "trojdiff" and arrays.target.ndim == 3 and cfg.train_trigger == "clipped":
-        asr_unclipped = score(model, spec, dataclasses.replace(arrays, trigger=unclipped, mask=np.ones_like(unclipped)))
+        asr_unclipped = score(model, spec, full)
 
     amp_spec, amp_arrays, amp_score = spec_star, None, score
-    if cfg.train_trigger == "unclipped":  # g* as optimised, full mask: the poisoned input is g* itself
+    if cfg.train_trigger == "unclipped":  # g* as optimised: the poisoned input is g* itself
         amp_spec = dataclasses.replace(spec, trigger=str((out / "trigger_unclipped.npy").absolute()))
-        amp_arrays = dataclasses.replace(arrays, trigger=unclipped, mask=np.ones_like(unclipped))
-        amp_score = lambda m, s: score(m, s, amp_arrays)  # noqa: E731
+        amp_arrays, amp_score = full, (lambda m, s: score(m, s, full))
     asr_amp, amplified = _run_arm("amplified", model, data, amp_spec, tcfg, chunk, points, amp_score,
                                   out / "amplified", labels, progress, cfg.keep_models, arrays=amp_arrays)
     if cfg.train_trigger == "unclipped":  # its step 0 is that score: the starting model, the same noise
