@@ -246,6 +246,8 @@ def cmd_invert(args) -> int:
     from pdjax.model import load
 
     model = load(args.model)
+    if args.method == TROJDIFF_METHOD:
+        return _invert_trojdiff(model, args)
     fields = {f.name for f in dataclasses.fields(InversionConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     cfg = InversionConfig(**given)
@@ -274,6 +276,40 @@ def cmd_invert(args) -> int:
                  f"clean {stats['clean']['uniformity']:.2f}")
     print(line)
     print(f"wrote {out / 'trigger.npy'}, trigger.png, inversion.json" + (", triggered.png, clean.png" if args.samples else ""))
+    return 0
+
+
+TROJDIFF_METHOD = "trojdiff"  # pdjax invert --method trojdiff: the TrojDiff-form search (pdjax.defense.trojan)
+
+
+def _invert_trojdiff(model, args) -> int:
+    """``pdjax invert --method trojdiff``: estimate TrojDiff's (mu, gamma); writes mu as trigger.npy."""
+    import numpy as np
+
+    from pdjax.defense.trojan import TrojanConfig, invert_trojan
+
+    given = {k: getattr(args, k) for k in ("steps", "lr", "batch") if getattr(args, k) is not None}
+    if args.gammas:
+        given["gammas"] = tuple(args.gammas)
+    if args.factors:
+        given["factors"] = tuple(args.factors)
+    cfg = TrojanConfig(**given).resolved()
+    ball = None
+    if args.ball:  # an optimised trigger, not an image: any values, the model's shape
+        try:
+            ball = np.load(args.ball)
+        except (OSError, ValueError) as e:
+            raise PdjaxError(f"cannot read --ball {args.ball}: {e}") from None
+        if tuple(ball.shape) != tuple(model.image_shape):
+            raise PdjaxError(f"--ball {args.ball} has shape {tuple(ball.shape)}, the model needs {model.image_shape}")
+    check_out_dir(args.out)
+    res = invert_trojan(model, _key(args.seed), cfg, ball=ball, progress=not args.quiet)
+    res.save(args.out)
+    ratios = ", ".join(f"{g:g}: {r:.3f}" for g, r in res.ratios.items())
+    print(f"trojdiff on {args.model}: gamma {res.gamma:g}, L_troj ratio {res.ratio:.3f} (~1 on a clean model; "
+          f"every gamma: {ratios}), trigger mu norm {np.linalg.norm(res.trigger):.2f}, {res.seconds:.1f} s")
+    print(f"wrote {Path(args.out) / 'trigger.npy'} (the start is gamma eps + trigger), trigger.png, ball.npy, "
+          f"inversion.json")
     return 0
 
 
@@ -680,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("invert", help="invert the trigger of a model: purediffusion, elijah or terd (SPEC 4)")
     i.add_argument("model", help="pdjax checkpoint or diffusers folder")
-    i.add_argument("--method", default="purediffusion", help="purediffusion | elijah | terd")
+    i.add_argument("--method", default="purediffusion",
+                   help="purediffusion | elijah | terd | trojdiff (TrojDiff's mu and gamma: ball probe, then L_troj "
+                        "for each --gammas; pdjax.defense.trojan)")
     i.add_argument("--out", required=True, help="folder for trigger.npy, trigger.png, inversion.json")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--steps", type=int, help="optimiser steps (default: the method's, SPEC 4)")
@@ -706,6 +744,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--spread-weight", dest="spread_weight", type=float,
                    help="purediffusion: weight of L_spread, how much the trigger widens eps_hat's spread at t = T-1 "
                         "(TrojDiff; default 0)")
+    i.add_argument("--trojan-weight", dest="trojan_weight", type=float,
+                   help="purediffusion: weight of L_troj, eps_hat(gamma eps + trigger) against eps near t = T "
+                        "(TrojDiff's training target; default 0)")
+    i.add_argument("--trojan-gamma", dest="trojan_gamma", type=float, help="purediffusion: L_troj's gamma (default 0.6)")
+    i.add_argument("--gammas", type=float, nargs="+", help="trojdiff: noise scales tried (default 0.6 0.3 0.1)")
+    i.add_argument("--factors", type=float, nargs="+",
+                   help="trojdiff: starts as multiples of the ball probe's trigger (default 0.5 1)")
+    i.add_argument("--ball", help="trojdiff: a ball probe trigger (.npy, e.g. an audit's rules/ball.npy) instead of "
+                                  "running the probe")
     i.add_argument("--restarts", type=int,
                    help="optimise from this many inits in one program and keep the lowest final loss (default 1)")
     i.add_argument("--max-norm", dest="max_norm", type=float,

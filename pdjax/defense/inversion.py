@@ -111,11 +111,16 @@ class InversionConfig:
         (:func:`spread_log_ratio`). A TrojDiff model was trained on starts gamma eps + mu (gamma < 1) and
         answers them with (x - mu) / gamma: at its trigger it widens the spread, while a clean or
         BadDiffusion model answers about eps_hat ~ x_T, spread ~1 for any delta. One model call per step.
+      trojan_weight, trojan_gamma: purediffusion: weight of L_troj = mean_b mean_pixels (eps_hat(gamma eps_b +
+        delta, t_b) - eps_b)^2 with t_b ~ U{T-10..T-1} and gamma = ``trojan_gamma`` (:func:`trojan_residual`):
+        TrojDiff's own training target near t = T, where its start gamma eps + mu answers eps. Small at the
+        attack's mu (and gamma); from delta = 0 it stalls, so it is started from the ball probe's trigger
+        (:mod:`pdjax.defense.trojan`). The trigger it finds is mu, for the start gamma eps + delta.
       restarts: independent optimisations from R different inits (restart 0 from the key's own init, restart r
         from ``fold_in(key, r)``'s), run as one program (the loss vmapped over a restart axis, the same noise for
         all; Adam and SGD act elementwise, so each restart follows its own trajectory); the restart with the
-        lowest loss at the last step is kept. For losses with several local optima (L_spread). Not with a
-        start trigger.
+        lowest loss at the last step is kept. For losses with several local optima (L_spread). With a start
+        trigger, one start per restart ([R, H, W, C]).
       max_norm: > 0: after every optimiser step the trigger is projected onto the L2 ball of this radius
         (each restart on its own; the norm of the optimised parameter, i.e. of the coarse grid with ``cells``).
         Lets a loss be compared between models at one trigger size (L_spread: a clean model widens its answer
@@ -165,6 +170,8 @@ class InversionConfig:
     final_eta: float = 0.0
     final_stat: str = "sq_mean"
     spread_weight: float = 0.0
+    trojan_weight: float = 0.0
+    trojan_gamma: float = 0.6
     restarts: int = 1
     max_norm: float = 0.0
     cells: int = 1
@@ -214,8 +221,11 @@ class InversionConfig:
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.method == "purediffusion":
-            if cfg.shift_weight == 0 and cfg.cons_weight == 0 and cfg.final_weight == 0 and cfg.spread_weight == 0:
-                raise ConfigError("purediffusion needs shift_weight, cons_weight, final_weight or spread_weight > 0")
+            if not (cfg.shift_weight or cfg.cons_weight or cfg.final_weight or cfg.spread_weight or cfg.trojan_weight):
+                raise ConfigError("purediffusion needs shift_weight, cons_weight, final_weight, spread_weight or "
+                                  "trojan_weight > 0")
+            if not 0.0 < cfg.trojan_gamma <= 1.0:
+                raise ConfigError(f"trojan_gamma must be in (0, 1], got {cfg.trojan_gamma}")
             if cfg.fresh_noise and cfg.per_sample:  # only when asked for explicitly
                 raise ConfigError("fresh_noise needs the batch-mean shift loss, not per_sample")
             if cfg.final_weight and cfg.final_steps < 1:
@@ -299,19 +309,26 @@ class InversionResult:
 
     def save(self, out: str | Path) -> Path:
         """Writes ``trigger.npy``, ``trigger.png`` and ``inversion.json`` into the folder ``out``."""
-        from pdjax.images import save_image
+        return save_trigger(out, self.trigger, self.to_dict())
 
-        out = Path(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
-        np.save(out / "trigger.npy", self.trigger)
-        save_image(np.clip(self.trigger, -1.0, 1.0), out / "trigger.png")
-        tmp = out / "inversion.json.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(out / "inversion.json")
-        return out
+
+def save_trigger(out: str | Path, trigger: np.ndarray, summary: dict, **arrays: np.ndarray) -> Path:
+    """Writes ``trigger.npy``, ``trigger.png`` (clipped to [-1, 1]), each of ``arrays`` as ``NAME.npy`` and
+    ``summary`` as ``inversion.json`` (atomically) into the folder ``out``."""
+    from pdjax.images import save_image
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
+    for name, a in {"trigger": trigger, **arrays}.items():
+        np.save(out / f"{name}.npy", a)
+    save_image(np.clip(trigger, -1.0, 1.0), out / "trigger.png")
+    tmp = out / "inversion.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "inversion.json")
+    return out
 
 
 class InvState(NamedTuple):
@@ -485,6 +502,7 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
     timesteps = chain_timesteps(prob, cfg) if cfg.shift_weight or cfg.cons_weight else []
     final = final_log_ratio(prob, cfg) if cfg.final_weight else None
     spread = spread_log_ratio(prob) if cfg.spread_weight else None
+    trojan = trojan_residual(prob) if cfg.trojan_weight else None
 
     def loss(delta, params, fixed, key):
         noise, chain_key = fixed["noise"], fixed["chain_key"]
@@ -511,6 +529,9 @@ def purediffusion_loss(prob: Problem, cfg: InversionConfig, lambdas):
                                                                     jax.random.fold_in(chain_key, 2)))
         if spread is not None:
             total = total - cfg.spread_weight * spread(params, noise, delta)
+        if trojan is not None:
+            total = total + cfg.trojan_weight * trojan(params, noise, delta, cfg.trojan_gamma,
+                                                       jax.random.fold_in(chain_key, 3))
         return total
 
     return loss
@@ -534,6 +555,25 @@ def spread_log_ratio(prob: Problem):
         wide = batch_spread(prob.eps_fn(params, noise + delta, t))
         ref = jax.lax.stop_gradient(batch_spread(prob.eps_fn(params, noise, t)))
         return jnp.log(wide) - jnp.log(ref)
+
+    return f
+
+
+TROJAN_WINDOW = 10  # L_troj's timesteps: t ~ U{T - TROJAN_WINDOW .. T-1}
+
+
+def trojan_residual(prob: Problem):
+    """``f(params, noise [B, H, W, C], delta, gamma, key) -> L_troj``: the mean squared gap between eps_hat at
+    gamma * noise + delta and the noise itself, at t ~ U{T-10..T-1} per sample (drawn from ``key``). TrojDiff
+    trains its model to answer eps at sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + mu) (SPEC 2.2), about
+    gamma eps + mu near t = T, so L_troj is small at (mu, gamma); a clean model answers about the noise of any
+    start (its GroupNorms make it nearly blind to the start's scale), so its L_troj grows with delta."""
+    T = prob.schedule.num_timesteps
+
+    def f(params, noise, delta, gamma, key):
+        t = jax.random.randint(key, (noise.shape[0],), T - TROJAN_WINDOW, T)
+        e = prob.eps_fn(params, gamma * noise + delta, t)
+        return batch_mean(jnp.mean(jnp.square(e - noise), axis=(1, 2, 3)))
 
     return f
 
@@ -788,13 +828,14 @@ def _optimise(prob: Problem, cfg: InversionConfig, params, key, num_models: int 
     phases = _phases(prob, cfg)  # first: an unknown --lambda source fails before any jax work
     shape = _cell_shape(cfg, prob.shape)
     if start is not None:  # an explicit delta_0 (e.g. the known trigger, for amplification, SPEC 6)
-        if cfg.restarts > 1:
-            raise ConfigError(f"restarts = {cfg.restarts} needs a random init; a start trigger takes restarts = 1")
         delta = jnp.asarray(start, jnp.float32)
-        if delta.shape != tuple(prob.shape):
-            raise ConfigError(f"start trigger has shape {tuple(delta.shape)}, the model needs {tuple(prob.shape)}")
+        want = tuple(prob.shape) if cfg.restarts == 1 else (cfg.restarts, *prob.shape)
+        if delta.shape != want:
+            raise ConfigError(f"start trigger has shape {tuple(delta.shape)}, the model needs {want} (one start "
+                              f"per restart)")
         c = cfg.cells
-        delta = delta.reshape(shape[0], c, shape[1], c, shape[2]).mean(axis=(1, 3))  # block mean (c = 1: itself)
+        lead = delta.shape[:-3]  # block mean (c = 1: itself)
+        delta = delta.reshape(*lead, shape[0], c, shape[1], c, shape[2]).mean(axis=(-4, -2))
         if stacked:
             delta = jnp.broadcast_to(delta, (num_models, *delta.shape))
     elif stacked:
@@ -866,7 +907,8 @@ def invert(model, method: str = "purediffusion", key: jax.Array | None = None,
         derive from it, so the same key gives the same trigger.
       config: :class:`InversionConfig` (method defaults when None).
       progress: show a progress bar.
-      start: optional [H, W, C] delta_0 replacing ``config.init`` (amplification starts from the known trigger).
+      start: optional [H, W, C] delta_0 replacing ``config.init`` (amplification starts from the known trigger);
+        [R, H, W, C] with ``config.restarts`` = R, one per restart.
 
     Returns:
       :class:`InversionResult` with the trigger [H, W, C], the loss per step and timings.
