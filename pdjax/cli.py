@@ -294,14 +294,9 @@ def _invert_trojdiff(model, args) -> int:
     if args.factors:
         given["factors"] = tuple(args.factors)
     cfg = TrojanConfig(**given).resolved()
-    ball = None
-    if args.ball:  # an optimised trigger, not an image: any values, the model's shape
-        try:
-            ball = np.load(args.ball)
-        except (OSError, ValueError) as e:
-            raise PdjaxError(f"cannot read --ball {args.ball}: {e}") from None
-        if tuple(ball.shape) != tuple(model.image_shape):
-            raise PdjaxError(f"--ball {args.ball} has shape {tuple(ball.shape)}, the model needs {model.image_shape}")
+    from pdjax.removal import load_delta
+
+    ball = load_delta(args.ball, model.image_shape) if args.ball else None  # raw values, the model's shape
     check_out_dir(args.out)
     res = invert_trojan(model, _key(args.seed), cfg, ball=ball, progress=not args.quiet)
     res.save(args.out)
@@ -309,7 +304,8 @@ def _invert_trojdiff(model, args) -> int:
     print(f"trojdiff on {args.model}: gamma {res.gamma:g}, L_troj ratio {res.ratio:.3f} (~1 on a clean model; "
           f"every gamma: {ratios}), trigger mu norm {np.linalg.norm(res.trigger):.2f}, {res.seconds:.1f} s")
     print(f"wrote {Path(args.out) / 'trigger.npy'} (the start is gamma eps + trigger), trigger.png, ball.npy, "
-          f"inversion.json")
+          f"inversion.json; to remove the backdoor: pdjax clean {args.model} --trigger {Path(args.out) / 'trigger.npy'} "
+          f"--shift trojdiff --noise-scale-min 0.1 --noise-scale-max 0.6 --out DIR")
     return 0
 
 
