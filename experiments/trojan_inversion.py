@@ -8,6 +8,8 @@ attack's own pair (n generations, key fold_in(seed, 7); SPEC 7: the target MSE r
 With ``--remove`` it then runs ``pdjax clean``'s removal with mu' (``--shift trojdiff``, noise scale s ~ U[0.1, 0.6],
 frozen reference, 500 steps, lr 1e-4: the settings with which the attack's own mu removed TrojDiff's backdoor,
 removal_table.md) and reports the attack's ASR under its own sampler before and after and the clean-sample MSE.
+``--noise-scale MIN MAX`` changes the removal's noise range and ``--remove-with attack`` removes with the attack's own
+mu instead (a control: is a failure the trigger's or the removal term's?); each writes its own removal folder.
 
     python experiments/trojan_inversion.py zoo/ho_troj_stop_x zoo/ho2_troj_outd2d_B --out runs/trojan --remove \
         --json experiments/results/trojan_inversion.json
@@ -94,16 +96,20 @@ def run_model(path: Path, args) -> dict:
           f"{row['found_pair']['asr']:.2f}, attack's pair {row['true_pair']['asr']:.2f} ({res.seconds:.0f} s)",
           flush=True)
     if args.remove:
-        rdir = out / "removal"
+        lo, hi = args.noise_scale
+        rdir = out / (("removal" if (lo, hi) == (0.1, 0.6) else f"removal_s{lo:g}-{hi:g}")
+                      + ("_attack_mu" if args.remove_with == "attack" else ""))
         if not (rdir / "removal.json").is_file():
             t0 = time.perf_counter()
-            remove_backdoor(model, data, res.trigger, args.removal, out=rdir, progress=not args.quiet, spec=spec,
+            trigger = res.trigger if args.remove_with == "found" else mu
+            remove_backdoor(model, data, trigger, args.removal, out=rdir, progress=not args.quiet, spec=spec,
                             labels=labels)
             row["removal_seconds"] = time.perf_counter() - t0
         rep = json.loads((rdir / "removal.json").read_text())
-        row["removal"] = {k: rep.get(k) for k in ("steps", "asr_before", "asr_after", "clean_asr_before",
-                                                  "clean_asr_after", "clean_mse", "clean_damaged")}
-        print(f"{path.name}: removal with mu': ASR {rep['asr_before']:.2f} -> {rep['asr_after']:.2f}, clean-sample "
+        keys = ("steps", "asr_before", "asr_after", "clean_asr_before", "clean_asr_after", "clean_mse", "clean_damaged")
+        row["removal"] = {"trigger": args.remove_with, **{k: rep.get(k) for k in keys}}
+        which = "the attack's mu" if args.remove_with == "attack" else "mu'"
+        print(f"{path.name}: removal with {which}: ASR {rep['asr_before']:.2f} -> {rep['asr_after']:.2f}, clean-sample "
               f"MSE {rep['clean_mse']:.4f}", flush=True)
     return row
 
@@ -117,11 +123,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--remove", action="store_true")
+    ap.add_argument("--remove-with", choices=("found", "attack"), default="found",
+                    help="remove with the inversion's mu' (default) or, as a control, the attack's own mu")
+    ap.add_argument("--noise-scale", type=float, nargs=2, default=[0.1, 0.6], metavar=("MIN", "MAX"),
+                    help="the removal's noise scale range (default 0.1 0.6, the plan's)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     args.config = TrojanConfig(gammas=tuple(args.gammas), factors=tuple(args.factors)).resolved()
-    args.removal = RemovalConfig(shift="trojdiff", noise_scale_min=0.1, noise_scale_max=0.6, n=args.n, seed=args.seed)
+    args.removal = RemovalConfig(shift="trojdiff", noise_scale_min=args.noise_scale[0], noise_scale_max=args.noise_scale[1],
+                                 n=args.n, seed=args.seed)
     rows = [run_model(p, args) for p in args.models]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
