@@ -567,7 +567,8 @@ def trojan_residual(prob: Problem):
     gamma * noise + delta and the noise itself, at t ~ U{T-10..T-1} per sample (drawn from ``key``). TrojDiff
     trains its model to answer eps at sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + mu) (SPEC 2.2), about
     gamma eps + mu near t = T, so L_troj is small at (mu, gamma); a clean model answers about the noise of any
-    start (its GroupNorms make it nearly blind to the start's scale), so its L_troj grows with delta."""
+    start (likely because its GroupNorms make it nearly blind to the start's scale), so its L_troj grows with
+    delta."""
     T = prob.schedule.num_timesteps
 
     def f(params, noise, delta, gamma, key):
