@@ -245,6 +245,11 @@ def cmd_invert(args) -> int:
     from pdjax.defense.inversion import InversionConfig, invert
     from pdjax.model import load
 
+    from pdjax.defense.inversion import METHODS
+    from pdjax.errors import UnknownNameError
+
+    if args.method not in (*METHODS, TROJDIFF_METHOD):  # before loading the model
+        raise UnknownNameError("inversion method", args.method, (*METHODS, TROJDIFF_METHOD))
     model = load(args.model)
     if args.method == TROJDIFF_METHOD:
         return _invert_trojdiff(model, args)
