@@ -76,7 +76,7 @@ def test_audit_runs_a_clean_fitted_probe_stacked(zoo, tmp_path, rule):
     scanned."""
     root, models, _ = zoo
     probe = {"ball": dataclasses.replace(D.BALL_PROBE, steps=2, batch=4, restarts=2),
-             "terd": dataclasses.replace(D.TERD_PROBE, steps=3, terd_refine_steps=2, batch=4)}[rule]
+             "terd": dataclasses.replace(D.TERD_PROBE, steps=3, terd_refine_steps=2, terd_ddim_steps=2, batch=4)}[rule]
     feature, direction = D.CLEAN_RULES[rule]
     flags_all = {f"{rule}_threshold": 1e9 * -direction, f"{rule}_scale": 1.0}  # flags every model
     det = D.Detector(**flags_all).save(tmp_path / f"{rule}.json")

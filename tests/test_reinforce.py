@@ -63,7 +63,7 @@ def test_reinforcement_lowers_the_target_loss_and_is_reproducible(model, arrays)
 
 
 def test_stages_chain_and_loop_layout_does_not_change_the_trigger(model, arrays):
-    cfg = ReinforceConfig(stages=(ReinforceStage(2, 2, 0.05), ReinforceStage(5, 2, 0.02)), batch=4, loop="unroll")
+    cfg = ReinforceConfig(stages=(ReinforceStage(2, 2, 0.05), ReinforceStage(3, 2, 0.02)), batch=4, loop="unroll")
     r = reinforce_to_target(model, arrays.trigger, arrays.target, jax.random.key(0), cfg)
     assert len(r.stage_triggers) == 2 and len(r.seconds) == 2
     assert not np.array_equal(r.stage_triggers[0], r.trigger)  # the second stage continued from the first
