@@ -99,6 +99,7 @@ def run_model(path: Path, args) -> dict:
         lo, hi = args.noise_scale
         rdir = out / (("removal" if (lo, hi) == (0.1, 0.6) else f"removal_s{lo:g}-{hi:g}")
                       + (f"_tmin{args.t_min_fraction:g}" if args.t_min_fraction else "")
+                      + (f"_{args.reference}" if args.reference != "frozen" else "")
                       + ("_attack_mu" if args.remove_with == "attack" else ""))
         if not (rdir / "removal.json").is_file():
             t0 = time.perf_counter()
@@ -130,12 +131,14 @@ def main(argv=None) -> int:
                     help="the removal's noise scale range (default 0.1 0.6, the plan's)")
     ap.add_argument("--t-min-fraction", type=float, default=0.0,
                     help="removal: the TrojDiff samples' timesteps in [this * T, T) (RemovalConfig.t_min_fraction)")
+    ap.add_argument("--reference", default="frozen", choices=("frozen", "noise", "untriggered"),
+                    help="removal: the TrojDiff samples' target (RemovalConfig.reference)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     args.config = TrojanConfig(gammas=tuple(args.gammas), factors=tuple(args.factors)).resolved()
     args.removal = RemovalConfig(shift="trojdiff", noise_scale_min=args.noise_scale[0], noise_scale_max=args.noise_scale[1],
-                                 t_min_fraction=args.t_min_fraction,
+                                 t_min_fraction=args.t_min_fraction, reference=args.reference,
                                  n=args.n, seed=args.seed)
     rows = [run_model(p, args) for p in args.models]
     if args.json:

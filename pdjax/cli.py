@@ -871,9 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(TrojDiff chains start from gamma-scaled noise); 1 = off")
     cl.add_argument("--noise-scale-max", type=float, default=1.0,
                     help="upper end of that range (below 1: those inputs never carry full-scale noise)")
-    cl.add_argument("--reference", default="frozen", choices=["frozen", "noise"],
-                    help="TrojDiff-shift samples: answer the frozen model's answer to the clean input, or the noise "
-                         "that made them (TrojDiff's own loss with clean images as targets)")
+    cl.add_argument("--reference", default="frozen", choices=["frozen", "noise", "untriggered"],
+                    help="TrojDiff-shift samples: answer the frozen model's answer to the clean input, the noise "
+                         "that made them (TrojDiff's own loss with clean images as targets), or the frozen model's "
+                         "answer to the same input without the trigger (its own noise scale)")
     cl.add_argument("--trigger-scale-min", type=float, default=1.0,
                     help="TrojDiff-shift samples: scale the trigger by U[this, 1] (an inverted trigger may be "
                          "larger than the attack's mu); 1 = off")

@@ -19,7 +19,7 @@ with its own trojan sampler from gamma eps + mu. ``shift="trojdiff"`` gives ever
 k_t = sqrt(1 - abar_t); ``shift="both"`` draws per sample which of the two shifts it takes (a defender who does
 not know the attack family covers both; the batches, timesteps and noise are those of ``baddiffusion``).
 Five options shape the samples that take TrojDiff's shift, and only those (a ConfigError with
-``shift="baddiffusion"``):
+``shift="baddiffusion"``, except ``reference="untriggered"``, which there equals the default):
 
 - ``noise_scale_min`` / ``noise_scale_max``: the noise is scaled by s ~ U[min, max] per sample, so the input is
   ``sqrt(abar_t) x0 + sqrt(1 - abar_t)(s eps + delta)`` (gamma unknown to the defender);
@@ -28,6 +28,11 @@ Five options shape the samples that take TrojDiff's shift, and only those (a Con
   s in place of gamma: it teaches the trojan sampler, whose x0 estimate subtracts sqrt(1 - abar_t)(gamma eps_hat
   + mu) from x_t, to reach clean images from the trigger. (Measured: with the attack's mu the frozen reference
   removes TrojDiff's backdoor as well, at a smaller clean-sample change; removal_table.md, last section);
+- ``reference="untriggered"``: the target is the frozen model's answer to the same input without the trigger,
+  eps_frozen(sqrt(abar_t) x0 + sqrt(1 - abar_t) s eps) (the "frozen" target uses full-scale noise eps instead).
+  The model is asked to ignore the trigger at the input's own noise scale rather than to answer eps, 1/s times
+  the input's noise; the trojan chain from the trigger then behaves like one from gamma eps (with BadDiffusion's
+  shift, s = 1, it equals "frozen");
 - ``trigger_scale_min``: the trigger's size is drawn too, c delta with c ~ U[trigger_scale_min, 1]: an inversion
   from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts from gamma eps +
   mu (about twice mu's norm on a TrojDiff blend model, removal_table.md);
@@ -71,9 +76,10 @@ from pdjax.train import TrainConfig, _check_data, fit
 #: Latent shifts of the backdoor term: BadDiffusion's 1 - sqrt(abar_t), TrojDiff's sqrt(1 - abar_t), or either
 #: per sample.
 SHIFTS = ("baddiffusion", "trojdiff", "both")
-#: What the backdoor term asks of a triggered input: the frozen model's answer to the clean input, or the noise
-#: that made it (the DDPM loss of the triggered forward process on clean data).
-REFERENCES = ("frozen", "noise")
+#: What the backdoor term asks of a triggered input: the frozen model's answer to the clean input (full-scale
+#: noise), the noise that made it (the DDPM loss of the triggered forward process on clean data), or the frozen
+#: model's answer to the same input without the trigger (the input's own noise scale).
+REFERENCES = ("frozen", "noise", "untriggered")
 #: ``clean_damaged`` when the cleaned model's clean generations lie this many times farther from their nearest
 #: training image than the original's (experiments/results/removal_table.md, "Label-free quality").
 DAMAGE_NEAREST_RATIO = 2.0
@@ -194,7 +200,7 @@ def check_trojdiff_options(shift: str, noise_scale_min: float = 1.0, noise_scale
         raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
     if reference not in REFERENCES:
         raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
-    if shift == "baddiffusion" and (noise_scale_min < 1.0 or noise_scale_max < 1.0 or reference != "frozen"
+    if shift == "baddiffusion" and (noise_scale_min < 1.0 or noise_scale_max < 1.0 or reference == "noise"
                                     or trigger_scale_min < 1.0 or t_min_fraction > 0.0):
         raise ConfigError("the noise-scale range, reference 'noise', trigger-scale and first-timestep options shape "
                           "the samples that take TrojDiff's shift; use shift 'trojdiff' or 'both' with them")
@@ -246,7 +252,8 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
         if reference == "noise" and shift == "trojdiff":
             target = noise
         else:
-            target = jax.lax.stop_gradient(eps_fn(frozen, x_bd, t_bd))
+            # "untriggered": the frozen answer to the same input without the trigger (its own noise scale)
+            target = jax.lax.stop_gradient(eps_fn(frozen, triggered if reference == "untriggered" else x_bd, t_bd))
             if reference == "noise":
                 target = jnp.where(troj[:, None, None, None], noise, target)
         both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t_bd, t]))  # one forward pass

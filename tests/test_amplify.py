@@ -309,6 +309,31 @@ def test_removal_t_min_fraction_moves_only_the_trojdiff_samples_timesteps():
         RemovalConfig(t_min_fraction=0.5)
 
 
+def test_removal_untriggered_reference_is_the_frozen_answer_without_the_trigger():
+    """reference="untriggered": the target is eps_frozen(q_sample(x0, t, s eps)), the triggered input less its
+    trigger shift; with BadDiffusion's shift (s = 1) it equals the "frozen" reference."""
+    model, data, key, B, delta = _removal_case()
+    sched = model.schedule
+    other = random_model("tiny", seed=1, timesteps=50).params  # a frozen copy that differs from the trained one
+
+    @jax.jit
+    def both(params, frozen, data):
+        x0, t, noise, s = _removal_draws(key, data, B)
+        low = q_sample(sched, x0, t, s * noise)
+        trig = low + sched.sqrt_one_minus_abar[t][:, None, None, None] * delta
+        want = jnp.mean((model.eps(params, trig, t) - model.eps(frozen, low, t)) ** 2)
+        troj = functools.partial(removal_terms, model.eps, sched, B, "trojdiff", noise_scale_min=0.1)
+        bad = functools.partial(removal_terms, model.eps, sched, B, "baddiffusion")
+        return (want, troj(reference="untriggered")(params, frozen, delta, key, data)[0],
+                troj()(params, frozen, delta, key, data)[0],
+                bad(reference="untriggered")(params, frozen, delta, key, data)[0], bad()(params, frozen, delta, key, data)[0])
+
+    want, got, frozen_ref, bad_untrig, bad_frozen = (float(v) for v in both(model.params, other, data))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert not np.isclose(got, frozen_ref) and bad_untrig == bad_frozen
+    assert RemovalConfig(reference="untriggered").reference == "untriggered"  # allowed with BadDiffusion's shift
+
+
 def test_removal_noise_reference_is_trojdiffs_own_loss_on_clean_images():
     """reference="noise": the backdoor term is TrojDiff's training loss (trojdiff_pair) with clean images in place
     of its target, mu = delta (c delta with trigger_scale_min) and gamma = s ~ U[min, 1]; the frozen params are
