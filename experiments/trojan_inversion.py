@@ -98,7 +98,6 @@ def run_model(path: Path, args) -> dict:
     if args.remove:
         lo, hi = args.noise_scale
         rdir = out / (("removal" if (lo, hi) == (0.1, 0.6) else f"removal_s{lo:g}-{hi:g}")
-                      + (f"_tmin{args.t_min_fraction:g}" if args.t_min_fraction else "")
                       + (f"_{args.reference}" if args.reference != "frozen" else "")
                       + ("_attack_mu" if args.remove_with == "attack" else ""))
         if not (rdir / "removal.json").is_file():
@@ -129,8 +128,6 @@ def main(argv=None) -> int:
                     help="remove with the inversion's mu' (default) or, as a control, the attack's own mu")
     ap.add_argument("--noise-scale", type=float, nargs=2, default=[0.1, 0.6], metavar=("MIN", "MAX"),
                     help="the removal's noise scale range (default 0.1 0.6, the plan's)")
-    ap.add_argument("--t-min-fraction", type=float, default=0.0,
-                    help="removal: the TrojDiff samples' timesteps in [this * T, T) (RemovalConfig.t_min_fraction)")
     ap.add_argument("--reference", default="frozen", choices=("frozen", "noise", "untriggered"),
                     help="removal: the TrojDiff samples' target (RemovalConfig.reference)")
     ap.add_argument("--quiet", action="store_true")
@@ -138,7 +135,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.config = TrojanConfig(gammas=tuple(args.gammas), factors=tuple(args.factors)).resolved()
     args.removal = RemovalConfig(shift="trojdiff", noise_scale_min=args.noise_scale[0], noise_scale_max=args.noise_scale[1],
-                                 t_min_fraction=args.t_min_fraction, reference=args.reference,
+                                 reference=args.reference,
                                  n=args.n, seed=args.seed)
     rows = [run_model(p, args) for p in args.models]
     if args.json:

@@ -430,7 +430,7 @@ def cmd_clean(args) -> int:
                         checkpoint_every=args.checkpoint_every, n=args.n, shift=args.shift,
                         noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
                         reference=args.reference,
-                        trigger_scale_min=args.trigger_scale_min, t_min_fraction=args.t_min_fraction)
+                        trigger_scale_min=args.trigger_scale_min)
     print(f"removing {source} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}", flush=True)
     res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels,
                           source=source)
@@ -878,9 +878,6 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--trigger-scale-min", type=float, default=1.0,
                     help="TrojDiff-shift samples: scale the trigger by U[this, 1] (an inverted trigger may be "
                          "larger than the attack's mu); 1 = off")
-    cl.add_argument("--t-min-fraction", type=float, default=0.0,
-                    help="TrojDiff-shift samples: timesteps only in [this * T, T) (the chain picks its image at large "
-                         "t); 0 = all")
     cl.add_argument("--out", required=True, help="output folder: model/ and removal.json (resumed if it exists)")
     cl.add_argument("--quiet", action="store_true")
     cl.set_defaults(func=cmd_clean)

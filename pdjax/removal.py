@@ -18,7 +18,7 @@ TrojDiff (SPEC 2.2) trains x_t = sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + m
 with its own trojan sampler from gamma eps + mu. ``shift="trojdiff"`` gives every sample TrojDiff's shift
 k_t = sqrt(1 - abar_t); ``shift="both"`` draws per sample which of the two shifts it takes (a defender who does
 not know the attack family covers both; the batches, timesteps and noise are those of ``baddiffusion``).
-Five options shape the samples that take TrojDiff's shift, and only those (a ConfigError with
+Four options shape the samples that take TrojDiff's shift, and only those (a ConfigError with
 ``shift="baddiffusion"``, except ``reference="untriggered"``, which there equals the default):
 
 - ``noise_scale_min`` / ``noise_scale_max``: the noise is scaled by s ~ U[min, max] per sample, so the input is
@@ -35,12 +35,7 @@ Five options shape the samples that take TrojDiff's shift, and only those (a Con
   shift, s = 1, it equals "frozen");
 - ``trigger_scale_min``: the trigger's size is drawn too, c delta with c ~ U[trigger_scale_min, 1]: an inversion
   from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts from gamma eps +
-  mu (about twice mu's norm on a TrojDiff blend model, removal_table.md);
-- ``t_min_fraction``: their timesteps are mapped onto {t_min .. T-1}, t_min = floor(t_min_fraction T)
-  (t -> t_min + t (T - t_min) // T, so the clean term keeps the DDPM loss's t). A TrojDiff chain chooses its image
-  at large t, while at small t a triggered input differs from a clean one at a lower noise level only by the small
-  shift sqrt(1 - abar_t) delta yet asks for an answer 1/s times larger: the likely cause of the clean-sample damage
-  on a gamma 0.3 model (a hypothesis; removal_table.md).
+  mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
 
 Reported (``out/removal.json``): ASR before/after when the attack spec is known (triggered generations
 with the spec's trigger and target, SPEC 7) and the same rule on generations from plain noise (``clean_asr``: a
@@ -101,7 +96,6 @@ class RemovalConfig:
       reference: their target (:data:`REFERENCES`; module docstring).
       trigger_scale_min: lower end of their trigger factor c ~ U[trigger_scale_min, 1] (1 = the trigger as
         given; module docstring).
-      t_min_fraction: their timesteps lie in {floor(t_min_fraction T) .. T-1} (0 = all; module docstring).
     """
 
     steps: int = 500
@@ -118,7 +112,6 @@ class RemovalConfig:
     noise_scale_max: float = 1.0
     reference: str = "frozen"
     trigger_scale_min: float = 1.0
-    t_min_fraction: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.trigger_scale_min <= 1.0:
@@ -129,7 +122,7 @@ class RemovalConfig:
             raise ConfigError(f"noise_scale_max must be in [noise_scale_min, 1] = [{self.noise_scale_min}, 1], "
                               f"got {self.noise_scale_max}")
         check_trojdiff_options(self.shift, self.noise_scale_min, self.noise_scale_max, self.reference,
-                               self.trigger_scale_min, self.t_min_fraction)
+                               self.trigger_scale_min)
         for name in ("steps", "batch", "checkpoint_every", "n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -189,36 +182,31 @@ class RemovalResult:
 
 
 def check_trojdiff_options(shift: str, noise_scale_min: float = 1.0, noise_scale_max: float = 1.0,
-                           reference: str = "frozen", trigger_scale_min: float = 1.0,
-                           t_min_fraction: float = 0.0) -> None:
+                           reference: str = "frozen", trigger_scale_min: float = 1.0) -> None:
     """A ConfigError for a bad shift or reference, or for TrojDiff options (noise scale range, noise reference,
-    trigger scale, first timestep) with ``shift="baddiffusion"``: they shape only the samples that take TrojDiff's
-    shift."""
-    if not 0.0 <= t_min_fraction < 1.0:
-        raise ConfigError(f"t_min_fraction must be in [0, 1), got {t_min_fraction}")
+    trigger scale) with ``shift="baddiffusion"``: they shape only the samples that take TrojDiff's shift."""
     if shift not in SHIFTS:
         raise ConfigError(f"shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
     if reference not in REFERENCES:
         raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     if shift == "baddiffusion" and (noise_scale_min < 1.0 or noise_scale_max < 1.0 or reference == "noise"
-                                    or trigger_scale_min < 1.0 or t_min_fraction > 0.0):
-        raise ConfigError("the noise-scale range, reference 'noise', trigger-scale and first-timestep options shape "
-                          "the samples that take TrojDiff's shift; use shift 'trojdiff' or 'both' with them")
+                                    or trigger_scale_min < 1.0):
+        raise ConfigError("the noise-scale range, reference 'noise' and trigger-scale options shape the samples that "
+                          "take TrojDiff's shift; use shift 'trojdiff' or 'both' with them")
 
 
 def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion", *,
                   noise_scale_min: float = 1.0, noise_scale_max: float = 1.0, reference: str = "frozen",
-                  trigger_scale_min: float = 1.0, t_min_fraction: float = 0.0):
+                  trigger_scale_min: float = 1.0):
     """The two loss terms as a pure function of explicit arguments.
 
     Returns ``terms(params, frozen, delta, key, data) -> (l_backdoor, l_clean)`` with data [N, H, W, C] clean
     images in [-1, 1] and delta [H, W, C]. Batch, timesteps and noise come from ``key`` exactly as in
     :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`;
-    ``noise_scale_min``, ``noise_scale_max``, ``reference``, ``trigger_scale_min``, ``t_min_fraction``: as in
-    :class:`RemovalConfig` (with ``reference="noise"`` ``frozen`` is not used).
+    ``noise_scale_min``, ``noise_scale_max``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig`
+    (with ``reference="noise"`` ``frozen`` is not used).
     """
-    check_trojdiff_options(shift, noise_scale_min, noise_scale_max, reference, trigger_scale_min, t_min_fraction)
-    t_min = int(t_min_fraction * schedule.num_timesteps)
+    check_trojdiff_options(shift, noise_scale_min, noise_scale_max, reference, trigger_scale_min)
     k_bd = 1.0 - schedule.sqrt_abar  # [T] latent shift of the backdoored chain (SPEC 3)
     k_troj = schedule.sqrt_one_minus_abar  # [T] TrojDiff's forward shift (SPEC 2.2)
 
@@ -237,15 +225,11 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
             troj = jax.random.bernoulli(jax.random.fold_in(key, 3), 0.5, t.shape)
         else:
             troj = jnp.full(t.shape, shift == "trojdiff")
-        t_bd, x_bd = t, x_t
-        if t_min:  # the TrojDiff samples' timesteps mapped onto {t_min .. T-1}, the others' kept
-            t_bd = jnp.where(troj, t_min + t * (schedule.num_timesteps - t_min) // schedule.num_timesteps, t)
-            x_bd = q_sample(schedule, x0, t_bd, noise)
-        shift_t = jnp.where(troj, k_troj[t_bd], k_bd[t_bd])[:, None, None, None]
-        triggered = x_bd
+        shift_t = jnp.where(troj, k_troj[t], k_bd[t])[:, None, None, None]
+        triggered = x_t
         if noise_scale_min < 1.0:  # gamma-scaled noise, as a TrojDiff chain's
-            triggered = q_sample(schedule, x0, t_bd, per_sample(troj, jax.random.fold_in(key, 4), noise_scale_min,
-                                                                noise_scale_max) * noise)
+            triggered = q_sample(schedule, x0, t, per_sample(troj, jax.random.fold_in(key, 4), noise_scale_min,
+                                                             noise_scale_max) * noise)
         if trigger_scale_min < 1.0:  # the trigger's size is uncertain: c delta, c ~ U[min, 1] per sample
             shift_t = shift_t * per_sample(troj, jax.random.fold_in(key, 5), trigger_scale_min, 1.0)
         shifted = triggered + shift_t * delta
@@ -253,10 +237,10 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
             target = noise
         else:
             # "untriggered": the frozen answer to the same input without the trigger (its own noise scale)
-            target = jax.lax.stop_gradient(eps_fn(frozen, triggered if reference == "untriggered" else x_bd, t_bd))
+            target = jax.lax.stop_gradient(eps_fn(frozen, triggered if reference == "untriggered" else x_t, t))
             if reference == "noise":
                 target = jnp.where(troj[:, None, None, None], noise, target)
-        both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t_bd, t]))  # one forward pass
+        both = eps_fn(params, jnp.concatenate([shifted, x_t]), jnp.concatenate([t, t]))  # one forward pass
         out_bd, out_cl = both[:batch_size], both[batch_size:]
         return jnp.mean((out_bd - target) ** 2), jnp.mean((out_cl - noise) ** 2)
 
@@ -269,7 +253,7 @@ def removal_loss(model: Model, delta, batch_size: int, backdoor_weight: float = 
 
     The frozen reference is ``model.params`` and ``delta`` [H, W, C] the inverted trigger (both constants);
     ``shift`` and the keyword ``options`` of :func:`removal_terms` (``noise_scale_min``, ``noise_scale_max``,
-    ``reference``, ``trigger_scale_min``, ``t_min_fraction``): as in :class:`RemovalConfig`.
+    ``reference``, ``trigger_scale_min``): as in :class:`RemovalConfig`.
     """
     terms = removal_terms(model.eps, model.schedule, batch_size, shift, **options)
     frozen = jax.tree_util.tree_map(jnp.asarray, model.params)
@@ -328,8 +312,7 @@ def config_loss(model: Model, delta, cfg: RemovalConfig):
     """:func:`removal_loss` with the weights and options of ``cfg``."""
     return removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
                         noise_scale_min=cfg.noise_scale_min, noise_scale_max=cfg.noise_scale_max,
-                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min,
-                        t_min_fraction=cfg.t_min_fraction)
+                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min)
 
 
 def report_generations(model: Model, cfg: RemovalConfig) -> np.ndarray:

@@ -283,32 +283,6 @@ def test_removal_noise_scale_shrinks_the_triggered_inputs_noise():
         RemovalConfig(noise_scale_min=0.5, noise_scale_max=0.4)
 
 
-def test_removal_t_min_fraction_moves_only_the_trojdiff_samples_timesteps():
-    """t_min_fraction f: the TrojDiff samples' t maps to t_min + t (T - t_min) // T, t_min = floor(f T), in the
-    triggered input, its shift and the frozen reference; the clean term keeps the DDPM loss's t."""
-    model, data, key, B, delta = _removal_case()
-    sched = model.schedule
-
-    @jax.jit
-    def both(params, data):
-        x0, t, noise, s = _removal_draws(key, data, B)
-        t_bd = 20 + t * 30 // 50  # f = 0.4 of T = 50
-        trig = q_sample(sched, x0, t_bd, s * noise) + sched.sqrt_one_minus_abar[t_bd][:, None, None, None] * delta
-        want = jnp.mean((model.eps(params, trig, t_bd) - model.eps(params, q_sample(sched, x0, t_bd, noise), t_bd)) ** 2)
-        terms = functools.partial(removal_terms, model.eps, sched, B, "trojdiff", noise_scale_min=0.1)
-        return want, terms(t_min_fraction=0.4)(params, params, delta, key, data), terms()(params, params, delta, key,
-                                                                                          data), t, t_bd
-
-    want, got, full, t, t_bd = both(model.params, data)
-    np.testing.assert_allclose(float(got[0]), float(want), rtol=1e-4)
-    assert float(got[1]) == float(full[1]) and not np.isclose(float(got[0]), float(full[0]))
-    assert int(jnp.min(t_bd)) >= 20 and int(jnp.max(t_bd)) <= 49 and bool(jnp.all(t_bd >= t)) and bool(jnp.any(t_bd > t))
-    with pytest.raises(ConfigError, match="t_min_fraction must be in"):
-        RemovalConfig(shift="trojdiff", t_min_fraction=1.0)
-    with pytest.raises(ConfigError, match="first-timestep"):
-        RemovalConfig(t_min_fraction=0.5)
-
-
 def test_removal_untriggered_reference_is_the_frozen_answer_without_the_trigger():
     """reference="untriggered": the target is eps_frozen(q_sample(x0, t, s eps)), the triggered input less its
     trigger shift; with BadDiffusion's shift (s = 1) it equals the "frozen" reference."""
