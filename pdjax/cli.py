@@ -310,7 +310,7 @@ def _invert_trojdiff(model, args) -> int:
           f"every gamma: {ratios}), trigger mu norm {np.linalg.norm(res.trigger):.2f}, {res.seconds:.1f} s")
     print(f"wrote {Path(args.out) / 'trigger.npy'} (the start is gamma eps + trigger), trigger.png, ball.npy, "
           f"inversion.json; to remove the backdoor: pdjax clean {args.model} --trigger {Path(args.out) / 'trigger.npy'} "
-          f"--shift trojdiff --noise-scale-min 0.1 --noise-scale-max 0.6 --out DIR")
+          f"--shift trojdiff --noise-scale-min 0.1 --noise-scale-max 0.6 --reference untriggered --out DIR")
     return 0
 
 
