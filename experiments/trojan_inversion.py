@@ -9,7 +9,9 @@ With ``--remove`` it then runs ``pdjax clean``'s removal with mu' (``--shift tro
 frozen reference, 500 steps, lr 1e-4: the settings with which the attack's own mu removed TrojDiff's backdoor,
 removal_table.md) and reports the attack's ASR under its own sampler before and after and the clean-sample MSE.
 ``--noise-scale MIN MAX`` changes the removal's noise range and ``--remove-with attack`` removes with the attack's own
-mu instead (a control: is a failure the trigger's or the removal term's?); each writes its own removal folder.
+mu instead (a control: is a failure the trigger's or the removal term's?), and ``--reference`` sets the removal
+term's target (RemovalConfig.reference; ``untriggered`` is the one the ho15 blind test used); each writes its own
+removal folder.
 
     python experiments/trojan_inversion.py zoo/ho_troj_stop_x zoo/ho2_troj_outd2d_B --out runs/trojan --remove \
         --json experiments/results/trojan_inversion.json
@@ -33,7 +35,7 @@ from pdjax.data import load_digits_with_labels
 from pdjax.defense.trojan import TrojanConfig, TrojanResult, invert_trojan
 from pdjax.metrics import asr, uniformity
 from pdjax.model import load
-from pdjax.removal import RemovalConfig, remove_backdoor
+from pdjax.removal import REFERENCES, RemovalConfig, remove_backdoor
 
 
 def lined_up(found: np.ndarray, mu: np.ndarray) -> dict:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
                     help="remove with the inversion's mu' (default) or, as a control, the attack's own mu")
     ap.add_argument("--noise-scale", type=float, nargs=2, default=[0.1, 0.6], metavar=("MIN", "MAX"),
                     help="the removal's noise scale range (default 0.1 0.6, the plan's)")
-    ap.add_argument("--reference", default="frozen", choices=("frozen", "noise", "untriggered"),
+    ap.add_argument("--reference", default="frozen", choices=REFERENCES,
                     help="removal: the TrojDiff samples' target (RemovalConfig.reference)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--json", type=Path)
