@@ -1,13 +1,14 @@
 """TrojDiff-form inversion (pdjax.defense.trojan) on TrojDiff and clean models, and removal with what it finds.
 
 For each model: :func:`pdjax.defense.trojan.invert_trojan` (ball probe, then L_troj for every gamma of the grid from
-the ball trigger's multiples; the lowest ratio L_troj(mu') / L_troj(0) wins). On a TrojDiff model it reports how mu'
+the ball trigger's multiples, and the patch search; the lowest ratio L_troj(mu') / L_troj(0) wins). On a TrojDiff model it reports how mu'
 lines up with the attack's mu (cosine, the factor c minimising ||c mu' - mu||, the residual, norms), the gamma picked
 against the attack's, and the ASR of the trojan sampler started from gamma' eps + mu' with (mu', gamma') beside the
 attack's own pair (n generations, key fold_in(seed, 7); SPEC 7: the target MSE rule for d2i, the classifier for d2d).
 With ``--remove`` it then runs ``pdjax clean``'s removal with mu' (``--shift trojdiff``, noise scale s ~ U[0.1, 0.6],
 frozen reference, 500 steps, lr 1e-4: the settings with which the attack's own mu removed TrojDiff's backdoor,
-removal_table.md) and reports the attack's ASR under its own sampler before and after and the clean-sample MSE.
+removal_table.md; the noise scaled inside the found patch only when a patch won, or the attack's patch with
+``--remove-with attack``) and reports the attack's ASR under its own sampler before and after and the clean-sample MSE.
 ``--noise-scale MIN MAX`` changes the removal's noise range and ``--remove-with attack`` removes with the attack's own
 mu instead (a control: is a failure the trigger's or the removal term's?), and ``--reference`` sets the removal
 term's target (RemovalConfig.reference; ``untriggered`` is the one the ho15 blind test used); each writes its own
@@ -20,6 +21,7 @@ removal folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,6 +58,14 @@ def trojan_asr(model, mu, scale, score, key, n: int) -> dict:
     return {"asr": score(x), "uniformity": float(uniformity(x))}
 
 
+def attack_patch(arrays) -> dict | None:
+    """The attack's own patch ({"corner", "size"}) for a TrojDiff patch trigger, None for a blend one."""
+    if not arrays.patch:
+        return None
+    rows, cols = np.nonzero(arrays.mask[..., 0])
+    return {"corner": [int(rows.min()), int(cols.min())], "size": int(rows.max() - rows.min() + 1)}
+
+
 def scorer(model, spec, arrays, data, labels):
     """generations -> ASR by SPEC 7 (the target MSE rule, or the d2d class classifier)."""
     if arrays.target.ndim == 3:
@@ -71,18 +81,18 @@ def run_model(path: Path, args) -> dict:
     row = {"model": path.name, "seed": args.seed, "n": args.n}
     done = out / "inversion" / "inversion.json"
     if done.is_file():
-        rep = json.loads(done.read_text())
-        res = TrojanResult(np.load(out / "inversion" / "trigger.npy"), rep["gamma"], rep["ratio"],
-                           {float(g): r for g, r in rep["ratios"].items()}, np.load(out / "inversion" / "ball.npy"),
-                           np.asarray(rep["losses"]), rep["config"], rep["seed"], rep["seconds"])
+        res = TrojanResult.load(out / "inversion")
     else:
         res = invert_trojan(model, key, args.config, progress=not args.quiet)
         res.save(out / "inversion")
     row.update(gamma=res.gamma, ratio=res.ratio, ratios={f"{g:g}": r for g, r in res.ratios.items()},
-               inversion_seconds=res.seconds, trigger_norm=float(np.linalg.norm(res.trigger)))
+               patch=res.patch, patch_search=res.patch_search, inversion_seconds=res.seconds,
+               trigger_norm=float(np.linalg.norm(res.trigger)))
+    form = f"patch {res.patch['corner']}, " if res.patch else ""
     attack = model.meta.get("attack", {})
     if attack.get("kind") != "trojdiff":
-        print(f"{path.name}: gamma {res.gamma:g}, ratio {res.ratio:.3f} (ratios {row['ratios']})", flush=True)
+        print(f"{path.name}: {form}gamma {res.gamma:g}, ratio {res.ratio:.3f} (ratios {row['ratios']}, patch search "
+              f"{(res.patch_search or {}).get('ratio')})", flush=True)
         return row
     spec = spec_from_model(model)
     data, labels = load_digits_with_labels(model.image_shape[0], model.image_shape[2])
@@ -92,8 +102,8 @@ def run_model(path: Path, args) -> dict:
     k = jax.random.fold_in(key, 7)
     row.update(attack=spec.to_dict(), found=lined_up(res.trigger, mu), ball=lined_up(res.ball, mu),
                true_pair=trojan_asr(model, mu, scale, score, k, args.n),
-               found_pair=trojan_asr(model, res.trigger, res.gamma, score, k, args.n))
-    print(f"{path.name}: gamma {res.gamma:g} (attack {spec.gamma:g}), ratio {res.ratio:.3f}, cos to mu "
+               found_pair=trojan_asr(model, res.trigger, res.scale(), score, k, args.n))
+    print(f"{path.name}: {form}gamma {res.gamma:g} (attack {spec.gamma:g}), ratio {res.ratio:.3f}, cos to mu "
           f"{row['found']['cos']:.3f}, factor {row['found']['best_factor']:.2f}; ASR (mu', gamma') "
           f"{row['found_pair']['asr']:.2f}, attack's pair {row['true_pair']['asr']:.2f} ({res.seconds:.0f} s)",
           flush=True)
@@ -105,12 +115,15 @@ def run_model(path: Path, args) -> dict:
         if not (rdir / "removal.json").is_file():
             t0 = time.perf_counter()
             trigger = res.trigger if args.remove_with == "found" else mu
-            remove_backdoor(model, data, trigger, args.removal, out=rdir, progress=not args.quiet, spec=spec,
-                            labels=labels)
+            patch = res.patch if args.remove_with == "found" else attack_patch(arrays)
+            rcfg = args.removal if patch is None else dataclasses.replace(
+                args.removal, noise_patch=(*patch["corner"], patch["size"]))
+            remove_backdoor(model, data, trigger, rcfg, out=rdir, progress=not args.quiet, spec=spec, labels=labels)
             row["removal_seconds"] = time.perf_counter() - t0
         rep = json.loads((rdir / "removal.json").read_text())
         keys = ("steps", "asr_before", "asr_after", "clean_asr_before", "clean_asr_after", "clean_mse", "clean_damaged")
-        row["removal"] = {"trigger": args.remove_with, **{k: rep.get(k) for k in keys}}
+        row["removal"] = {"trigger": args.remove_with, "noise_patch": rep["config"].get("noise_patch"),
+                          **{k: rep.get(k) for k in keys}}
         which = "the attack's mu" if args.remove_with == "attack" else "mu'"
         print(f"{path.name}: removal with {which}: ASR {rep['asr_before']:.2f} -> {rep['asr_after']:.2f}, clean-sample "
               f"MSE {rep['clean_mse']:.4f}", flush=True)
@@ -148,8 +161,6 @@ def main(argv=None) -> int:
 
 
 def res_dict(args) -> dict:
-    import dataclasses
-
     return {"trojan": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args.config).items()},
             "removal": dataclasses.asdict(args.removal)}
 

@@ -288,17 +288,22 @@ TROJDIFF_METHOD = "trojdiff"  # pdjax invert --method trojdiff: the TrojDiff-for
 
 
 def _invert_trojdiff(model, args) -> int:
-    """``pdjax invert --method trojdiff``: estimate TrojDiff's (mu, gamma); writes mu as trigger.npy."""
+    """``pdjax invert --method trojdiff``: estimate TrojDiff's (mu, gamma), a blend or a patch; writes mu as
+    trigger.npy."""
+    import dataclasses
+
     import numpy as np
 
-    from pdjax.defense.trojan import TrojanConfig, invert_trojan
+    from pdjax.defense.trojan import PatchConfig, TrojanConfig, invert_trojan
 
     given = {k: getattr(args, k) for k in ("steps", "lr", "batch") if getattr(args, k) is not None}
     if args.gammas:
         given["gammas"] = tuple(args.gammas)
     if args.factors:
         given["factors"] = tuple(args.factors)
-    cfg = TrojanConfig(**given).resolved()
+    patch = None if args.no_patch else dataclasses.replace(
+        PatchConfig(), **{k: v for k, v in given.items() if k in ("steps", "lr", "batch")})
+    cfg = TrojanConfig(**given, patch=patch).resolved()
     from pdjax.removal import load_delta
 
     ball = load_delta(args.ball, model.image_shape) if args.ball else None  # raw values, the model's shape
@@ -306,11 +311,17 @@ def _invert_trojdiff(model, args) -> int:
     res = invert_trojan(model, _key(args.seed), cfg, ball=ball, progress=not args.quiet)
     res.save(args.out)
     ratios = ", ".join(f"{g:g}: {r:.3f}" for g, r in res.ratios.items())
-    print(f"trojdiff on {args.model}: gamma {res.gamma:g}, L_troj ratio {res.ratio:.3f} (~1 on a clean model; "
-          f"every gamma: {ratios}), trigger mu norm {np.linalg.norm(res.trigger):.2f}, {res.seconds:.1f} s")
-    print(f"wrote {Path(args.out) / 'trigger.npy'} (the start is gamma eps + trigger), trigger.png, ball.npy, "
+    if res.patch_search:
+        ratios += f"; patch {res.patch_search['size']}x{res.patch_search['size']} at " \
+                  f"{tuple(res.patch_search['corner'])}, gamma {res.patch_search['gamma']:g}: {res.patch_search['ratio']:.3f}"
+    form = f"patch at {tuple(res.patch['corner'])}, " if res.patch else ""
+    print(f"trojdiff on {args.model}: {form}gamma {res.gamma:g}, L_troj ratio {res.ratio:.3f} (~1 on a clean model; "
+          f"every form: {ratios}), trigger mu norm {np.linalg.norm(res.trigger):.2f}, {res.seconds:.1f} s")
+    noise_patch = f" --noise-patch {res.patch['corner'][0]} {res.patch['corner'][1]} {res.patch['size']}" if res.patch else ""
+    start = "the patch's noise scale (gamma inside, 1 outside)" if res.patch else "gamma"
+    print(f"wrote {Path(args.out) / 'trigger.npy'} (the start is {start} times eps + trigger), trigger.png, ball.npy, "
           f"inversion.json; to remove the backdoor: pdjax clean {args.model} --trigger {Path(args.out) / 'trigger.npy'} "
-          f"--shift trojdiff --noise-scale-min 0.1 --noise-scale-max 0.6 --reference untriggered --out DIR")
+          f"--shift trojdiff --noise-scale-min 0.1 --noise-scale-max 0.6{noise_patch} --reference untriggered --out DIR")
     return 0
 
 
@@ -429,8 +440,8 @@ def cmd_clean(args) -> int:
     cfg = RemovalConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, n=args.n, shift=args.shift,
                         noise_scale_min=args.noise_scale_min, noise_scale_max=args.noise_scale_max,
-                        reference=args.reference,
-                        trigger_scale_min=args.trigger_scale_min)
+                        reference=args.reference, trigger_scale_min=args.trigger_scale_min,
+                        noise_patch=args.noise_patch)
     print(f"removing {source} from {args.model}: {cfg.steps} fine-tuning steps -> {args.out}", flush=True)
     res = remove_backdoor(model, data, delta, cfg, out=args.out, progress=not args.quiet, spec=spec, labels=labels,
                           source=source)
@@ -752,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gammas", type=float, nargs="+", help="trojdiff: noise scales tried (default 0.6 0.3 0.1)")
     i.add_argument("--factors", type=float, nargs="+",
                    help="trojdiff: starts as multiples of the ball probe's trigger (default 0.5 1)")
+    i.add_argument("--no-patch", dest="no_patch", action="store_true",
+                   help="trojdiff: skip the patch search (TrojDiff's patch form: gamma 0.1 inside a 3x3 patch at an "
+                        "unknown place)")
     i.add_argument("--ball", help="trojdiff: a ball probe trigger (.npy, e.g. an audit's rules/ball.npy) instead of "
                                   "running the probe")
     i.add_argument("--restarts", type=int,
@@ -875,6 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TrojDiff-shift samples: answer the frozen model's answer to the clean input, the noise "
                          "that made them (TrojDiff's own loss with clean images as targets), or the frozen model's "
                          "answer to the same input without the trigger (its own noise scale)")
+    cl.add_argument("--noise-patch", type=int, nargs=3, metavar=("ROW", "COL", "SIZE"),
+                    help="TrojDiff-shift samples: scale their noise only inside this patch (TrojDiff's patch trigger; "
+                         "the patch `pdjax invert --method trojdiff` reports)")
     cl.add_argument("--trigger-scale-min", type=float, default=1.0,
                     help="TrojDiff-shift samples: scale the trigger by U[this, 1] (an inverted trigger may be "
                          "larger than the attack's mu); 1 = off")

@@ -18,7 +18,7 @@ TrojDiff (SPEC 2.2) trains x_t = sqrt(abar_t) y + sqrt(1 - abar_t)(gamma eps + m
 with its own trojan sampler from gamma eps + mu. ``shift="trojdiff"`` gives every sample TrojDiff's shift
 k_t = sqrt(1 - abar_t); ``shift="both"`` draws per sample which of the two shifts it takes (a defender who does
 not know the attack family covers both; the batches, timesteps and noise are those of ``baddiffusion``).
-Four options shape the samples that take TrojDiff's shift, and only those (a ConfigError with
+Five options shape the samples that take TrojDiff's shift, and only those (a ConfigError with
 ``shift="baddiffusion"``, except ``reference="untriggered"``, which there equals the default):
 
 - ``noise_scale_min`` / ``noise_scale_max``: the noise is scaled by s ~ U[min, max] per sample, so the input is
@@ -33,6 +33,9 @@ Four options shape the samples that take TrojDiff's shift, and only those (a Con
   The model is asked to ignore the trigger at the input's own noise scale rather than to answer eps, 1/s times
   the input's noise; the trojan chain from the trigger then behaves like one from gamma eps (with BadDiffusion's
   shift, s = 1, it equals "frozen");
+- ``noise_patch = (row, col, size)``: the noise is scaled by s only inside that patch, 1 elsewhere: TrojDiff's
+  patch trigger, whose start is gamma eps + mu inside a patch and eps outside (the patch a
+  :func:`pdjax.defense.trojan.invert_trojan` patch search found; needs a noise scale range);
 - ``trigger_scale_min``: the trigger's size is drawn too, c delta with c ~ U[trigger_scale_min, 1]: an inversion
   from full-scale noise eps + delta finds a larger trigger than the mu of a chain that starts from gamma eps +
   mu (about twice mu's norm on a TrojDiff blend model, removal_table.md).
@@ -62,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdjax.backdoor.attacks import AttackSpec
+from pdjax.backdoor.triggers import patch_mask
 from pdjax.diffusion.schedule import Schedule, q_sample
 from pdjax.errors import ConfigError, DataError
 from pdjax.model import Model
@@ -96,6 +100,8 @@ class RemovalConfig:
       reference: their target (:data:`REFERENCES`; module docstring).
       trigger_scale_min: lower end of their trigger factor c ~ U[trigger_scale_min, 1] (1 = the trigger as
         given; module docstring).
+      noise_patch: (row, col, size) of the patch their noise scale applies to (TrojDiff's patch trigger), or
+        None for the whole image (module docstring).
     """
 
     steps: int = 500
@@ -112,8 +118,12 @@ class RemovalConfig:
     noise_scale_max: float = 1.0
     reference: str = "frozen"
     trigger_scale_min: float = 1.0
+    noise_patch: tuple | None = None
 
     def __post_init__(self):
+        if self.noise_patch is not None:
+            object.__setattr__(self, "noise_patch", check_noise_patch(self.noise_patch, self.shift,
+                                                                      self.noise_scale_min))
         if not 0.0 <= self.trigger_scale_min <= 1.0:
             raise ConfigError(f"trigger_scale_min must be in [0, 1], got {self.trigger_scale_min}")
         if not 0.0 < self.noise_scale_min <= 1.0:
@@ -181,6 +191,21 @@ class RemovalResult:
                 "config": self.config, "out": self.out, "final_loss": self.final_loss, "model": "model"}
 
 
+def check_noise_patch(patch, shift: str, noise_scale_min: float) -> tuple:
+    """``patch`` as an (row, col, size) tuple of ints, or a ConfigError: three integers (row, col >= 0, size >= 1),
+    used with TrojDiff's shift and a noise scale range (it only says where that scale applies)."""
+    try:
+        row, col, size = (int(v) for v in patch)
+    except (TypeError, ValueError):
+        raise ConfigError(f"noise_patch must be three integers (row, col, size), got {patch!r}") from None
+    if row < 0 or col < 0 or size < 1:
+        raise ConfigError(f"noise_patch must have row, col >= 0 and size >= 1, got {(row, col, size)}")
+    if shift == "baddiffusion" or not noise_scale_min < 1.0:
+        raise ConfigError("noise_patch says where the TrojDiff samples' noise scale applies: use it with shift "
+                          "'trojdiff' or 'both' and a noise scale range below 1 (noise_scale_min < 1)")
+    return row, col, size
+
+
 def check_trojdiff_options(shift: str, noise_scale_min: float = 1.0, noise_scale_max: float = 1.0,
                            reference: str = "frozen", trigger_scale_min: float = 1.0) -> None:
     """A ConfigError for a bad shift or reference, or for TrojDiff options (noise scale range, noise reference,
@@ -197,16 +222,18 @@ def check_trojdiff_options(shift: str, noise_scale_min: float = 1.0, noise_scale
 
 def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "baddiffusion", *,
                   noise_scale_min: float = 1.0, noise_scale_max: float = 1.0, reference: str = "frozen",
-                  trigger_scale_min: float = 1.0):
+                  trigger_scale_min: float = 1.0, noise_patch: tuple | None = None):
     """The two loss terms as a pure function of explicit arguments.
 
     Returns ``terms(params, frozen, delta, key, data) -> (l_backdoor, l_clean)`` with data [N, H, W, C] clean
     images in [-1, 1] and delta [H, W, C]. Batch, timesteps and noise come from ``key`` exactly as in
     :func:`pdjax.train.ddpm_loss` (so l_clean equals the DDPM loss of the same key). ``shift``: :data:`SHIFTS`;
-    ``noise_scale_min``, ``noise_scale_max``, ``reference``, ``trigger_scale_min``: as in :class:`RemovalConfig`
-    (with ``reference="noise"`` ``frozen`` is not used).
+    ``noise_scale_min``, ``noise_scale_max``, ``reference``, ``trigger_scale_min``, ``noise_patch``: as in
+    :class:`RemovalConfig` (with ``reference="noise"`` ``frozen`` is not used).
     """
     check_trojdiff_options(shift, noise_scale_min, noise_scale_max, reference, trigger_scale_min)
+    if noise_patch is not None:
+        noise_patch = check_noise_patch(noise_patch, shift, noise_scale_min)
     k_bd = 1.0 - schedule.sqrt_abar  # [T] latent shift of the backdoored chain (SPEC 3)
     k_troj = schedule.sqrt_one_minus_abar  # [T] TrojDiff's forward shift (SPEC 2.2)
 
@@ -228,8 +255,11 @@ def removal_terms(eps_fn, schedule: Schedule, batch_size: int, shift: str = "bad
         shift_t = jnp.where(troj, k_troj[t], k_bd[t])[:, None, None, None]
         triggered = x_t
         if noise_scale_min < 1.0:  # gamma-scaled noise, as a TrojDiff chain's
-            triggered = q_sample(schedule, x0, t, per_sample(troj, jax.random.fold_in(key, 4), noise_scale_min,
-                                                             noise_scale_max) * noise)
+            s = per_sample(troj, jax.random.fold_in(key, 4), noise_scale_min, noise_scale_max)
+            if noise_patch is not None:  # only inside the patch (TrojDiff's patch trigger)
+                m = jnp.asarray(patch_mask(x0.shape[1:], noise_patch[:2], noise_patch[2]))
+                s = 1.0 - m + m * s
+            triggered = q_sample(schedule, x0, t, s * noise)
         if trigger_scale_min < 1.0:  # the trigger's size is uncertain: c delta, c ~ U[min, 1] per sample
             shift_t = shift_t * per_sample(troj, jax.random.fold_in(key, 5), trigger_scale_min, 1.0)
         shifted = triggered + shift_t * delta
@@ -312,7 +342,8 @@ def config_loss(model: Model, delta, cfg: RemovalConfig):
     """:func:`removal_loss` with the weights and options of ``cfg``."""
     return removal_loss(model, delta, cfg.batch, cfg.backdoor_weight, cfg.clean_weight, cfg.shift,
                         noise_scale_min=cfg.noise_scale_min, noise_scale_max=cfg.noise_scale_max,
-                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min)
+                        reference=cfg.reference, trigger_scale_min=cfg.trigger_scale_min,
+                        noise_patch=cfg.noise_patch)
 
 
 def report_generations(model: Model, cfg: RemovalConfig) -> np.ndarray:
@@ -352,6 +383,8 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
     delta = np.asarray(trigger, np.float32)
     if delta.shape != tuple(model.image_shape):
         raise ConfigError(f"trigger has shape {delta.shape}, the model needs {tuple(model.image_shape)}")
+    if cfg.noise_patch is not None:  # fits the image? (a ConfigError before any training)
+        patch_mask(model.image_shape, cfg.noise_patch[:2], cfg.noise_patch[2])
     out = Path(out)
     meta = {"removal": {"config": cfg.to_dict(), "trigger_norm": float(np.linalg.norm(delta))}}
     res = fit(model, config_loss(model, delta, cfg), data, cfg.train_config(), out=out / "model", meta=meta,
@@ -376,5 +409,5 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
 
 
 __all__ = ["DAMAGE_NEAREST_RATIO", "DAMAGE_UNIFORMITY_RATIO", "REFERENCES", "SHIFTS", "RemovalConfig", "RemovalResult",
-           "clean_quality", "config_loss", "damaged", "load_delta", "remove_backdoor", "removal_loss", "removal_terms",
+           "check_noise_patch", "clean_quality", "config_loss", "damaged", "load_delta", "remove_backdoor", "removal_loss", "removal_terms",
            "report_asr", "report_generations"]

@@ -308,6 +308,44 @@ def test_removal_untriggered_reference_is_the_frozen_answer_without_the_trigger(
     assert RemovalConfig(reference="untriggered").reference == "untriggered"  # allowed with BadDiffusion's shift
 
 
+def test_removal_noise_patch_scales_the_noise_inside_the_patch_only():
+    """noise_patch = (row, col, size): the TrojDiff samples' noise is scaled by s inside the patch and left whole
+    outside it (TrojDiff's patch start); a patch covering the whole image is the plain noise scale."""
+    from pdjax.backdoor.triggers import patch_mask
+
+    model, data, key, B, delta = _removal_case()
+    sched = model.schedule
+    m = jnp.asarray(patch_mask((8, 8, 1), (5, 2), 3))
+
+    @jax.jit
+    def both(params, frozen, data):
+        x0, t, noise, s = _removal_draws(key, data, B)
+        low = q_sample(sched, x0, t, (1.0 - m + m * s) * noise)
+        trig = low + sched.sqrt_one_minus_abar[t][:, None, None, None] * delta
+        want = jnp.mean((model.eps(params, trig, t) - model.eps(frozen, low, t)) ** 2)
+        troj = functools.partial(removal_terms, model.eps, sched, B, "trojdiff", noise_scale_min=0.1,
+                                 reference="untriggered")
+        return (want, troj(noise_patch=(5, 2, 3))(params, frozen, delta, key, data)[0],
+                troj(noise_patch=(0, 0, 8))(params, frozen, delta, key, data)[0],
+                troj()(params, frozen, delta, key, data)[0])
+
+    other = random_model("tiny", seed=1, timesteps=50).params
+    want, got, whole, plain = (float(v) for v in both(model.params, other, data))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(whole, plain, rtol=1e-6)
+    assert not np.isclose(got, plain)
+    assert RemovalConfig(shift="trojdiff", noise_scale_min=0.1, noise_patch=[5, 2, 3]).noise_patch == (5, 2, 3)
+    for bad in (dict(shift="trojdiff", noise_scale_min=0.1, noise_patch=(1, 2)),
+                dict(shift="trojdiff", noise_scale_min=0.1, noise_patch=(-1, 0, 3)),
+                dict(shift="trojdiff", noise_patch=(0, 0, 3)),  # no noise scale to place
+                dict(noise_scale_min=1.0, noise_patch=(0, 0, 3))):  # BadDiffusion's shift
+        with pytest.raises(ConfigError, match="noise_patch"):
+            RemovalConfig(**bad)
+    with pytest.raises(ConfigError, match="does not fit"):
+        removal_terms(model.eps, sched, B, "trojdiff", noise_scale_min=0.1, noise_patch=(7, 0, 3))(
+            model.params, other, delta, key, data)
+
+
 def test_removal_noise_reference_is_trojdiffs_own_loss_on_clean_images():
     """reference="noise": the backdoor term is TrojDiff's training loss (trojdiff_pair) with clean images in place
     of its target, mu = delta (c delta with trigger_scale_min) and gamma = s ~ U[min, 1]; the frozen params are

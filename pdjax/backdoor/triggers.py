@@ -421,6 +421,18 @@ TROJ_GAMMA = {"blend": 0.6, "patch": 0.1}
 TROJ_PATCH = 3
 
 
+def patch_mask(shape, corner, size: int) -> np.ndarray:
+    """[H, W, C] float32: 1 on the ``size`` x ``size`` patch whose top-left pixel is ``corner`` (row, col), 0 elsewhere."""
+    (i, j), (H, W) = corner, shape[:2]
+    if not (0 <= i <= H - size and 0 <= j <= W - size):
+        raise ConfigError(f"a {size}x{size} patch at ({i}, {j}) does not fit a {H}x{W} image: its row must be "
+                          f"0..{H - size} and its col 0..{W - size}")
+    m = np.zeros(shape, np.float32)
+    m[i:i + size, j:j + size] = 1.0
+    return m
+
+
+
 def troj_blend(size: int, channels: int = 3) -> TrojTrigger:
     """TrojDiff blend trigger: :func:`kitty`, gamma 0.6, mask all True."""
     img = kitty(size, channels)

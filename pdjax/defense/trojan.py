@@ -41,6 +41,7 @@ import numpy as np
 
 import optax
 
+from pdjax.backdoor.triggers import TROJ_GAMMA, TROJ_PATCH, patch_mask
 from pdjax.errors import ConfigError
 from pdjax.defense.inversion import InversionConfig, _seed_of, invert, problem_of, save_trigger, trojan_residual
 from pdjax.loops import default_steps_per_call, repeat
@@ -60,8 +61,8 @@ class PatchConfig:
       steps, lr, batch: the Adam refinement of mu inside the best patch (fresh noises each step).
     """
 
-    size: int = 3
-    gamma: float = 0.1
+    size: int = TROJ_PATCH
+    gamma: float = TROJ_GAMMA["patch"]
     levels: tuple = (-0.9, -0.45, 0.45, 0.9)
     screen_batch: int = 16
     steps: int = 200
@@ -79,16 +80,6 @@ class PatchConfig:
         if not cfg.lr > 0:
             raise ConfigError(f"patch search: lr must be > 0, got {cfg.lr}")
         return cfg
-
-
-def patch_mask(shape, corner, size: int) -> np.ndarray:
-    """[H, W, C] float32: 1 on the ``size`` x ``size`` patch whose top-left pixel is ``corner`` (row, col), 0 elsewhere."""
-    (i, j), (H, W, C) = corner, shape
-    if not (0 <= i <= H - size and 0 <= j <= W - size):
-        raise ConfigError(f"a {size}x{size} patch at ({i}, {j}) does not fit a {H}x{W} image")
-    m = np.zeros(shape, np.float32)
-    m[i:i + size, j:j + size] = 1.0
-    return m
 
 
 def patch_scale(shape, corner, size: int, gamma: float) -> np.ndarray:
