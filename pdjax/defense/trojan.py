@@ -24,9 +24,9 @@ describes. The patch search (:class:`PatchConfig`, on by default) covers it with
    gammas' and the lowest wins. A clean model cannot answer eps where the noise was scaled down, so its patch
    ratios stay near or above 1.
 
-The result's trigger is mu' for the start ``noise_scale`` eps + mu' (a scalar gamma', or the patch's map;
-``pdjax clean --shift trojdiff`` removes with it, ``--noise-patch`` for a patch).
-Results: experiments/results/removal_table.md, "TrojDiff-form inversion".
+The result's trigger is mu' for the start ``TrojanResult.scale()`` eps + mu' (a scalar gamma', or the patch's map;
+``pdjax clean --shift trojdiff`` removes with it, with ``--noise-patch`` for a patch).
+Results: experiments/results/removal_table.md, "TrojDiff-form inversion" and "ho16" (the patch search).
 """
 
 from __future__ import annotations
