@@ -32,6 +32,7 @@ Results: experiments/results/removal_table.md, "TrojDiff-form inversion" and "ho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -187,11 +188,17 @@ class TrojanResult:
         return save_trigger(out, self.trigger, self.to_dict(), ball=self.ball)
 
 
+@functools.lru_cache(maxsize=8)
+def _residual_program(prob):
+    """:func:`trojan_residual` of ``prob``, jitted once per problem (every ratio of a search reuses it)."""
+    return jax.jit(trojan_residual(prob))
+
+
 def trojan_ratio(model, mu, gamma, key, n: int = 64) -> float:
     """L_troj(mu; gamma) / L_troj(0; gamma) on n noises and timesteps drawn from ``key`` (both from the same);
     ``gamma`` a scalar or an [H, W, C] noise-scale map."""
     prob = problem_of(model)
-    f = jax.jit(trojan_residual(prob))
+    f = _residual_program(prob)
     noise = jax.random.normal(jax.random.fold_in(key, 0), (n, *prob.shape))
     k = jax.random.fold_in(key, 1)
     mu, gamma = jnp.asarray(mu, jnp.float32), jnp.asarray(gamma, jnp.float32)
