@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdjax.backdoor.attacks import AttackArrays, AttackSpec, backdoor_loss, trojan_ddpm_sample, triggered_start
-from pdjax.backdoor.triggers import TROJ_TRIGGERS, get_target, get_trigger, get_troj_trigger, trigger_mask
+from pdjax.backdoor.triggers import get_target, get_trigger, get_troj_trigger, is_troj_patch, is_troj_trigger, trigger_mask
 from pdjax.data import LETTERS, load_letters_with_labels
 from pdjax.diffusion.samplers import DDIM_STEPS, ddim_sample, ddpm_sample
 from pdjax.errors import ConfigError
@@ -41,9 +41,9 @@ def build_arrays(spec: AttackSpec, shape: tuple[int, int, int], data=None, label
     """
     size, _, channels = shape
     patch = False
-    if spec.kind == "trojdiff" and spec.trigger.lower() in TROJ_TRIGGERS:
+    if spec.kind == "trojdiff" and is_troj_trigger(spec.trigger):
         troj = get_troj_trigger(spec.trigger, size, channels)
-        g, mask, patch = np.asarray(troj.image, np.float32), np.asarray(troj.mask, np.float32), spec.trigger.lower() == "patch"
+        g, mask, patch = np.asarray(troj.image, np.float32), np.asarray(troj.mask, np.float32), is_troj_patch(spec.trigger)
     else:
         g = np.asarray(get_trigger(spec.trigger, size, channels), np.float32)
         mask = np.asarray(trigger_mask(g), np.float32)

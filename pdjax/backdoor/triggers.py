@@ -439,14 +439,15 @@ def troj_blend(size: int, channels: int = 3) -> TrojTrigger:
     return TrojTrigger(img, TROJ_GAMMA["blend"], np.ones(img.shape, bool))
 
 
-def troj_patch(size: int, channels: int = 3) -> TrojTrigger:
-    """TrojDiff patch trigger: +1 on the 3x3 bottom-right patch (rows/cols ``size-3..size-1``), -1
-    elsewhere; gamma 0.1; mask = the patch."""
+def troj_patch(size: int, channels: int = 3, corner: tuple | None = None) -> TrojTrigger:
+    """TrojDiff patch trigger: +1 on a 3x3 patch, -1 elsewhere; gamma 0.1; mask = the patch. The patch is
+    TrojDiff's bottom-right one (rows/cols ``size-3..size-1``) unless ``corner`` (row, col) places its top-left
+    pixel elsewhere (the trigger name ``patch@ROW,COL``)."""
     size, channels = _check_size(size), _check_channels(channels)
     if size < TROJ_PATCH:
         raise ConfigError(f"the TrojDiff patch ({TROJ_PATCH}x{TROJ_PATCH}) does not fit a {size}x{size} image")
-    img = np.full((size, size, channels), BACKGROUND, np.float32)
-    img[-TROJ_PATCH:, -TROJ_PATCH:] = 1.0
+    corner = (size - TROJ_PATCH, size - TROJ_PATCH) if corner is None else corner
+    img = np.where(patch_mask((size, size, channels), corner, TROJ_PATCH) > 0, 1.0, BACKGROUND).astype(np.float32)
     return TrojTrigger(img, TROJ_GAMMA["patch"], img > BACKGROUND)
 
 
@@ -572,11 +573,30 @@ def get_target(name_or_path, size: int, channels: int = 3) -> np.ndarray:
     raise UnknownNameError("target", str(name_or_path), list(TARGETS) + ["<path to PNG/JPEG/.npy>"])
 
 
-def get_troj_trigger(name: str, size: int, channels: int = 3) -> TrojTrigger:
-    """A TrojDiff trigger (SPEC 2.2): ``"blend"`` (gamma 0.6) or ``"patch"`` (gamma 0.1), case-insensitive."""
+#: A TrojDiff patch trigger placed elsewhere: ``patch@ROW,COL`` (the patch's top-left pixel).
+TROJ_PATCH_AT = re.compile(r"patch@(\d+),(\d+)")
+
+
+def is_troj_trigger(name) -> bool:
+    """Whether ``name`` names a TrojDiff trigger (:data:`TROJ_TRIGGERS` or ``patch@ROW,COL``), case-insensitive."""
     key = str(name).strip().lower()
+    return key in TROJ_TRIGGERS or TROJ_PATCH_AT.fullmatch(key) is not None
+
+
+def is_troj_patch(name) -> bool:
+    """Whether ``name`` names a TrojDiff patch trigger (``patch`` or ``patch@ROW,COL``)."""
+    return is_troj_trigger(name) and str(name).strip().lower().startswith("patch")
+
+
+def get_troj_trigger(name: str, size: int, channels: int = 3) -> TrojTrigger:
+    """A TrojDiff trigger (SPEC 2.2): ``"blend"`` (gamma 0.6) or ``"patch"`` (gamma 0.1; ``patch@ROW,COL`` places
+    the 3x3 patch's top-left pixel), case-insensitive."""
+    key = str(name).strip().lower()
+    at = TROJ_PATCH_AT.fullmatch(key)
+    if at:
+        return troj_patch(size, channels, (int(at.group(1)), int(at.group(2))))
     if key not in TROJ_TRIGGERS:
-        raise UnknownNameError("TrojDiff trigger", str(name), list(TROJ_TRIGGERS))
+        raise UnknownNameError("TrojDiff trigger", str(name), [*TROJ_TRIGGERS, "patch@ROW,COL"])
     return TROJ_TRIGGERS[key](size, channels)
 
 
@@ -613,5 +633,5 @@ __all__ = [
     "BACKGROUND", "BOX_MARGIN", "TARGETS", "TARGET_BACKGROUND", "TRIGGERS", "TRIGGER_MIN", "TRIGGER_PATTERNS",
     "TROJ_GAMMA", "TROJ_PATCH", "TROJ_TRIGGERS", "TrojTrigger", "box", "cat", "corner", "get_target",
     "get_trigger", "get_troj_trigger", "glasses", "hat", "kitty", "preview", "shoe", "sm_box", "sm_box_side",
-    "stop_sign", "trigger_mask", "troj_blend", "troj_patch", "x_target",
+    "stop_sign", "trigger_mask", "troj_blend", "troj_patch", "x_target", "is_troj_trigger", "is_troj_patch",
 ]
