@@ -94,6 +94,15 @@ def test_troj_triggers():
     assert p.mask.sum() == 27 and p.mask[-3:, -3:].all() and (p.image[p.mask] == 1.0).all()
     b = T.get_troj_trigger("blend", 32, 3)
     assert b.mask.all() and b.image.min() >= -1 and b.image.max() <= 1 and b.image.std() > 0.2
+    np.testing.assert_array_equal(T.get_troj_trigger("patch@29,29", 32, 3).image, p.image)  # the default's place
+    q = T.get_troj_trigger("Patch@2,4", 32, 3)
+    assert q.gamma == 0.1 and q.mask.sum() == 27 and q.mask[2:5, 4:7].all() and (q.image[q.mask] == 1.0).all()
+    assert T.is_troj_trigger("patch@2,4") and T.is_troj_patch("PATCH@2,4") and not T.is_troj_patch("blend")
+    assert not T.is_troj_trigger("patch@2") and not T.is_troj_trigger("BOX_14")
+    with pytest.raises(ConfigError, match="does not fit a 32x32 image"):
+        T.get_troj_trigger("patch@30,0", 32, 3)
+    with pytest.raises(UnknownNameError, match="patch@ROW,COL"):
+        T.get_troj_trigger("patch@2", 32, 3)
 
 
 def test_user_png_trigger_and_target(tmp_path):
