@@ -623,8 +623,8 @@ def _add_fast_path_options(p) -> None:
 def _add_attack_options(p, required: bool) -> None:
     p.add_argument("--attack", dest="kind", default="baddiffusion" if required else None,
                    help="baddiffusion | trojdiff | villan")
-    p.add_argument("--trigger", help="library name (BOX_14, STOP_SIGN_14, GLASSES; TrojDiff: blend, patch, patch@ROW,COL) or PNG/.npy "
-                   "path" + (" (default BOX_n, n = 14 * size / 32)" if required else ""))
+    p.add_argument("--trigger", help="library name (BOX_14, STOP_SIGN_14, GLASSES; TrojDiff: blend, patch, "
+                   "patch@ROW,COL) or PNG/.npy path" + (" (default BOX_n, n = 14 * size / 32)" if required else ""))
     p.add_argument("--target", default="CORNER" if required else None,
                    help="library name (CORNER, HAT, SHOE, CAT, X), PNG/.npy path, class:K (TrojDiff in-d2d) or letter:A..Z (out-d2d)")
     p.add_argument("--poison-rate", type=float, default=0.1 if required else None)
