@@ -409,5 +409,5 @@ def remove_backdoor(model: Model, data, trigger, cfg: RemovalConfig = RemovalCon
 
 
 __all__ = ["DAMAGE_NEAREST_RATIO", "DAMAGE_UNIFORMITY_RATIO", "REFERENCES", "SHIFTS", "RemovalConfig", "RemovalResult",
-           "check_noise_patch", "clean_quality", "config_loss", "damaged", "load_delta", "remove_backdoor", "removal_loss", "removal_terms",
-           "report_asr", "report_generations"]
+           "check_noise_patch", "clean_quality", "config_loss", "damaged", "load_delta", "remove_backdoor",
+           "removal_loss", "removal_terms", "report_asr", "report_generations"]

@@ -422,7 +422,8 @@ TROJ_PATCH = 3
 
 
 def patch_mask(shape, corner, size: int) -> np.ndarray:
-    """[H, W, C] float32: 1 on the ``size`` x ``size`` patch whose top-left pixel is ``corner`` (row, col), 0 elsewhere."""
+    """[H, W, C] float32: 1 on the ``size`` x ``size`` patch whose top-left pixel is ``corner`` (row, col), 0
+    elsewhere."""
     (i, j), (H, W) = corner, shape[:2]
     if not (0 <= i <= H - size and 0 <= j <= W - size):
         raise ConfigError(f"a {size}x{size} patch at ({i}, {j}) does not fit a {H}x{W} image: its row must be "
