@@ -48,6 +48,16 @@ from pdjax.defense.inversion import InversionConfig, _seed_of, invert, problem_o
 from pdjax.loops import default_steps_per_call, repeat
 
 
+def _check_loop_settings(cfg, counts: tuple, what: str):
+    """``cfg`` itself, or a ConfigError naming ``what``: every field of ``counts`` must be >= 1 and ``lr`` > 0."""
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{what} {name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"{what} lr must be > 0, got {cfg.lr}")
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
     """Settings of the patch search (module docstring, steps 4-5): TrojDiff's patch form, a start scale eps + mu
@@ -75,12 +85,7 @@ class PatchConfig:
         if cfg.size < 1 or not 0.0 < cfg.gamma < 1.0 or not cfg.levels:
             raise ConfigError(f"patch search: size must be >= 1, gamma in (0, 1) and levels non-empty, got size "
                               f"{cfg.size}, gamma {cfg.gamma}, levels {list(cfg.levels)}")
-        for name in ("screen_batch", "steps", "batch"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"patch search: {name} must be >= 1, got {getattr(cfg, name)}")
-        if not cfg.lr > 0:
-            raise ConfigError(f"patch search: lr must be > 0, got {cfg.lr}")
-        return cfg
+        return _check_loop_settings(cfg, ("screen_batch", "steps", "batch"), "patch search:")
 
 
 def patch_scale(shape, corner, size: int, gamma: float) -> np.ndarray:
@@ -117,12 +122,7 @@ class TrojanConfig:
             raise ConfigError(f"trojan gammas must be in (0, 1), got {list(cfg.gammas)}")
         if not cfg.factors or any(f <= 0 for f in cfg.factors):
             raise ConfigError(f"trojan factors must be > 0, got {list(cfg.factors)}")
-        for name in ("steps", "batch", "eval_batch"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"trojan {name} must be >= 1, got {getattr(cfg, name)}")
-        if not cfg.lr > 0:
-            raise ConfigError(f"trojan lr must be > 0, got {cfg.lr}")
-        return cfg
+        return _check_loop_settings(cfg, ("steps", "batch", "eval_batch"), "trojan")
 
     def inversion(self, gamma: float) -> InversionConfig:
         """The purediffusion config of one gamma's L_troj run."""
@@ -284,7 +284,7 @@ def refine_patch(model, corner, start: np.ndarray, cfg: PatchConfig, key) -> tup
     prob = problem_of(model)
     shape = tuple(model.image_shape)
     m = jnp.asarray(patch_mask(shape, corner, cfg.size))
-    scale = 1.0 - m + cfg.gamma * m
+    scale = jnp.asarray(patch_scale(shape, corner, cfg.size, cfg.gamma))
     f = trojan_residual(prob)
     opt = optax.adam(cfg.lr)
     per_call = min(default_steps_per_call(), cfg.steps)
